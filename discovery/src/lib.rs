@@ -1,0 +1,229 @@
+//! Service discovery for edge-agent: the [`Discovery`] trait, the instance model and one module
+//! per registry.
+//!
+//! A discovery source is a stream of [`Event`]s (the shape Linkerd's resolver uses): full
+//! snapshots or per-service resets from watches and pushes, adds and removes from deltas. After a
+//! reconnect an adapter's first answer is a reset, so endpoints that went away while it was
+//! disconnected do not linger. Adapters never panic on bad registry data: a malformed entry is
+//! skipped with an [`Event::Error`] (kind `parse`), a failed call is reported the same way, and
+//! the agent keeps its last good view.
+//!
+//! This crate knows nothing of HTTP proxying.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+pub mod file;
+
+/// One instance of a service as a registry reports it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct Instance {
+    /// Registry identity of the instance (Consul node+service id, Eureka instanceId, …). Where a
+    /// registry has none, `host:port`.
+    pub id: String,
+    /// IP address (or host name) to dial.
+    pub addr: String,
+    pub port: u16,
+    /// Relative weight; 0 means the instance is known but takes no traffic.
+    pub weight: u32,
+    /// What the registry says of the instance's health. The agent's own checks combine with it:
+    /// both must say healthy for the instance to carry traffic.
+    pub healthy: bool,
+    pub zone: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Instance {
+    /// An instance with default weight 1, healthy, no zone or metadata, identified by its address.
+    pub fn new(addr: impl Into<String>, port: u16) -> Self {
+        let addr = addr.into();
+        Instance {
+            id: join_host_port(&addr, port),
+            addr,
+            port,
+            weight: DEFAULT_WEIGHT,
+            healthy: true,
+            zone: None,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    /// `host:port`, with IPv6 hosts bracketed.
+    pub fn authority(&self) -> String {
+        join_host_port(&self.addr, self.port)
+    }
+}
+
+/// The weight an instance gets when its registry entry names none.
+pub const DEFAULT_WEIGHT: u32 = 1;
+
+/// `host:port`, bracketing IPv6 literals.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// A change to one service's instance set.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// The complete set: instances not listed are gone.
+    Reset(Vec<Instance>),
+    /// Instances added or changed (matched by `id`).
+    Add(Vec<Instance>),
+    /// Instances removed, by `id`.
+    Remove(Vec<String>),
+    /// The registry does not know the service (it may appear later).
+    NotFound,
+}
+
+/// What a source tells the agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Every service the source knows, each with its complete instance set. Services the source
+    /// reported before and does not list now are gone.
+    Snapshot(BTreeMap<String, Vec<Instance>>),
+    /// One service changed.
+    Service { service: String, update: Update },
+    /// The names of every service in the source's catalog (zero-config mode for sources that
+    /// watch instances on demand). Services absent from the list are gone.
+    Catalog(Vec<String>),
+    /// A call failed or an answer (or part of one) was refused. The last good view stays.
+    Error { kind: ErrorKind, message: String },
+}
+
+/// Where a discovery error came from, used as the `kind` label of
+/// `edge_agent_discovery_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The registry could not be reached.
+    Connect,
+    /// A call took longer than its timeout.
+    Timeout,
+    /// The registry answered with an error status.
+    Status,
+    /// The answer (or one entry of it) could not be parsed or failed validation.
+    Parse,
+    /// A local I/O error (reading a file).
+    Io,
+    /// Credentials were refused.
+    Auth,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Status => "status",
+            ErrorKind::Parse => "parse",
+            ErrorKind::Io => "io",
+            ErrorKind::Auth => "auth",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The sending half an adapter writes its events into. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    source: usize,
+    tx: mpsc::Sender<(usize, Event)>,
+}
+
+impl Sink {
+    /// A sink tagging every event with `source` (the index of the source in the agent's list).
+    pub fn new(source: usize, tx: mpsc::Sender<(usize, Event)>) -> Self {
+        Sink { source, tx }
+    }
+
+    /// Sends one event; `false` when the agent has gone away and the adapter should stop.
+    pub async fn send(&self, event: Event) -> bool {
+        self.tx.send((self.source, event)).await.is_ok()
+    }
+
+    /// Reports an error event, logging it too.
+    pub async fn error(&self, kind: ErrorKind, message: impl Into<String>) -> bool {
+        let message = message.into();
+        tracing::warn!(source = self.source, %kind, "{message}");
+        self.send(Event::Error { kind, message }).await
+    }
+}
+
+/// A boxed future, the return type of [`Discovery::run`].
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// A registry adapter.
+pub trait Discovery: Send + Sync + 'static {
+    /// Short label for metrics and logs: `file`, `consul`, `nacos`, `eureka`.
+    fn kind(&self) -> &'static str;
+
+    /// Where the source points, with any secret removed, for logs and `/upstreams`.
+    fn describe(&self) -> String;
+
+    /// Runs until the sink is closed, sending events as the registry changes. Must never
+    /// return early on registry errors: report them and retry with back-off.
+    fn run(self: Arc<Self>, sink: Sink) -> BoxFuture;
+
+    /// Asks the source to watch one service from now on. Sources that report their whole
+    /// catalog (the file registry) ignore it.
+    fn watch(&self, _service: &str) {}
+}
+
+/// Errors building a source from its URL.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SourceError {
+    #[error("registry URL {url:?}: {reason}")]
+    Invalid { url: String, reason: String },
+    #[error("registry URL {url:?}: scheme {scheme:?} is not supported (supported: file)")]
+    Unsupported { url: String, scheme: String },
+}
+
+/// Builds a source from a registry URL (`file:///abs/path.toml`, `file://relative/path.toml`).
+pub fn from_url(url: &str) -> Result<Arc<dyn Discovery>, SourceError> {
+    let url = url.trim();
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    match scheme {
+        "file" => Ok(Arc::new(file::FileDiscovery::from_url(url)?)),
+        "" => Err(SourceError::Invalid {
+            url: url.to_string(),
+            reason: "expected scheme://…, e.g. file:///etc/edge-agent/services.toml".into(),
+        }),
+        other => Err(SourceError::Unsupported {
+            url: url.to_string(),
+            scheme: other.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_authority_is_bracketed() {
+        assert_eq!(Instance::new("::1", 80).authority(), "[::1]:80");
+        assert_eq!(Instance::new("127.0.0.1", 80).authority(), "127.0.0.1:80");
+    }
+
+    #[test]
+    fn unknown_scheme_is_refused_by_name() {
+        let err = from_url("gopher://x").err().unwrap();
+        assert!(err.to_string().contains("\"gopher\""), "{err}");
+        let err = from_url("no-scheme").err().unwrap();
+        assert!(matches!(err, SourceError::Invalid { .. }));
+    }
+}

@@ -1,0 +1,164 @@
+//! The admin API: `/healthz`, `/ready`, `/upstreams` (JSON) and `/metrics` (Prometheus).
+//!
+//! It listens on loopback by default. With `EDGE_AGENT_ADMIN_TOKEN` set, every path but
+//! `/healthz` needs `Authorization: Bearer <token>` (compared in constant time).
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::{json, Value};
+
+use crate::cache::Shared;
+
+pub struct Admin {
+    shared: Arc<Shared>,
+    metrics: PrometheusHandle,
+    token: Option<String>,
+}
+
+impl Admin {
+    pub fn new(shared: Arc<Shared>, metrics: PrometheusHandle, token: Option<String>) -> Arc<Self> {
+        Arc::new(Admin {
+            shared,
+            metrics,
+            token,
+        })
+    }
+
+    pub async fn handle<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let path = req.uri().path();
+        if path != "/healthz" && !self.authorized(&req) {
+            let mut r = reply(StatusCode::UNAUTHORIZED, "text/plain", "unauthorized\n".into());
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return Ok(r);
+        }
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return Ok(reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "GET only\n".into(),
+            ));
+        }
+        Ok(match path {
+            "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/ready" => {
+                if self.shared.ready() {
+                    reply(StatusCode::OK, "text/plain", "ready\n".into())
+                } else {
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "waiting for the first answer of every discovery source\n".into(),
+                    )
+                }
+            }
+            "/upstreams" => reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&self.upstreams()).unwrap_or_default() + "\n",
+            ),
+            "/metrics" => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics.render(),
+            ),
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        })
+    }
+
+    fn authorized<B>(&self, req: &Request<B>) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        constant_time_eq(given.as_bytes(), token.as_bytes())
+    }
+
+    /// The `/upstreams` document.
+    pub fn upstreams(&self) -> Value {
+        let table = self.shared.table.load();
+        let started = self.shared.started;
+        let sources: Vec<Value> = self
+            .shared
+            .sources
+            .iter()
+            .map(|s| {
+                json!({
+                    "kind": s.kind,
+                    "url": s.describe,
+                    "answered": s.answered(),
+                    "staleness_seconds": round3(s.staleness(started)),
+                    "last_error": *s.last_error.lock().unwrap_or_else(|e| e.into_inner()),
+                })
+            })
+            .collect();
+        let mut ups: Vec<Value> = table
+            .upstreams
+            .values()
+            .map(|u| {
+                let kinds: std::collections::BTreeSet<&str> =
+                    u.endpoints.iter().map(|e| e.source).collect();
+                let staleness = self
+                    .shared
+                    .sources
+                    .iter()
+                    .filter(|s| kinds.contains(s.kind))
+                    .map(|s| s.staleness(started))
+                    .fold(0.0, f64::max);
+                json!({
+                    "id": &*u.id,
+                    "service": u.service.as_deref(),
+                    "source": kinds.into_iter().collect::<Vec<_>>(),
+                    "balancer": u.settings().balancer,
+                    "retries": u.settings().retries,
+                    "connect_timeout_ms": u.settings().connect_timeout.as_millis() as u64,
+                    "read_timeout_ms": u.settings().read_timeout.as_millis() as u64,
+                    "last_update_unix": u.updated_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                    "staleness_seconds": round3(staleness),
+                    "endpoints": u.endpoints.iter().map(|e| json!({
+                        "id": &*e.id,
+                        "address": e.authority.as_str(),
+                        "weight": e.weight,
+                        "healthy": e.available(),
+                        "registry_healthy": e.healthy,
+                        "zone": e.zone.as_deref(),
+                        "in_flight": e.state.in_flight(),
+                        "requests": e.state.requests(),
+                        "failures": e.state.failures(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        ups.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+        json!({ "ready": self.shared.ready(), "sources": sources, "upstreams": ups })
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

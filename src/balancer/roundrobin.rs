@@ -1,0 +1,159 @@
+//! Smooth weighted round robin (nginx's algorithm): weights 5, 1, 1 give a a b a c a a, spreading
+//! the light endpoints out instead of sending bursts.
+//!
+//! nginx keeps per-endpoint `current_weight` counters and updates them under a lock on every
+//! pick. Here the whole smooth sequence is computed once, off the request path, when the
+//! upstream snapshot is built; a pick is one relaxed atomic increment and an index. The sequence
+//! is the reduced weights' sum long (weights divided by their gcd; scaled down when the sum
+//! would pass [`MAX_SCHEDULE`]). Endpoints that are unavailable at pick time are skipped by
+//! walking on in the sequence, which keeps the others' relative shares.
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::{Balancer, PickContext, Tried};
+use crate::config::UpstreamSettings;
+use crate::upstream::Endpoint;
+
+/// Longest precomputed sequence. Larger weight sums are scaled down to fit (each weight stays
+/// at least 1).
+pub const MAX_SCHEDULE: u64 = 1 << 14;
+
+pub struct RoundRobin {
+    schedule: Box<[u32]>,
+    next: AtomicUsize,
+}
+
+pub fn build(endpoints: &[Endpoint], _settings: &UpstreamSettings) -> Box<dyn Balancer> {
+    let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
+    Box::new(RoundRobin {
+        schedule: schedule(&weights).into_boxed_slice(),
+        next: AtomicUsize::new(0),
+    })
+}
+
+/// The smooth weighted sequence of indices for `weights` (zero weights never appear).
+pub fn schedule(weights: &[u32]) -> Vec<u32> {
+    let live: Vec<(u32, u64)> = weights
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| **w > 0)
+        .map(|(i, w)| (i as u32, u64::from(*w)))
+        .collect();
+    if live.is_empty() {
+        return Vec::new();
+    }
+    if live.iter().all(|(_, w)| *w == live[0].1) {
+        return live.iter().map(|(i, _)| *i).collect();
+    }
+    let g = live.iter().fold(0, |g, (_, w)| gcd(g, *w));
+    let mut reduced: Vec<(u32, i64)> = live.iter().map(|(i, w)| (*i, (*w / g) as i64)).collect();
+    let sum: u64 = reduced.iter().map(|(_, w)| *w as u64).sum();
+    if sum > MAX_SCHEDULE {
+        for (_, w) in &mut reduced {
+            *w = ((*w as u64 * MAX_SCHEDULE / sum).max(1)) as i64;
+        }
+    }
+    let total: i64 = reduced.iter().map(|(_, w)| *w).sum();
+    let mut current = vec![0i64; reduced.len()];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (k, (_, w)) in reduced.iter().enumerate() {
+            current[k] += w;
+            if current[k] > current[best] {
+                best = k;
+            }
+        }
+        current[best] -= total;
+        out.push(reduced[best].0);
+    }
+    out
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl Balancer for RoundRobin {
+    fn next(&self, endpoints: &[Endpoint], _ctx: &PickContext, tried: &Tried) -> Option<usize> {
+        let len = self.schedule.len();
+        if len == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..len)
+            .map(|step| self.schedule[(start.wrapping_add(step)) % len] as usize)
+            .find(|&i| !tried.contains(i) && endpoints.get(i).is_some_and(Endpoint::available))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{ctx, endpoints};
+    use super::*;
+
+    fn picks(weights: &[u32], n: usize) -> Vec<usize> {
+        let eps = endpoints(weights);
+        let b = build(&eps, &UpstreamSettings::with_balancer("roundrobin"));
+        (0..n)
+            .map(|_| b.next(&eps, &ctx(), &Tried::default()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn nginx_sequence_for_5_1_1() {
+        // nginx's documented example: a a b a c a a.
+        assert_eq!(picks(&[5, 1, 1], 7), vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn equal_weights_rotate() {
+        assert_eq!(picks(&[2, 2, 2], 6), vec![0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn distribution_follows_weights() {
+        let n = 60_000;
+        let p = picks(&[1, 2, 3], n);
+        let share = |i| p.iter().filter(|&&x| x == i).count() as f64 / n as f64;
+        assert!((share(0) - 1.0 / 6.0).abs() < 0.001, "{}", share(0));
+        assert!((share(1) - 2.0 / 6.0).abs() < 0.001, "{}", share(1));
+        assert!((share(2) - 3.0 / 6.0).abs() < 0.001, "{}", share(2));
+    }
+
+    #[test]
+    fn zero_weight_gets_nothing() {
+        let p = picks(&[0, 1, 0, 1], 100);
+        assert!(p.iter().all(|&i| i == 1 || i == 3));
+        let eps = endpoints(&[0, 0]);
+        let b = build(&eps, &UpstreamSettings::with_balancer("roundrobin"));
+        assert_eq!(b.next(&eps, &ctx(), &Tried::default()), None);
+    }
+
+    #[test]
+    fn huge_weights_are_scaled_not_refused() {
+        let s = schedule(&[1_000_000, 3_000_000, 7]);
+        assert!(s.len() as u64 <= MAX_SCHEDULE + 3);
+        assert!(s.contains(&2), "tiny weight still appears");
+        let c0 = s.iter().filter(|&&i| i == 0).count() as f64;
+        let c1 = s.iter().filter(|&&i| i == 1).count() as f64;
+        assert!((c1 / c0 - 3.0).abs() < 0.01, "{}", c1 / c0);
+    }
+
+    #[test]
+    fn unavailable_and_tried_are_skipped() {
+        let mut eps = endpoints(&[1, 1, 1]);
+        eps[1].healthy = false;
+        let b = build(&eps, &UpstreamSettings::with_balancer("roundrobin"));
+        let mut tried = Tried::default();
+        for _ in 0..10 {
+            assert_ne!(b.next(&eps, &ctx(), &tried), Some(1));
+        }
+        tried.insert(0);
+        tried.insert(2);
+        assert_eq!(b.next(&eps, &ctx(), &tried), None);
+    }
+}

@@ -1,0 +1,542 @@
+//! The instance cache: the last good instance set per (source, service), and the task that
+//! turns discovery events and config reloads into new routing-table snapshots.
+//!
+//! One task owns all mutable state, so nothing here is shared with the request path except the
+//! [`Table`] it publishes through an `ArcSwap` and a few atomics for the admin API. An event
+//! that changes nothing (a poll that returns the same set, a blocking query that woke without a
+//! change) rebuilds nothing; a change rebuilds only the upstreams that use the changed service,
+//! and hands every endpoint that stayed its old [`EndpointState`].
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use discovery::{Event, Instance, Update};
+use tokio::sync::mpsc;
+
+use crate::balancer;
+use crate::config::{Dynamic, UpstreamConfig, UpstreamSettings};
+use crate::metrics::{self as m, UpstreamMetrics};
+use crate::proxy;
+use crate::upstream::{
+    count_states, Endpoint, EndpointKey, EndpointState, Route, Table, Upstream, UpstreamRuntime,
+};
+
+/// How often the staleness gauges are refreshed.
+pub const STALENESS_TICK: Duration = Duration::from_secs(1);
+
+/// What the admin API and the proxy share with the cache task.
+pub struct Shared {
+    pub table: ArcSwap<Table>,
+    pub sources: Vec<SourceStatus>,
+    ready: AtomicBool,
+    pub started: SystemTime,
+}
+
+impl Shared {
+    pub fn new(sources: Vec<SourceStatus>) -> Arc<Self> {
+        let ready = sources.is_empty();
+        Arc::new(Shared {
+            table: ArcSwap::from_pointee(Table::default()),
+            sources,
+            ready: AtomicBool::new(ready),
+            started: SystemTime::now(),
+        })
+    }
+
+    /// True once every source has answered at least once.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+/// What the admin API shows of one source.
+pub struct SourceStatus {
+    pub kind: &'static str,
+    /// The source's URL with secrets removed.
+    pub describe: String,
+    answered: AtomicBool,
+    last_ok_ms: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl SourceStatus {
+    pub fn new(kind: &'static str, describe: String) -> Self {
+        SourceStatus {
+            kind,
+            describe,
+            answered: AtomicBool::new(false),
+            last_ok_ms: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub fn answered(&self) -> bool {
+        self.answered.load(Ordering::Acquire)
+    }
+
+    /// Seconds since the source last answered (since start when it never has).
+    pub fn staleness(&self, started: SystemTime) -> f64 {
+        let last = match self.last_ok_ms.load(Ordering::Acquire) {
+            0 => started,
+            ms => UNIX_EPOCH + Duration::from_millis(ms),
+        };
+        SystemTime::now()
+            .duration_since(last)
+            .unwrap_or_default()
+            .as_secs_f64()
+    }
+
+    fn ok(&self) {
+        self.last_ok_ms
+            .store(unix_ms(SystemTime::now()), Ordering::Release);
+        self.answered.store(true, Ordering::Release);
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+/// Input to the cache task besides discovery events.
+pub enum Control {
+    /// A validated new dynamic configuration.
+    Reload(Box<Dynamic>),
+}
+
+/// The cache and snapshot builder.
+pub struct Cache {
+    shared: Arc<Shared>,
+    dynamic: Dynamic,
+    /// service → source index → last good instances.
+    services: HashMap<String, BTreeMap<usize, Vec<Instance>>>,
+    runtimes: HashMap<String, Arc<UpstreamRuntime>>,
+    states: HashMap<String, HashMap<EndpointKey, Arc<EndpointState>>>,
+}
+
+/// The services an event changed.
+pub type Dirty = HashSet<String>;
+
+impl Cache {
+    pub fn new(shared: Arc<Shared>, dynamic: Dynamic) -> Self {
+        let mut cache = Cache {
+            shared,
+            dynamic,
+            services: HashMap::new(),
+            runtimes: HashMap::new(),
+            states: HashMap::new(),
+        };
+        cache.rebuild(None);
+        cache
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Runs until both channels close.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<(usize, Event)>,
+        mut control: mpsc::Receiver<Control>,
+    ) {
+        let mut tick = tokio::time::interval(STALENESS_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some((source, ev)) => {
+                        let dirty = self.apply(source, ev);
+                        if !dirty.is_empty() {
+                            self.rebuild(Some(&dirty));
+                        }
+                    }
+                    None => return,
+                },
+                Some(c) = control.recv() => match c {
+                    Control::Reload(d) => self.reload(*d),
+                },
+                _ = tick.tick() => self.publish_staleness(),
+            }
+        }
+    }
+
+    fn publish_staleness(&self) {
+        for s in &self.shared.sources {
+            metrics::gauge!(m::DISCOVERY_STALENESS, "source" => s.kind)
+                .set(s.staleness(self.shared.started));
+        }
+    }
+
+    /// Applies one event; returns the services whose instance sets changed.
+    pub fn apply(&mut self, source: usize, ev: Event) -> Dirty {
+        let shared = self.shared.clone();
+        let Some(status) = shared.sources.get(source) else {
+            return Dirty::new();
+        };
+        let kind = status.kind;
+        let mut dirty = Dirty::new();
+        match ev {
+            Event::Error { kind: ek, message } => {
+                metrics::counter!(m::DISCOVERY_ERRORS, "source" => kind, "kind" => ek.as_str())
+                    .increment(1);
+                *status.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+                return dirty;
+            }
+            Event::Snapshot(all) => {
+                for (svc, set) in self.services.iter_mut() {
+                    if !all.contains_key(svc) && set.remove(&source).is_some() {
+                        dirty.insert(svc.clone());
+                    }
+                }
+                for (svc, instances) in all {
+                    self.set(source, svc, Some(instances), &mut dirty);
+                }
+            }
+            Event::Service { service, update } => {
+                let current = self
+                    .services
+                    .get(&service)
+                    .and_then(|m| m.get(&source))
+                    .cloned();
+                let next = match update {
+                    Update::Reset(set) => Some(set),
+                    Update::NotFound => None,
+                    Update::Add(add) => {
+                        let mut set = current.unwrap_or_default();
+                        for inst in add {
+                            set.retain(|i| i.id != inst.id);
+                            set.push(inst);
+                        }
+                        Some(set)
+                    }
+                    Update::Remove(ids) => current.map(|mut set| {
+                        set.retain(|i| !ids.contains(&i.id));
+                        set
+                    }),
+                };
+                self.set(source, service, next, &mut dirty);
+            }
+            Event::Catalog(names) => {
+                let names: HashSet<String> = names.into_iter().collect();
+                for (svc, set) in self.services.iter_mut() {
+                    if !names.contains(svc) && set.remove(&source).is_some() {
+                        dirty.insert(svc.clone());
+                    }
+                }
+            }
+        }
+        self.services.retain(|_, set| !set.is_empty());
+        metrics::counter!(m::DISCOVERY_UPDATES, "source" => kind).increment(1);
+        status.ok();
+        if !self.shared.ready() && self.shared.sources.iter().all(SourceStatus::answered) {
+            self.shared.ready.store(true, Ordering::Release);
+            tracing::info!("every discovery source has answered: ready");
+        }
+        dirty
+    }
+
+    fn set(
+        &mut self,
+        source: usize,
+        service: String,
+        instances: Option<Vec<Instance>>,
+        dirty: &mut Dirty,
+    ) {
+        let entry = self.services.entry(service.clone()).or_default();
+        let changed = match instances {
+            Some(mut set) => {
+                set.sort();
+                if entry.get(&source) == Some(&set) {
+                    false
+                } else {
+                    entry.insert(source, set);
+                    true
+                }
+            }
+            None => entry.remove(&source).is_some(),
+        };
+        if changed {
+            dirty.insert(service);
+        }
+    }
+
+    fn reload(&mut self, dynamic: Dynamic) {
+        if dynamic == self.dynamic {
+            tracing::info!("configuration reloaded: no change");
+            return;
+        }
+        self.dynamic = dynamic;
+        self.rebuild(None);
+        tracing::info!("configuration reloaded");
+    }
+
+    /// Rebuilds the upstreams using `dirty` services (all upstreams when `None`) and publishes
+    /// a new table.
+    pub fn rebuild(&mut self, dirty: Option<&Dirty>) {
+        let old = self.shared.table.load_full();
+        let mut upstreams = match dirty {
+            Some(_) => old.upstreams.clone(),
+            None => HashMap::with_capacity(old.upstreams.len()),
+        };
+        let wants = |svc: &Option<String>| match (dirty, svc) {
+            (None, _) => true,
+            (Some(d), Some(s)) => d.contains(s),
+            (Some(_), None) => false,
+        };
+        let configured: Vec<UpstreamConfig> = self.dynamic.upstreams.clone();
+        let configured_ids: HashSet<&str> = configured.iter().map(|u| u.id.as_str()).collect();
+        for u in &configured {
+            if wants(&u.service) {
+                let up = self.build(&u.id, u.service.as_deref(), u.source.as_deref(), &u.nodes, &u.settings);
+                upstreams.insert(up.id.clone(), Arc::new(up));
+            }
+        }
+        if self.dynamic.routes.is_empty() {
+            let settings = UpstreamSettings::with_balancer(&self.dynamic.default_balancer);
+            let names: Vec<String> = match dirty {
+                Some(d) => d.iter().cloned().collect(),
+                None => self.services.keys().cloned().collect(),
+            };
+            for svc in names {
+                if configured_ids.contains(svc.as_str()) {
+                    continue;
+                }
+                if self.services.contains_key(&svc) {
+                    let up = self.build(&svc, Some(&svc), None, &[], &settings);
+                    upstreams.insert(up.id.clone(), Arc::new(up));
+                } else if upstreams.remove(svc.as_str()).is_some() {
+                    self.forget(&svc);
+                    tracing::info!(service = %svc, "service gone from every source");
+                }
+            }
+        }
+        if dirty.is_none() {
+            let live: HashSet<String> = upstreams.keys().map(|k| k.to_string()).collect();
+            let gone: Vec<String> = self
+                .runtimes
+                .keys()
+                .filter(|k| !live.contains(*k))
+                .cloned()
+                .collect();
+            for id in gone {
+                self.forget(&id);
+            }
+        }
+        let routes = self
+            .dynamic
+            .routes
+            .iter()
+            .map(|r| Route {
+                host: r.host.as_deref().map(Into::into),
+                path_prefix: r.path_prefix.as_deref().map(Into::into),
+                strip_prefix: r.strip_prefix,
+                upstream: r.upstream.as_str().into(),
+            })
+            .collect();
+        self.shared.table.store(Arc::new(Table {
+            upstreams,
+            routes,
+            domain_suffix: self.dynamic.domain_suffix.as_deref().map(Into::into),
+        }));
+    }
+
+    fn forget(&mut self, id: &str) {
+        self.runtimes.remove(id);
+        self.states.remove(id);
+        for state in ["healthy", "unhealthy"] {
+            metrics::gauge!(m::ENDPOINTS, "upstream" => id.to_string(), "state" => state).set(0.0);
+        }
+    }
+
+    fn build(
+        &mut self,
+        id: &str,
+        service: Option<&str>,
+        source: Option<&str>,
+        nodes: &[(std::net::SocketAddr, u32)],
+        settings: &UpstreamSettings,
+    ) -> Upstream {
+        let runtime = match self.runtimes.get(id) {
+            Some(rt) if rt.settings == *settings => rt.clone(),
+            _ => {
+                let rt = Arc::new(UpstreamRuntime {
+                    settings: settings.clone(),
+                    client: proxy::new_client(settings),
+                    metrics: UpstreamMetrics::new(id),
+                });
+                self.runtimes.insert(id.to_string(), rt.clone());
+                rt
+            }
+        };
+        let mut found: Vec<(&'static str, Instance)> = Vec::new();
+        match service {
+            Some(svc) => {
+                for (idx, set) in self.services.get(svc).into_iter().flatten() {
+                    let kind = self.shared.sources[*idx].kind;
+                    if source.is_some_and(|s| s != kind) {
+                        continue;
+                    }
+                    found.extend(set.iter().map(|i| (kind, i.clone())));
+                }
+            }
+            None => {
+                for (addr, weight) in nodes {
+                    let mut inst = Instance::new(addr.ip().to_string(), addr.port());
+                    inst.weight = *weight;
+                    found.push(("static", inst));
+                }
+            }
+        }
+        let old_states = self.states.remove(id).unwrap_or_default();
+        let mut states = HashMap::with_capacity(found.len());
+        let mut endpoints = Vec::with_capacity(found.len());
+        for (kind, inst) in &found {
+            let probe = Endpoint::from_instance(inst, kind, Arc::default());
+            let key = probe.key();
+            if states.contains_key(&key) {
+                continue; // the same endpoint from two sources: keep the first
+            }
+            let state = old_states.get(&key).cloned().unwrap_or_default();
+            states.insert(key, state.clone());
+            endpoints.push(Endpoint { state, ..probe });
+        }
+        self.states.insert(id.to_string(), states);
+        let (healthy, unhealthy) = count_states(&endpoints);
+        metrics::gauge!(m::ENDPOINTS, "upstream" => id.to_string(), "state" => "healthy")
+            .set(healthy as f64);
+        metrics::gauge!(m::ENDPOINTS, "upstream" => id.to_string(), "state" => "unhealthy")
+            .set(unhealthy as f64);
+        let factory = balancer::factory(&settings.balancer)
+            .unwrap_or(crate::balancer::roundrobin::build);
+        let balancer = factory(&endpoints, settings);
+        Upstream {
+            id: id.into(),
+            service: service.map(Into::into),
+            runtime,
+            endpoints: endpoints.into_boxed_slice(),
+            balancer,
+            updated_at: SystemTime::now(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(port: u16) -> Instance {
+        Instance::new("127.0.0.1", port)
+    }
+
+    fn cache() -> Cache {
+        let shared = Shared::new(vec![SourceStatus::new("file", "file://x".into())]);
+        Cache::new(
+            shared,
+            Dynamic {
+                default_balancer: "roundrobin".into(),
+                domain_suffix: None,
+                upstreams: vec![],
+                routes: vec![],
+            },
+        )
+    }
+
+    fn snapshot(services: &[(&str, &[u16])]) -> Event {
+        Event::Snapshot(
+            services
+                .iter()
+                .map(|(s, ports)| (s.to_string(), ports.iter().map(|p| inst(*p)).collect()))
+                .collect(),
+        )
+    }
+
+    fn step(c: &mut Cache, ev: Event) -> Dirty {
+        let d = c.apply(0, ev);
+        if !d.is_empty() {
+            c.rebuild(Some(&d));
+        }
+        d
+    }
+
+    #[test]
+    fn same_answer_changes_nothing_and_keeps_the_snapshot() {
+        let mut c = cache();
+        assert!(!c.shared.ready());
+        step(&mut c, snapshot(&[("a", &[1, 2])]));
+        assert!(c.shared.ready());
+        let before = c.shared.table.load_full();
+        assert!(step(&mut c, snapshot(&[("a", &[2, 1])])).is_empty());
+        assert!(Arc::ptr_eq(&before, &c.shared.table.load_full()));
+    }
+
+    #[test]
+    fn one_addition_keeps_the_other_endpoints_state() {
+        let mut c = cache();
+        let ports: Vec<u16> = (1..=20).collect();
+        step(&mut c, snapshot(&[("a", &ports), ("b", &[99])]));
+        let t1 = c.shared.table.load_full();
+        let b1 = t1.upstreams["b"].clone();
+        let states1: Vec<_> = t1.upstreams["a"].endpoints.iter().map(|e| e.state.clone()).collect();
+        let mut more = ports.clone();
+        more.push(21);
+        step(&mut c, snapshot(&[("a", &more), ("b", &[99])]));
+        let t2 = c.shared.table.load_full();
+        let a2 = &t2.upstreams["a"];
+        assert_eq!(a2.endpoints.len(), 21);
+        let kept = a2
+            .endpoints
+            .iter()
+            .filter(|e| states1.iter().any(|s| Arc::ptr_eq(s, &e.state)))
+            .count();
+        assert_eq!(kept, 20, "the 20 old endpoints keep their state");
+        assert!(Arc::ptr_eq(&b1, &t2.upstreams["b"]), "an unrelated upstream is not rebuilt");
+        assert!(Arc::ptr_eq(&t1.upstreams["a"].runtime, &a2.runtime), "client pool kept");
+    }
+
+    #[test]
+    fn removed_service_goes_and_deltas_apply() {
+        let mut c = cache();
+        step(&mut c, snapshot(&[("a", &[1]), ("b", &[2])]));
+        step(&mut c, snapshot(&[("a", &[1])]));
+        assert!(!c.shared.table.load().upstreams.contains_key("b"));
+        step(
+            &mut c,
+            Event::Service {
+                service: "a".into(),
+                update: Update::Add(vec![inst(3)]),
+            },
+        );
+        assert_eq!(c.shared.table.load().upstreams["a"].endpoints.len(), 2);
+        step(
+            &mut c,
+            Event::Service {
+                service: "a".into(),
+                update: Update::Remove(vec!["127.0.0.1:1".into()]),
+            },
+        );
+        let t = c.shared.table.load();
+        assert_eq!(t.upstreams["a"].endpoints.len(), 1);
+        assert_eq!(t.upstreams["a"].endpoints[0].authority.port_u16(), Some(3));
+    }
+
+    #[test]
+    fn errors_keep_the_last_good_view() {
+        let mut c = cache();
+        step(&mut c, snapshot(&[("a", &[1])]));
+        let d = step(
+            &mut c,
+            Event::Error {
+                kind: discovery::ErrorKind::Parse,
+                message: "garbage".into(),
+            },
+        );
+        assert!(d.is_empty());
+        assert_eq!(c.shared.table.load().upstreams["a"].endpoints.len(), 1);
+        assert_eq!(
+            c.shared.sources[0].last_error.lock().unwrap().as_deref(),
+            Some("garbage")
+        );
+    }
+}

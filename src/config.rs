@@ -1,0 +1,668 @@
+//! Configuration: environment variables (and the same as flags), an optional TOML file, and
+//! validation.
+//!
+//! Precedence: flag / environment variable, then the file's `[agent]` table, then the defaults
+//! named below. Everything is validated when the configuration is built, and every problem is
+//! reported at once, each naming the variable or field and the value, so `edge-agent
+//! check-config` can print them all. A configuration that fails validation is refused at start-up
+//! and, on reload, leaves the old one serving.
+//!
+//! ```toml
+//! [agent]
+//! listen = "127.0.0.1:15001"
+//! registry = ["file://config/services.toml"]
+//! balancer = "roundrobin"
+//! domain_suffix = ".svc.local"
+//!
+//! [[upstream]]
+//! id = "api"
+//! service = "hello"            # discovery service name (default: the id)
+//! source = "file"              # only instances from this kind of registry (default: all)
+//! balancer = "roundrobin"
+//! connect_timeout = "1s"
+//! read_timeout = "30s"
+//! retries = 1
+//!
+//! [[upstream]]
+//! id = "legacy"
+//! nodes = [{ addr = "127.0.0.1:9000", weight = 1 }]   # static nodes, no discovery
+//!
+//! [[route]]
+//! host = "api.local"
+//! path_prefix = "/api/"
+//! upstream = "api"
+//! ```
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::balancer;
+
+/// Default proxy listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15001";
+/// Default admin API listen address (loopback: the admin API is not for other hosts).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15000";
+/// The file registry used when `EDGE_AGENT_REGISTRY` is unset and this file exists.
+pub const DEFAULT_REGISTRY_FILE: &str = "config/services.toml";
+/// Default balancer for upstreams that name none.
+pub const DEFAULT_BALANCER: &str = "roundrobin";
+/// How long an upstream may take to accept a TCP connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an upstream may take to send response headers.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Extra tries after a failed one (connect errors; see `proxy`).
+pub const DEFAULT_RETRIES: u32 = 1;
+/// How long in-flight requests may finish after SIGTERM before the agent exits.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Upper bound for `retries`: more is a retry storm, not resilience.
+pub const MAX_RETRIES: u32 = 10;
+
+const ENV_HELP: &str = "\
+Environment (each also a flag; flags and variables override the config file):
+  EDGE_AGENT_LISTEN          proxy address                     [default: 127.0.0.1:15001]
+  EDGE_AGENT_ADMIN_LISTEN    admin API and /metrics address    [default: 127.0.0.1:15000]
+  EDGE_AGENT_REGISTRY        comma-separated registry URLs     [default: file://config/services.toml if it exists]
+  EDGE_AGENT_CONFIG          optional TOML file (upstreams, routes, [agent] settings)
+  EDGE_AGENT_BALANCER        default balancer: roundrobin      [default: roundrobin]
+  EDGE_AGENT_DOMAIN_SUFFIX   suffix ignored in Host headers, e.g. .svc.local
+  EDGE_AGENT_SHUTDOWN_GRACE  drain time after SIGTERM          [default: 10s]
+  EDGE_AGENT_STATE_DIR       directory for state snapshots     [default: none]
+  EDGE_AGENT_ADMIN_TOKEN     bearer token required by the admin API (except /healthz) [default: none]
+  EDGE_AGENT_LOG_FORMAT      text or json                      [default: text]
+  RUST_LOG                   log filter, e.g. info,edge_agent=debug [default: info]";
+
+#[derive(Debug, Parser, Clone, Default)]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Per-host service-discovery edge agent: routes local calls to healthy instances.",
+    after_help = ENV_HELP
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Proxy listen address [default: 127.0.0.1:15001]
+    #[arg(long, env = "EDGE_AGENT_LISTEN", global = true)]
+    pub listen: Option<String>,
+    /// Admin API listen address [default: 127.0.0.1:15000]
+    #[arg(long, env = "EDGE_AGENT_ADMIN_LISTEN", global = true)]
+    pub admin_listen: Option<String>,
+    /// Comma-separated registry URLs [default: file://config/services.toml if it exists]
+    #[arg(long, env = "EDGE_AGENT_REGISTRY", global = true)]
+    pub registry: Option<String>,
+    /// Optional TOML config file
+    #[arg(long, env = "EDGE_AGENT_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Default balancer [default: roundrobin]
+    #[arg(long, env = "EDGE_AGENT_BALANCER", global = true)]
+    pub balancer: Option<String>,
+    /// Domain suffix stripped from Host headers before lookup
+    #[arg(long, env = "EDGE_AGENT_DOMAIN_SUFFIX", global = true)]
+    pub domain_suffix: Option<String>,
+    /// Drain time after SIGTERM [default: 10s]
+    #[arg(long, env = "EDGE_AGENT_SHUTDOWN_GRACE", global = true)]
+    pub shutdown_grace: Option<String>,
+    /// Directory for state snapshots
+    #[arg(long, env = "EDGE_AGENT_STATE_DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+    /// Bearer token for the admin API
+    #[arg(long, env = "EDGE_AGENT_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    pub admin_token: Option<String>,
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "EDGE_AGENT_LOG_FORMAT", global = true)]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum Command {
+    /// Run the agent (the default)
+    Run,
+    /// Validate the environment and config file, print every error, exit 0 when valid
+    CheckConfig,
+}
+
+/// The optional TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub agent: AgentFile,
+    #[serde(default)]
+    pub upstream: Vec<UpstreamFile>,
+    #[serde(default)]
+    pub route: Vec<RouteFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub registry: Option<StringOrList>,
+    pub balancer: Option<String>,
+    pub domain_suffix: Option<String>,
+    pub shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    pub id: String,
+    pub service: Option<String>,
+    pub source: Option<String>,
+    #[serde(default)]
+    pub nodes: Vec<NodeFile>,
+    pub balancer: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub read_timeout: Option<String>,
+    pub retries: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    pub addr: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    /// Strip the matched prefix before forwarding (default: true).
+    pub strip_prefix: Option<bool>,
+    pub upstream: String,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub registries: Vec<String>,
+    pub config_file: Option<PathBuf>,
+    pub shutdown_grace: Duration,
+    pub state_dir: Option<PathBuf>,
+    pub admin_token: Option<String>,
+    pub log_json: bool,
+    /// The part that a reload may change.
+    pub dynamic: Dynamic,
+}
+
+/// Settings a reload can change without a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dynamic {
+    pub default_balancer: String,
+    pub domain_suffix: Option<String>,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    pub id: String,
+    /// Discovery service name; `None` for static nodes.
+    pub service: Option<String>,
+    /// Only instances from sources of this kind (`file`, `consul`, …).
+    pub source: Option<String>,
+    pub nodes: Vec<(SocketAddr, u32)>,
+    pub settings: UpstreamSettings,
+}
+
+/// Per-upstream behaviour; zero-config upstreams use [`UpstreamSettings::with_balancer`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamSettings {
+    pub balancer: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub retries: u32,
+}
+
+impl UpstreamSettings {
+    pub fn with_balancer(balancer: &str) -> Self {
+        UpstreamSettings {
+            balancer: balancer.to_string(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            retries: DEFAULT_RETRIES,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub strip_prefix: bool,
+    pub upstream: String,
+}
+
+/// Every problem found, one line each.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl Config {
+    /// Builds and validates the configuration from flags/env and the optional file.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigErrors> {
+        let mut errs = Vec::new();
+        let file = match &cli.config {
+            Some(path) => match read_file(path) {
+                Ok(f) => f,
+                Err(e) => {
+                    errs.push(e);
+                    FileConfig::default()
+                }
+            },
+            None => FileConfig::default(),
+        };
+        let cfg = build(cli, &file, &mut errs);
+        if errs.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(errs))
+        }
+    }
+}
+
+/// Reads and parses the TOML file; the error names the file and the line.
+pub fn read_file(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("EDGE_AGENT_CONFIG={}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("EDGE_AGENT_CONFIG={}: {e}", path.display()))
+}
+
+fn build(cli: &Cli, file: &FileConfig, errs: &mut Vec<String>) -> Config {
+    let a = &file.agent;
+    let listen = addr(
+        pick(&cli.listen, &a.listen, "EDGE_AGENT_LISTEN", "agent.listen"),
+        DEFAULT_LISTEN,
+        errs,
+    );
+    let admin_listen = addr(
+        pick(
+            &cli.admin_listen,
+            &a.admin_listen,
+            "EDGE_AGENT_ADMIN_LISTEN",
+            "agent.admin_listen",
+        ),
+        DEFAULT_ADMIN_LISTEN,
+        errs,
+    );
+    let registries = registries(cli, a, errs);
+    let (bname, bval) = pick(&cli.balancer, &a.balancer, "EDGE_AGENT_BALANCER", "agent.balancer")
+        .unwrap_or(("EDGE_AGENT_BALANCER", DEFAULT_BALANCER.to_string()));
+    let default_balancer = check_balancer(bname, &bval, errs);
+    let shutdown_grace = match pick(
+        &cli.shutdown_grace,
+        &a.shutdown_grace,
+        "EDGE_AGENT_SHUTDOWN_GRACE",
+        "agent.shutdown_grace",
+    ) {
+        Some((name, v)) => duration(name, &v, errs).unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+        None => DEFAULT_SHUTDOWN_GRACE,
+    };
+    let domain_suffix = pick(
+        &cli.domain_suffix,
+        &a.domain_suffix,
+        "EDGE_AGENT_DOMAIN_SUFFIX",
+        "agent.domain_suffix",
+    )
+    .map(|(_, v)| v.trim().to_ascii_lowercase())
+    .filter(|v| !v.is_empty())
+    .map(|v| if v.starts_with('.') { v } else { format!(".{v}") });
+    let log_json = match cli.log_format.as_deref().map(str::trim) {
+        None | Some("") | Some("text") => false,
+        Some("json") => true,
+        Some(other) => {
+            errs.push(format!(
+                "EDGE_AGENT_LOG_FORMAT={other:?}: expected \"text\" or \"json\""
+            ));
+            false
+        }
+    };
+    if matches!(cli.admin_token.as_deref(), Some(t) if t.trim().is_empty()) {
+        errs.push("EDGE_AGENT_ADMIN_TOKEN: empty token".into());
+    }
+    let upstreams = upstreams(&file.upstream, &default_balancer, errs);
+    let routes = routes(&file.route, &upstreams, errs);
+    Config {
+        listen,
+        admin_listen,
+        registries,
+        config_file: cli.config.clone(),
+        shutdown_grace,
+        state_dir: cli.state_dir.clone(),
+        admin_token: cli.admin_token.clone().filter(|t| !t.trim().is_empty()),
+        log_json,
+        dynamic: Dynamic {
+            default_balancer,
+            domain_suffix,
+            upstreams,
+            routes,
+        },
+    }
+}
+
+/// The flag/env value if set, else the file's, with the name to use in errors.
+fn pick(
+    env: &Option<String>,
+    file: &Option<String>,
+    env_name: &'static str,
+    file_name: &'static str,
+) -> Option<(&'static str, String)> {
+    env.clone()
+        .map(|v| (env_name, v))
+        .or_else(|| file.clone().map(|v| (file_name, v)))
+}
+
+fn addr(v: Option<(&'static str, String)>, default: &str, errs: &mut Vec<String>) -> SocketAddr {
+    let fallback = default.parse().expect("default address parses");
+    match v {
+        None => fallback,
+        Some((name, v)) => v.trim().parse().unwrap_or_else(|_| {
+            errs.push(format!(
+                "{name}={v:?}: expected ip:port, e.g. {default}"
+            ));
+            fallback
+        }),
+    }
+}
+
+fn registries(cli: &Cli, a: &AgentFile, errs: &mut Vec<String>) -> Vec<String> {
+    let (name, list): (&str, Vec<String>) = match (&cli.registry, &a.registry) {
+        (Some(v), _) => (
+            "EDGE_AGENT_REGISTRY",
+            v.split(',').map(|s| s.trim().to_string()).collect(),
+        ),
+        (None, Some(StringOrList::One(v))) => ("agent.registry", vec![v.trim().to_string()]),
+        (None, Some(StringOrList::Many(v))) => {
+            ("agent.registry", v.iter().map(|s| s.trim().to_string()).collect())
+        }
+        (None, None) => {
+            if Path::new(DEFAULT_REGISTRY_FILE).exists() {
+                return vec![format!("file://{DEFAULT_REGISTRY_FILE}")];
+            }
+            return Vec::new();
+        }
+    };
+    let list: Vec<String> = list.into_iter().filter(|s| !s.is_empty()).collect();
+    for url in &list {
+        if let Err(e) = discovery::from_url(url) {
+            errs.push(format!("{name}: {e}"));
+        }
+    }
+    list
+}
+
+fn check_balancer(name: &str, v: &str, errs: &mut Vec<String>) -> String {
+    let v = v.trim();
+    if balancer::factory(v).is_none() {
+        errs.push(format!(
+            "{name}={v:?}: unknown balancer (known: {})",
+            balancer::names().join(", ")
+        ));
+        return DEFAULT_BALANCER.to_string();
+    }
+    v.to_string()
+}
+
+fn duration(name: &str, v: &str, errs: &mut Vec<String>) -> Option<Duration> {
+    match humantime::parse_duration(v.trim()) {
+        Ok(d) if d.is_zero() => {
+            errs.push(format!("{name}={v:?}: must be greater than zero"));
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            errs.push(format!(
+                "{name}={v:?}: invalid duration ({e}); use e.g. \"500ms\" or \"2s\""
+            ));
+            None
+        }
+    }
+}
+
+fn upstreams(
+    raw: &[UpstreamFile],
+    default_balancer: &str,
+    errs: &mut Vec<String>,
+) -> Vec<UpstreamConfig> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, u) in raw.iter().enumerate() {
+        let at = format!("upstream[{i}]");
+        let id = u.id.trim().to_string();
+        if id.is_empty() {
+            errs.push(format!("{at}.id: empty"));
+        } else if !seen.insert(id.clone()) {
+            errs.push(format!("{at}.id = {id:?}: duplicate upstream id"));
+        }
+        let balancer = match &u.balancer {
+            Some(b) => check_balancer(&format!("{at}.balancer"), b, errs),
+            None => default_balancer.to_string(),
+        };
+        let mut settings = UpstreamSettings::with_balancer(&balancer);
+        if let Some(v) = &u.connect_timeout {
+            settings.connect_timeout = duration(&format!("{at}.connect_timeout"), v, errs)
+                .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        }
+        if let Some(v) = &u.read_timeout {
+            settings.read_timeout =
+                duration(&format!("{at}.read_timeout"), v, errs).unwrap_or(DEFAULT_READ_TIMEOUT);
+        }
+        if let Some(r) = u.retries {
+            if r > MAX_RETRIES {
+                errs.push(format!("{at}.retries = {r}: at most {MAX_RETRIES}"));
+            }
+            settings.retries = r.min(MAX_RETRIES);
+        }
+        let mut nodes = Vec::with_capacity(u.nodes.len());
+        for (j, n) in u.nodes.iter().enumerate() {
+            match n.addr.trim().parse::<SocketAddr>() {
+                Ok(a) if a.port() != 0 => nodes.push((a, n.weight)),
+                _ => errs.push(format!(
+                    "{at}.nodes[{j}].addr = {:?}: expected ip:port",
+                    n.addr
+                )),
+            }
+        }
+        let service = u.service.as_ref().map(|s| s.trim().to_string());
+        if !u.nodes.is_empty() && service.is_some() {
+            errs.push(format!(
+                "{at}: give either service (discovery) or nodes (static), not both"
+            ));
+        }
+        let service = if u.nodes.is_empty() {
+            Some(service.unwrap_or_else(|| id.clone()))
+        } else {
+            None
+        };
+        if let Some(src) = &u.source {
+            if !matches!(src.as_str(), "file" | "consul" | "nacos" | "eureka") {
+                errs.push(format!(
+                    "{at}.source = {src:?}: expected file, consul, nacos or eureka"
+                ));
+            }
+        }
+        out.push(UpstreamConfig {
+            id,
+            service,
+            source: u.source.clone(),
+            nodes,
+            settings,
+        });
+    }
+    out
+}
+
+fn routes(raw: &[RouteFile], ups: &[UpstreamConfig], errs: &mut Vec<String>) -> Vec<RouteConfig> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, r) in raw.iter().enumerate() {
+        let at = format!("route[{i}]");
+        if !ups.iter().any(|u| u.id == r.upstream) {
+            errs.push(format!(
+                "{at}.upstream = {:?}: no upstream with that id",
+                r.upstream
+            ));
+        }
+        let host = r.host.as_ref().map(|h| h.trim().to_ascii_lowercase());
+        let path_prefix = r.path_prefix.as_ref().map(|p| p.trim().to_string());
+        if let Some(p) = &path_prefix {
+            if !p.starts_with('/') {
+                errs.push(format!("{at}.path_prefix = {p:?}: must start with '/'"));
+            }
+        }
+        if host.is_none() && path_prefix.is_none() {
+            errs.push(format!("{at}: give host, path_prefix or both"));
+        }
+        out.push(RouteConfig {
+            host,
+            path_prefix,
+            strip_prefix: r.strip_prefix.unwrap_or(true),
+            upstream: r.upstream.clone(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli() -> Cli {
+        Cli {
+            registry: Some("file:///dev/null".into()),
+            ..Cli::default()
+        }
+    }
+
+    fn load_toml(text: &str) -> Result<Config, ConfigErrors> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        let mut errs = Vec::new();
+        let c = build(&cli(), &file, &mut errs);
+        if errs.is_empty() {
+            Ok(c)
+        } else {
+            Err(ConfigErrors(errs))
+        }
+    }
+
+    fn err_of(text: &str) -> String {
+        load_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load_toml("").unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(c.dynamic.default_balancer, "roundrobin");
+        assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let file: FileConfig = toml::from_str("[agent]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+        let mut c = cli();
+        c.listen = Some("127.0.0.1:2".into());
+        let mut errs = Vec::new();
+        assert_eq!(build(&c, &file, &mut errs).listen.port(), 2);
+        assert_eq!(build(&cli(), &file, &mut errs).listen.port(), 1);
+        assert!(errs.is_empty());
+    }
+
+    #[test]
+    fn bad_env_values_are_named() {
+        let mut c = cli();
+        c.listen = Some("localhost".into());
+        c.balancer = Some("fastest".into());
+        c.log_format = Some("xml".into());
+        c.registry = Some("gopher://x".into());
+        let mut errs = Vec::new();
+        build(&c, &FileConfig::default(), &mut errs);
+        let all = errs.join("\n");
+        assert!(all.contains("EDGE_AGENT_LISTEN=\"localhost\""), "{all}");
+        assert!(all.contains("EDGE_AGENT_BALANCER=\"fastest\""), "{all}");
+        assert!(all.contains("EDGE_AGENT_LOG_FORMAT=\"xml\""), "{all}");
+        assert!(all.contains("EDGE_AGENT_REGISTRY") && all.contains("gopher"), "{all}");
+    }
+
+    #[test]
+    fn bad_address_in_nodes() {
+        let e = err_of("[[upstream]]\nid = \"a\"\nnodes = [{ addr = \"nowhere\" }]\n");
+        assert!(e.contains("upstream[0].nodes[0].addr = \"nowhere\""), "{e}");
+    }
+
+    #[test]
+    fn unknown_balancer() {
+        let e = err_of("[[upstream]]\nid = \"a\"\nbalancer = \"random-ish\"\n");
+        assert!(e.contains("upstream[0].balancer=\"random-ish\""), "{e}");
+    }
+
+    #[test]
+    fn negative_and_zero_timeouts() {
+        let e = err_of("[[upstream]]\nid = \"a\"\nconnect_timeout = \"-1s\"\n");
+        assert!(e.contains("upstream[0].connect_timeout=\"-1s\""), "{e}");
+        let e = err_of("[[upstream]]\nid = \"a\"\nread_timeout = \"0s\"\n");
+        assert!(e.contains("upstream[0].read_timeout=\"0s\""), "{e}");
+        // A negative number is refused by the parser, with the line.
+        let e = err_of("[[upstream]]\nid = \"a\"\nretries = -1\n");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_upstream_id() {
+        let e = err_of("[[upstream]]\nid = \"a\"\n[[upstream]]\nid = \"a\"\n");
+        assert!(e.contains("upstream[1].id = \"a\": duplicate"), "{e}");
+    }
+
+    #[test]
+    fn route_to_missing_upstream() {
+        let e = err_of("[[route]]\nhost = \"x\"\nupstream = \"ghost\"\n");
+        assert!(e.contains("route[0].upstream = \"ghost\""), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_line() {
+        let e = err_of("[agent]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n");
+        assert!(e.contains("lisen") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let e = load_toml(
+            "[[upstream]]\nid = \"a\"\nbalancer = \"x\"\nconnect_timeout = \"soon\"\n[[route]]\nupstream = \"b\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.0.len(), 4, "{e}");
+    }
+
+    #[test]
+    fn full_example_config_loads() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/edge-agent.toml");
+        let file = read_file(Path::new(path)).unwrap();
+        let mut errs = Vec::new();
+        let c = build(&cli(), &file, &mut errs);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert!(!c.dynamic.upstreams.is_empty());
+        assert!(!c.dynamic.routes.is_empty());
+    }
+}

@@ -1,0 +1,117 @@
+//! Prometheus metrics through the `metrics` facade.
+//!
+//! Names are a contract (`edge_agent_*`). The request path records through handles registered
+//! once per upstream (and per common status code, lazily), so recording a request is two atomic
+//! operations and no label hashing; rare status codes take the facade's slow path.
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Counter, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS_TOTAL: &str = "edge_agent_requests_total";
+pub const REQUEST_DURATION: &str = "edge_agent_request_duration_seconds";
+pub const ENDPOINTS: &str = "edge_agent_endpoints";
+pub const DISCOVERY_UPDATES: &str = "edge_agent_discovery_updates_total";
+pub const DISCOVERY_ERRORS: &str = "edge_agent_discovery_errors_total";
+pub const DISCOVERY_STALENESS: &str = "edge_agent_discovery_staleness_seconds";
+pub const RETRIES_TOTAL: &str = "edge_agent_retries_total";
+pub const CONFIG_RELOADS: &str = "edge_agent_config_reloads_total";
+pub const UPSTREAM_ERRORS: &str = "edge_agent_upstream_errors_total";
+
+/// Histogram buckets for request duration, in seconds.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Status codes that get a pre-registered counter handle.
+const COMMON: [u16; 16] = [
+    200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 429, 500, 502, 503, 504,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global recorder once and returns the handle that renders `/metrics`.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), DURATION_BUCKETS)
+                .expect("static bucket list is non-empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests); then ours only renders.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(REQUESTS_TOTAL, "Proxied requests by upstream and status.");
+    metrics::describe_histogram!(
+        REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Time to the upstream's response headers."
+    );
+    metrics::describe_gauge!(ENDPOINTS, "Endpoints per upstream by state.");
+    metrics::describe_counter!(DISCOVERY_UPDATES, "Answers received from each discovery source.");
+    metrics::describe_counter!(DISCOVERY_ERRORS, "Discovery errors by source and kind.");
+    metrics::describe_gauge!(
+        DISCOVERY_STALENESS,
+        metrics::Unit::Seconds,
+        "Seconds since each source last answered."
+    );
+    metrics::describe_counter!(RETRIES_TOTAL, "Retried requests by upstream.");
+    metrics::describe_counter!(CONFIG_RELOADS, "Configuration reloads by result.");
+    metrics::describe_counter!(UPSTREAM_ERRORS, "Failed upstream attempts by upstream and kind.");
+}
+
+/// Metric handles for one upstream.
+pub struct UpstreamMetrics {
+    upstream: String,
+    duration: Histogram,
+    retries: Counter,
+    by_status: [OnceLock<Counter>; COMMON.len()],
+}
+
+impl UpstreamMetrics {
+    pub fn new(upstream: &str) -> Self {
+        UpstreamMetrics {
+            upstream: upstream.to_string(),
+            duration: metrics::histogram!(REQUEST_DURATION, "upstream" => upstream.to_string()),
+            retries: metrics::counter!(RETRIES_TOTAL, "upstream" => upstream.to_string()),
+            by_status: Default::default(),
+        }
+    }
+
+    /// Records one finished request.
+    pub fn request(&self, status: u16, elapsed: Duration) {
+        self.duration.record(elapsed.as_secs_f64());
+        match COMMON.iter().position(|&c| c == status) {
+            Some(i) => self.by_status[i]
+                .get_or_init(|| self.status_counter(status))
+                .increment(1),
+            None => self.status_counter(status).increment(1),
+        }
+    }
+
+    fn status_counter(&self, status: u16) -> Counter {
+        metrics::counter!(REQUESTS_TOTAL, "upstream" => self.upstream.clone(), "status" => status.to_string())
+    }
+
+    pub fn retry(&self) {
+        self.retries.increment(1);
+    }
+
+    pub fn upstream_error(&self, kind: &'static str) {
+        metrics::counter!(UPSTREAM_ERRORS, "upstream" => self.upstream.clone(), "kind" => kind)
+            .increment(1);
+    }
+}
+
+/// Records requests that matched no upstream (404) or failed before one was chosen.
+pub fn unrouted(status: u16) {
+    metrics::counter!(REQUESTS_TOTAL, "upstream" => "", "status" => status.to_string()).increment(1);
+}

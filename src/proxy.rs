@@ -1,0 +1,378 @@
+//! The reverse proxy: route, pick, forward, stream back.
+//!
+//! The request path loads the routing table once (an `ArcSwap` load: no lock), resolves the
+//! upstream, and walks the balancer's candidates. Bodies are streamed both ways, never buffered.
+//! Only endpoints that discovery produced are ever dialled: the Host header and an absolute URI
+//! only *name* a service, they are never a destination.
+//!
+//! Retries: a request without a body is retried on another endpoint when the connection could
+//! not be made, up to the upstream's `retries`. A request with a body is never retried here
+//! (its body is streamed and cannot be replayed). To retry, the request head is cloned before
+//! the first try; hyper's pooled client consumes a request even when it never reached the wire.
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::balancer::PickContext;
+use crate::cache::Shared;
+use crate::config::UpstreamSettings;
+use crate::error::ProxyError;
+use crate::metrics as m;
+use crate::upstream::{Endpoint, InFlight, Upstream};
+
+/// Request body sent upstream: the client's, or empty for a replayed body-less request.
+pub type ReqBody = Either<Incoming, Empty<Bytes>>;
+/// Response body sent to the client.
+pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
+/// The pooled HTTP/1 client, one per upstream.
+pub type HttpClient = Client<HttpConnector, ReqBody>;
+
+/// Idle pooled connections are closed after this long.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle pooled connections kept per endpoint.
+pub const POOL_MAX_IDLE_PER_HOST: usize = 256;
+
+/// A client for one upstream's settings.
+pub fn new_client(settings: &UpstreamSettings) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(settings.connect_timeout));
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// The proxy service shared by every connection.
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+/// Per-connection facts the handler needs.
+#[derive(Clone)]
+pub struct Peer {
+    pub ip: IpAddr,
+    /// The client IP, formatted once per connection for `X-Forwarded-For`.
+    pub ip_header: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = addr.ip();
+        Peer {
+            ip,
+            ip_header: HeaderValue::try_from(ip.to_string()).expect("an IP is a valid header"),
+        }
+    }
+}
+
+impl Proxy {
+    pub fn new(shared: Arc<Shared>) -> Arc<Self> {
+        Arc::new(Proxy { shared })
+    }
+
+    /// Handles one request. Never fails: errors become responses.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: &Peer,
+    ) -> Result<Response<RespBody>, Infallible> {
+        let start = Instant::now();
+        let table = self.shared.table.load();
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()));
+        let (upstream, strip) = match table.resolve(host, req.uri().path()) {
+            Ok(r) => (r.upstream.clone(), r.strip),
+            Err(no) => {
+                m::unrouted(404);
+                return Ok(text(StatusCode::NOT_FOUND, no.to_string()));
+            }
+        };
+        drop(table);
+        let resp = match self.forward(&upstream, req, strip, peer).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                if let Some(kind) = e.upstream_kind() {
+                    upstream.runtime.metrics.upstream_error(kind);
+                }
+                tracing::debug!(upstream = %upstream.id, error = %e, "request failed");
+                text(e.status(), e.body(&upstream.id))
+            }
+        };
+        upstream
+            .runtime
+            .metrics
+            .request(resp.status().as_u16(), start.elapsed());
+        Ok(resp)
+    }
+
+    async fn forward(
+        &self,
+        upstream: &Upstream,
+        req: Request<Incoming>,
+        strip: usize,
+        peer: &Peer,
+    ) -> Result<Response<RespBody>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let path_and_query = rewrite_path(&parts.uri, strip)?;
+        prepare_request_headers(&mut parts.headers, peer);
+        let settings = upstream.settings();
+        let replayable = body.is_end_stream();
+        let max_tries = if replayable { 1 + settings.retries } else { 1 };
+        let mut body = if replayable { None } else { Some(body) };
+        let ctx = PickContext {
+            client_ip: peer.ip,
+            key: None,
+        };
+        let mut last = ProxyError::NoEndpoint;
+        for (attempt, ep) in (1..=max_tries).zip(upstream.candidates(ctx)) {
+            if attempt > 1 {
+                upstream.runtime.metrics.retry();
+            }
+            let last_try = attempt == max_tries;
+            let mut out = Request::new(match body.take() {
+                Some(b) => Either::Left(b),
+                None => Either::Right(Empty::new()),
+            });
+            *out.method_mut() = parts.method.clone();
+            *out.uri_mut() = endpoint_uri(ep, &path_and_query)?;
+            *out.headers_mut() = if last_try {
+                std::mem::take(&mut parts.headers)
+            } else {
+                parts.headers.clone()
+            };
+            match self.send(upstream, ep, out).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) => {
+                    ep.state.record_failure();
+                    tracing::debug!(upstream = %upstream.id, endpoint = %ep.authority, error = %e, attempt, "upstream attempt failed");
+                    let retry = e.retryable(&parts.method);
+                    last = e;
+                    if !retry {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn send(
+        &self,
+        upstream: &Upstream,
+        ep: &Endpoint,
+        req: Request<ReqBody>,
+    ) -> Result<Response<RespBody>, ProxyError> {
+        let guard = InFlight::start(&ep.state);
+        let settings = upstream.settings();
+        let resp = match tokio::time::timeout(
+            settings.read_timeout,
+            upstream.runtime.client.request(req),
+        )
+        .await
+        {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => return Err(ProxyError::from_client(e)),
+            Err(_) => return Err(ProxyError::Timeout),
+        };
+        let (mut parts, body) = resp.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(
+            parts,
+            Either::Left(UpstreamBody {
+                inner: body,
+                _in_flight: guard,
+            }),
+        ))
+    }
+}
+
+/// The upstream's response body; holds the endpoint's in-flight count until the body is done
+/// or dropped.
+pub struct UpstreamBody {
+    inner: Incoming,
+    _in_flight: InFlight,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn endpoint_uri(ep: &Endpoint, pq: &PathAndQuery) -> Result<Uri, ProxyError> {
+    Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(ep.authority.clone())
+        .path_and_query(pq.clone())
+        .build()
+        .map_err(|e| ProxyError::Internal(format!("building upstream URI: {e}")))
+}
+
+/// The path (and query) to send: the request's, less `strip` leading bytes of the path.
+fn rewrite_path(uri: &Uri, strip: usize) -> Result<PathAndQuery, ProxyError> {
+    let pq = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if strip == 0 {
+        return Ok(pq);
+    }
+    let rest = &uri.path()[strip.min(uri.path().len())..];
+    let mut s = String::with_capacity(rest.len() + pq.query().map_or(0, |q| q.len() + 2));
+    if !rest.starts_with('/') {
+        s.push('/');
+    }
+    s.push_str(rest);
+    if let Some(q) = pq.query() {
+        s.push('?');
+        s.push_str(q);
+    }
+    PathAndQuery::try_from(s).map_err(|_| ProxyError::BadRequest("invalid path"))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that a proxy must not forward.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::try_from(t.trim()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+    // hyper frames bodies itself.
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
+    remove_hop_by_hop(headers);
+    match headers.get(&X_FORWARDED_FOR) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + peer.ip_header.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(peer.ip_header.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&v) {
+                headers.insert(&X_FORWARDED_FOR, v);
+            }
+        }
+        None => {
+            headers.insert(&X_FORWARDED_FOR, peer.ip_header.clone());
+        }
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+}
+
+/// A short plain-text response.
+pub fn text(status: StatusCode, body: String) -> Response<RespBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Methods safe to retry after the request may have reached the upstream.
+pub fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_prefix_and_keeps_query() {
+        let uri: Uri = "/hello/a/b?x=1".parse().unwrap();
+        assert_eq!(rewrite_path(&uri, 6).unwrap().as_str(), "/a/b?x=1");
+        let uri: Uri = "/hello?x=1".parse().unwrap();
+        assert_eq!(rewrite_path(&uri, 6).unwrap().as_str(), "/?x=1");
+        let uri: Uri = "/hello/".parse().unwrap();
+        assert_eq!(rewrite_path(&uri, 6).unwrap().as_str(), "/");
+        let uri: Uri = "/x".parse().unwrap();
+        assert_eq!(rewrite_path(&uri, 0).unwrap().as_str(), "/x");
+    }
+
+    #[test]
+    fn hop_by_hop_and_forwarded_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        prepare_request_headers(&mut h, &Peer::new("127.0.0.1:5".parse().unwrap()));
+        assert!(h.get("x-private").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::TRANSFER_ENCODING).is_none());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-kept"], "yes");
+    }
+}

@@ -1,0 +1,112 @@
+//! Listeners: accept loops for the proxy and the admin API, with limits against slow or greedy
+//! clients and a graceful drain on shutdown.
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::Admin;
+use crate::proxy::{Peer, Proxy};
+
+/// A client has this long to send a request's headers (slowloris guard).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head buffered per connection.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most request headers accepted.
+pub const MAX_HEADERS: usize = 100;
+
+fn builder() -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true);
+    b
+}
+
+/// Serves the proxy until `shutdown` turns true, then drains open connections for up to
+/// `grace`. Returns the number of connections still open when the grace ran out.
+pub async fn serve_proxy(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) -> usize {
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, remote) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let peer = Peer::new(remote);
+                let proxy = proxy.clone();
+                let svc = service_fn(move |req| {
+                    let proxy = proxy.clone();
+                    let peer = peer.clone();
+                    async move { proxy.handle(req, &peer).await }
+                });
+                let conn = builder().serve_connection(TokioIo::new(stream), svc);
+                spawn_conn(graceful.watch(conn), remote);
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    tracing::info!(grace = ?grace, "draining in-flight requests");
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => 0,
+        Err(_) => {
+            tracing::warn!("grace period over with requests still in flight");
+            1
+        }
+    }
+}
+
+fn spawn_conn<F, E>(conn: F, remote: SocketAddr)
+where
+    F: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%remote, error = %e, "connection ended with an error");
+        }
+    });
+}
+
+/// Serves the admin API until `shutdown` turns true.
+pub async fn serve_admin(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, remote)) = accepted else { continue };
+                let admin = admin.clone();
+                let svc = service_fn(move |req| {
+                    let admin = admin.clone();
+                    async move { admin.handle(req).await }
+                });
+                spawn_conn(builder().serve_connection(TokioIo::new(stream), svc), remote);
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}

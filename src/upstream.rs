@@ -1,0 +1,275 @@
+//! Upstreams and the routing table: the immutable snapshot the request path reads.
+//!
+//! The table is built off the request path by the cache (`cache.rs`) and swapped whole through
+//! an `ArcSwap`; a request loads it once, without a lock. Per-endpoint state
+//! ([`EndpointState`]: in-flight count and counters) lives behind an `Arc` keyed by endpoint
+//! identity and is handed from one snapshot to the next, so a registry change that adds one
+//! instance leaves the others' state, and their pooled connections, untouched.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use discovery::Instance;
+use http::uri::Authority;
+
+use crate::balancer::{Balancer, Candidates, PickContext};
+use crate::config::UpstreamSettings;
+use crate::metrics::UpstreamMetrics;
+use crate::proxy::HttpClient;
+
+/// Identity of an endpoint: the registry's instance id and the address it is dialled at.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub id: String,
+    pub authority: String,
+}
+
+/// State of one endpoint that outlives snapshots.
+#[derive(Debug, Default)]
+pub struct EndpointState {
+    in_flight: AtomicU64,
+    requests: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl EndpointState {
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+    pub fn record_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts one request in flight on an endpoint until dropped, so a cancelled request cannot
+/// leak a count.
+#[derive(Debug)]
+pub struct InFlight(Arc<EndpointState>);
+
+impl InFlight {
+    pub fn start(state: &Arc<EndpointState>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        state.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(state))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One endpoint in a snapshot.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub id: Arc<str>,
+    pub authority: Authority,
+    pub weight: u32,
+    /// The registry's view of health.
+    pub healthy: bool,
+    pub zone: Option<Arc<str>>,
+    /// Kind of the source it came from (`file`, `consul`, … or `static`).
+    pub source: &'static str,
+    pub state: Arc<EndpointState>,
+}
+
+impl Endpoint {
+    pub fn from_instance(inst: &Instance, source: &'static str, state: Arc<EndpointState>) -> Self {
+        let authority = Authority::try_from(inst.authority().as_str())
+            .unwrap_or_else(|_| Authority::from_static("invalid.invalid:1"));
+        Endpoint {
+            id: inst.id.as_str().into(),
+            authority,
+            weight: inst.weight,
+            healthy: inst.healthy,
+            zone: inst.zone.as_deref().map(Into::into),
+            source,
+            state,
+        }
+    }
+
+    pub fn key(&self) -> EndpointKey {
+        EndpointKey {
+            id: self.id.to_string(),
+            authority: self.authority.to_string(),
+        }
+    }
+
+    /// Whether the endpoint may take traffic now.
+    pub fn available(&self) -> bool {
+        self.healthy && self.weight > 0
+    }
+}
+
+/// What an upstream keeps across snapshots: its settings, HTTP client (and so its connection
+/// pool) and metric handles. Replaced only when its settings change.
+pub struct UpstreamRuntime {
+    pub settings: UpstreamSettings,
+    pub client: HttpClient,
+    pub metrics: UpstreamMetrics,
+}
+
+/// One upstream in a snapshot.
+pub struct Upstream {
+    pub id: Arc<str>,
+    /// Discovery service name, `None` for static nodes.
+    pub service: Option<Arc<str>>,
+    pub runtime: Arc<UpstreamRuntime>,
+    pub endpoints: Box<[Endpoint]>,
+    pub balancer: Box<dyn Balancer>,
+    /// When the endpoint set last changed.
+    pub updated_at: SystemTime,
+}
+
+impl Upstream {
+    pub fn candidates(&self, ctx: PickContext) -> Candidates<'_> {
+        Candidates::new(self.balancer.as_ref(), &self.endpoints, ctx)
+    }
+
+    pub fn settings(&self) -> &UpstreamSettings {
+        &self.runtime.settings
+    }
+}
+
+/// A configured route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub host: Option<Box<str>>,
+    pub path_prefix: Option<Box<str>>,
+    pub strip_prefix: bool,
+    pub upstream: Arc<str>,
+}
+
+/// What the request path reads: every upstream by id, and the routes.
+#[derive(Default)]
+pub struct Table {
+    pub upstreams: HashMap<Arc<str>, Arc<Upstream>>,
+    /// Configured routes, in order. Empty: zero-config routing by service name.
+    pub routes: Box<[Route]>,
+    /// Lower-cased suffix (with its leading dot) ignored at the end of Host headers.
+    pub domain_suffix: Option<Box<str>>,
+}
+
+/// The upstream a request goes to and the path prefix to strip.
+pub struct Resolved<'a> {
+    pub upstream: &'a Arc<Upstream>,
+    /// Bytes of the path to drop before forwarding.
+    pub strip: usize,
+}
+
+/// Why no upstream was found; its text is the 404 body.
+#[derive(Debug, PartialEq)]
+pub enum NoRoute<'a> {
+    Service(&'a str),
+    Nothing { path: &'a str },
+}
+
+impl Table {
+    /// Finds the upstream for a request. Allocation-free unless the Host header has upper case.
+    pub fn resolve<'a, 'r>(
+        &'a self,
+        host: Option<&'r str>,
+        path: &'r str,
+    ) -> Result<Resolved<'a>, NoRoute<'r>> {
+        let host = host.map(strip_port).unwrap_or("");
+        let orig = host;
+        let lowered;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = host.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            host
+        };
+        if !self.routes.is_empty() {
+            for r in self.routes.iter() {
+                if r.host.as_deref().is_some_and(|h| h != host) {
+                    continue;
+                }
+                let strip = match &r.path_prefix {
+                    Some(p) if path.starts_with(&**p) => {
+                        if r.strip_prefix {
+                            p.trim_end_matches('/').len()
+                        } else {
+                            0
+                        }
+                    }
+                    Some(_) => continue,
+                    None => 0,
+                };
+                if let Some(upstream) = self.upstreams.get(&*r.upstream) {
+                    return Ok(Resolved { upstream, strip });
+                }
+            }
+            return Err(NoRoute::Nothing { path });
+        }
+        // Zero-config: Host names the service (domain suffix ignored), else the first path
+        // segment does and is stripped.
+        let name = match &self.domain_suffix {
+            Some(s) => host.strip_suffix(&**s).unwrap_or(host),
+            None => host,
+        };
+        if let Some(upstream) = self.upstreams.get(name) {
+            return Ok(Resolved { upstream, strip: 0 });
+        }
+        let seg = path
+            .strip_prefix('/')
+            .and_then(|rest| rest.split(['/', '?']).next())
+            .unwrap_or("");
+        if !seg.is_empty() {
+            if let Some(upstream) = self.upstreams.get(seg) {
+                return Ok(Resolved {
+                    upstream,
+                    strip: 1 + seg.len(),
+                });
+            }
+        }
+        let host_is_name =
+            !name.is_empty() && name != "localhost" && name.parse::<std::net::IpAddr>().is_err();
+        if host_is_name {
+            // `name` may borrow the lower-cased copy; lower-casing keeps byte lengths, so the
+            // same prefix of the original names it.
+            return Err(NoRoute::Service(&orig[..name.len()]));
+        }
+        if !seg.is_empty() {
+            return Err(NoRoute::Service(seg));
+        }
+        Err(NoRoute::Nothing { path })
+    }
+}
+
+impl std::fmt::Display for NoRoute<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoRoute::Service(s) => writeln!(f, "edge-agent: no service named {s:?}"),
+            NoRoute::Nothing { path } => writeln!(
+                f,
+                "edge-agent: no route for path {path:?}; name a service by Host header or /<service>/ path"
+            ),
+        }
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// How many endpoints are in each state, for `edge_agent_endpoints`.
+pub fn count_states(endpoints: &[Endpoint]) -> (usize, usize) {
+    let healthy = endpoints.iter().filter(|e| e.available()).count();
+    (healthy, endpoints.len() - healthy)
+}
