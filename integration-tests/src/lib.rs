@@ -1,1 +1,409 @@
+//! Test harness: real HTTP backends on loopback, the built `edge-agent` binary driven from
+//! outside, and polling helpers with deadlines (no fixed sleeps).
+//!
+//! Registry servers (Consul, Eureka, rnacos) are installed and started by the scripts in
+//! `integration-tests/servers/`; see `servers.rs`.
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+pub mod servers;
+
+/// Path of the built agent binary (`EDGE_AGENT_BIN`, else next to this test's target dir).
+pub fn agent_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("EDGE_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/edge-agent
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("edge-agent"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first (`cargo build --bins`, or run `make test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// The workspace root (where `config/` lives).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics naming `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How a test backend answers.
+#[derive(Debug, Clone)]
+pub struct Behaviour {
+    pub status: u16,
+    pub delay: Duration,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Behaviour {
+            status: 200,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// A real HTTP/1 backend on 127.0.0.1 that names itself in every answer (`x-backend` header and
+/// body) and counts its requests.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    hits: Arc<AtomicU64>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    last_headers: Arc<Mutex<HashMap<String, String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        Self::start_with(name, Behaviour::default()).await
+    }
+
+    pub async fn start_with(name: &str, behaviour: Behaviour) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicU64::new(0));
+        let behaviour = Arc::new(Mutex::new(behaviour));
+        let last_headers = Arc::new(Mutex::new(HashMap::new()));
+        let (h, b, lh, n) = (
+            hits.clone(),
+            behaviour.clone(),
+            last_headers.clone(),
+            name.to_string(),
+        );
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (h, b, lh, n) = (h.clone(), b.clone(), lh.clone(), n.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (h, b, lh, n) = (h.clone(), b.clone(), lh.clone(), n.clone());
+                        async move {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            let beh = b.lock().unwrap().clone();
+                            *lh.lock().unwrap() = req
+                                .headers()
+                                .iter()
+                                .map(|(k, v)| {
+                                    (k.to_string(), v.to_str().unwrap_or("").to_string())
+                                })
+                                .collect();
+                            if !beh.delay.is_zero() {
+                                tokio::time::sleep(beh.delay).await;
+                            }
+                            let body = format!("{n} {}", req.uri());
+                            let resp = Response::builder()
+                                .status(beh.status)
+                                .header("x-backend", n.as_str())
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap();
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            name: name.to_string(),
+            addr,
+            hits,
+            behaviour,
+            last_headers,
+            task,
+        }
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn set(&self, behaviour: Behaviour) {
+        *self.behaviour.lock().unwrap() = behaviour;
+    }
+
+    /// Headers of the last request received, lower-case names.
+    pub fn last_headers(&self) -> HashMap<String, String> {
+        self.last_headers.lock().unwrap().clone()
+    }
+
+    /// Stops accepting (already-open connections may linger until dropped).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A running `edge-agent` process, killed when dropped; its output goes to a log file that a
+/// failing test prints.
+pub struct Agent {
+    child: Option<Child>,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+static AGENTS: AtomicUsize = AtomicUsize::new(0);
+
+impl Agent {
+    /// Starts the agent with `env` (listen addresses are filled in with free ports unless
+    /// given) and waits for `/ready`.
+    pub async fn start(env: &[(&str, &str)]) -> Agent {
+        let agent = Self::spawn(env);
+        agent.wait_ready().await;
+        agent
+    }
+
+    /// Starts the agent without waiting for anything.
+    pub fn spawn(env: &[(&str, &str)]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let n = AGENTS.fetch_add(1, Ordering::SeqCst);
+        let log = dir.path().join(format!("agent-{n}.log"));
+        let get = |k: &str| env.iter().find(|(key, _)| *key == k).map(|(_, v)| v.to_string());
+        let proxy = get("EDGE_AGENT_LISTEN").unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let admin =
+            get("EDGE_AGENT_ADMIN_LISTEN").unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let mut cmd = Command::new(agent_bin());
+        cmd.current_dir(workspace_root())
+            .env_remove("EDGE_AGENT_REGISTRY")
+            .env_remove("EDGE_AGENT_CONFIG")
+            .env("RUST_LOG", "info,edge_agent=debug")
+            .env("EDGE_AGENT_LISTEN", &proxy)
+            .env("EDGE_AGENT_ADMIN_LISTEN", &admin)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn edge-agent");
+        Agent {
+            child: Some(child),
+            proxy: proxy.parse().unwrap(),
+            admin: admin.parse().unwrap(),
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = format!("http://{}/ready", self.admin);
+        let c = client();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = c.get(&url).send().await {
+                if r.status() == StatusCode::OK {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("edge-agent not ready within 30 s; log:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends a signal to the agent.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill");
+    }
+
+    /// Waits for the agent to exit, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("edge-agent did not exit within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// `GET path` with `Host: host` through the proxy: (status, `x-backend`, body).
+    pub async fn get(&self, host: &str, path: &str) -> (u16, String, String) {
+        let r = client()
+            .get(self.url(path))
+            .header("host", host)
+            .send()
+            .await
+            .expect("request through the agent");
+        let status = r.status().as_u16();
+        let backend = r
+            .headers()
+            .get("x-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        (status, backend, r.text().await.unwrap_or_default())
+    }
+
+    pub async fn upstreams(&self) -> serde_json::Value {
+        client()
+            .get(self.admin_url("/upstreams"))
+            .send()
+            .await
+            .expect("/upstreams")
+            .json()
+            .await
+            .expect("/upstreams JSON")
+    }
+
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("/metrics")
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Endpoints (addresses) of upstream `id` that are healthy, from `/upstreams`.
+    pub async fn healthy_endpoints(&self, id: &str) -> Vec<String> {
+        let u = self.upstreams().await;
+        let mut out: Vec<String> = u["upstreams"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|x| x["id"] == id)
+            .flat_map(|x| x["endpoints"].as_array().cloned().unwrap_or_default())
+            .filter(|e| e["healthy"] == true)
+            .filter_map(|e| e["address"].as_str().map(String::from))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- edge-agent log ({}) ----\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// An HTTP client that never uses a proxy from the environment.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Writes a file-registry TOML for `services` (name → [(addr, weight)]).
+pub fn write_services(path: &Path, services: &[(&str, &[(SocketAddr, u32)])]) {
+    let mut text = String::new();
+    for (name, instances) in services {
+        text.push_str(&format!("[[service]]\nname = \"{name}\"\ninstances = [\n"));
+        for (addr, w) in *instances {
+            text.push_str(&format!("  {{ addr = \"{addr}\", weight = {w} }},\n"));
+        }
+        text.push_str("]\n");
+    }
+    // Write then rename, as editors and config managers do.
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f.sync_all().unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Counts of `x-backend` over `n` requests with `Host: host`.
+pub async fn spread(agent: &Agent, host: &str, n: usize) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for _ in 0..n {
+        let (status, backend, body) = agent.get(host, "/").await;
+        assert_eq!(status, 200, "status {status}: {body}");
+        *out.entry(backend).or_insert(0) += 1;
+    }
+    out
+}
