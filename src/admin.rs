@@ -32,7 +32,11 @@ impl Admin {
     pub async fn handle<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
         let path = req.uri().path();
         if path != "/healthz" && !self.authorized(&req) {
-            let mut r = reply(StatusCode::UNAUTHORIZED, "text/plain", "unauthorized\n".into());
+            let mut r = reply(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                "unauthorized\n".into(),
+            );
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return Ok(r);

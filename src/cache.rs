@@ -289,7 +289,13 @@ impl Cache {
         let configured_ids: HashSet<&str> = configured.iter().map(|u| u.id.as_str()).collect();
         for u in &configured {
             if wants(&u.service) {
-                let up = self.build(&u.id, u.service.as_deref(), u.source.as_deref(), &u.nodes, &u.settings);
+                let up = self.build(
+                    &u.id,
+                    u.service.as_deref(),
+                    u.source.as_deref(),
+                    &u.nodes,
+                    &u.settings,
+                );
                 upstreams.insert(up.id.clone(), Arc::new(up));
             }
         }
@@ -408,8 +414,8 @@ impl Cache {
             .set(healthy as f64);
         metrics::gauge!(m::ENDPOINTS, "upstream" => id.to_string(), "state" => "unhealthy")
             .set(unhealthy as f64);
-        let factory = balancer::factory(&settings.balancer)
-            .unwrap_or(crate::balancer::roundrobin::build);
+        let factory =
+            balancer::factory(&settings.balancer).unwrap_or(crate::balancer::roundrobin::build);
         let balancer = factory(&endpoints, settings);
         Upstream {
             id: id.into(),
@@ -478,7 +484,11 @@ mod tests {
         step(&mut c, snapshot(&[("a", &ports), ("b", &[99])]));
         let t1 = c.shared.table.load_full();
         let b1 = t1.upstreams["b"].clone();
-        let states1: Vec<_> = t1.upstreams["a"].endpoints.iter().map(|e| e.state.clone()).collect();
+        let states1: Vec<_> = t1.upstreams["a"]
+            .endpoints
+            .iter()
+            .map(|e| e.state.clone())
+            .collect();
         let mut more = ports.clone();
         more.push(21);
         step(&mut c, snapshot(&[("a", &more), ("b", &[99])]));
@@ -491,8 +501,14 @@ mod tests {
             .filter(|e| states1.iter().any(|s| Arc::ptr_eq(s, &e.state)))
             .count();
         assert_eq!(kept, 20, "the 20 old endpoints keep their state");
-        assert!(Arc::ptr_eq(&b1, &t2.upstreams["b"]), "an unrelated upstream is not rebuilt");
-        assert!(Arc::ptr_eq(&t1.upstreams["a"].runtime, &a2.runtime), "client pool kept");
+        assert!(
+            Arc::ptr_eq(&b1, &t2.upstreams["b"]),
+            "an unrelated upstream is not rebuilt"
+        );
+        assert!(
+            Arc::ptr_eq(&t1.upstreams["a"].runtime, &a2.runtime),
+            "client pool kept"
+        );
     }
 
     #[test]

@@ -110,7 +110,12 @@ pub struct Cli {
     #[arg(long, env = "EDGE_AGENT_STATE_DIR", global = true)]
     pub state_dir: Option<PathBuf>,
     /// Bearer token for the admin API
-    #[arg(long, env = "EDGE_AGENT_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "EDGE_AGENT_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
     pub admin_token: Option<String>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "EDGE_AGENT_LOG_FORMAT", global = true)]
@@ -307,8 +312,13 @@ fn build(cli: &Cli, file: &FileConfig, errs: &mut Vec<String>) -> Config {
         errs,
     );
     let registries = registries(cli, a, errs);
-    let (bname, bval) = pick(&cli.balancer, &a.balancer, "EDGE_AGENT_BALANCER", "agent.balancer")
-        .unwrap_or(("EDGE_AGENT_BALANCER", DEFAULT_BALANCER.to_string()));
+    let (bname, bval) = pick(
+        &cli.balancer,
+        &a.balancer,
+        "EDGE_AGENT_BALANCER",
+        "agent.balancer",
+    )
+    .unwrap_or(("EDGE_AGENT_BALANCER", DEFAULT_BALANCER.to_string()));
     let default_balancer = check_balancer(bname, &bval, errs);
     let shutdown_grace = match pick(
         &cli.shutdown_grace,
@@ -327,7 +337,13 @@ fn build(cli: &Cli, file: &FileConfig, errs: &mut Vec<String>) -> Config {
     )
     .map(|(_, v)| v.trim().to_ascii_lowercase())
     .filter(|v| !v.is_empty())
-    .map(|v| if v.starts_with('.') { v } else { format!(".{v}") });
+    .map(|v| {
+        if v.starts_with('.') {
+            v
+        } else {
+            format!(".{v}")
+        }
+    });
     let log_json = match cli.log_format.as_deref().map(str::trim) {
         None | Some("") | Some("text") => false,
         Some("json") => true,
@@ -378,9 +394,7 @@ fn addr(v: Option<(&'static str, String)>, default: &str, errs: &mut Vec<String>
     match v {
         None => fallback,
         Some((name, v)) => v.trim().parse().unwrap_or_else(|_| {
-            errs.push(format!(
-                "{name}={v:?}: expected ip:port, e.g. {default}"
-            ));
+            errs.push(format!("{name}={v:?}: expected ip:port, e.g. {default}"));
             fallback
         }),
     }
@@ -393,9 +407,10 @@ fn registries(cli: &Cli, a: &AgentFile, errs: &mut Vec<String>) -> Vec<String> {
             v.split(',').map(|s| s.trim().to_string()).collect(),
         ),
         (None, Some(StringOrList::One(v))) => ("agent.registry", vec![v.trim().to_string()]),
-        (None, Some(StringOrList::Many(v))) => {
-            ("agent.registry", v.iter().map(|s| s.trim().to_string()).collect())
-        }
+        (None, Some(StringOrList::Many(v))) => (
+            "agent.registry",
+            v.iter().map(|s| s.trim().to_string()).collect(),
+        ),
         (None, None) => {
             if Path::new(DEFAULT_REGISTRY_FILE).exists() {
                 return vec![format!("file://{DEFAULT_REGISTRY_FILE}")];
@@ -555,7 +570,8 @@ mod tests {
     }
 
     fn load_toml(text: &str) -> Result<Config, ConfigErrors> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        let file: FileConfig =
+            toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
         let mut errs = Vec::new();
         let c = build(&cli(), &file, &mut errs);
         if errs.is_empty() {
@@ -602,7 +618,10 @@ mod tests {
         assert!(all.contains("EDGE_AGENT_LISTEN=\"localhost\""), "{all}");
         assert!(all.contains("EDGE_AGENT_BALANCER=\"fastest\""), "{all}");
         assert!(all.contains("EDGE_AGENT_LOG_FORMAT=\"xml\""), "{all}");
-        assert!(all.contains("EDGE_AGENT_REGISTRY") && all.contains("gopher"), "{all}");
+        assert!(
+            all.contains("EDGE_AGENT_REGISTRY") && all.contains("gopher"),
+            "{all}"
+        );
     }
 
     #[test]

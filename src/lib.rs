@@ -21,8 +21,6 @@ pub mod reload;
 pub mod server;
 pub mod upstream;
 
-
-
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -127,4 +125,3 @@ pub fn init_logging(json: bool) {
         builder.init();
     }
 }
-

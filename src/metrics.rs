@@ -56,7 +56,10 @@ fn describe() {
         "Time to the upstream's response headers."
     );
     metrics::describe_gauge!(ENDPOINTS, "Endpoints per upstream by state.");
-    metrics::describe_counter!(DISCOVERY_UPDATES, "Answers received from each discovery source.");
+    metrics::describe_counter!(
+        DISCOVERY_UPDATES,
+        "Answers received from each discovery source."
+    );
     metrics::describe_counter!(DISCOVERY_ERRORS, "Discovery errors by source and kind.");
     metrics::describe_gauge!(
         DISCOVERY_STALENESS,
@@ -65,7 +68,10 @@ fn describe() {
     );
     metrics::describe_counter!(RETRIES_TOTAL, "Retried requests by upstream.");
     metrics::describe_counter!(CONFIG_RELOADS, "Configuration reloads by result.");
-    metrics::describe_counter!(UPSTREAM_ERRORS, "Failed upstream attempts by upstream and kind.");
+    metrics::describe_counter!(
+        UPSTREAM_ERRORS,
+        "Failed upstream attempts by upstream and kind."
+    );
 }
 
 /// Metric handles for one upstream.
@@ -113,5 +119,6 @@ impl UpstreamMetrics {
 
 /// Records requests that matched no upstream (404) or failed before one was chosen.
 pub fn unrouted(status: u16) {
-    metrics::counter!(REQUESTS_TOTAL, "upstream" => "", "status" => status.to_string()).increment(1);
+    metrics::counter!(REQUESTS_TOTAL, "upstream" => "", "status" => status.to_string())
+        .increment(1);
 }

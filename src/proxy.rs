@@ -185,16 +185,14 @@ impl Proxy {
     ) -> Result<Response<RespBody>, ProxyError> {
         let guard = InFlight::start(&ep.state);
         let settings = upstream.settings();
-        let resp = match tokio::time::timeout(
-            settings.read_timeout,
-            upstream.runtime.client.request(req),
-        )
-        .await
-        {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => return Err(ProxyError::from_client(e)),
-            Err(_) => return Err(ProxyError::Timeout),
-        };
+        let resp =
+            match tokio::time::timeout(settings.read_timeout, upstream.runtime.client.request(req))
+                .await
+            {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(e)) => return Err(ProxyError::from_client(e)),
+                Err(_) => return Err(ProxyError::Timeout),
+            };
         let (mut parts, body) = resp.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(
@@ -360,10 +358,16 @@ mod tests {
     #[test]
     fn hop_by_hop_and_forwarded_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-private"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-private"),
+        );
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         h.insert("x-kept", HeaderValue::from_static("yes"));
         prepare_request_headers(&mut h, &Peer::new("127.0.0.1:5".parse().unwrap()));

@@ -39,14 +39,17 @@ pub async fn run(cli: Cli, mut current: Config, control: mpsc::Sender<Control>) 
         }
         match Config::load(&cli) {
             Ok(next) => {
-                if (&next.listen, &next.admin_listen, &next.registries, &next.admin_token)
-                    != (
-                        &current.listen,
-                        &current.admin_listen,
-                        &current.registries,
-                        &current.admin_token,
-                    )
-                {
+                if (
+                    &next.listen,
+                    &next.admin_listen,
+                    &next.registries,
+                    &next.admin_token,
+                ) != (
+                    &current.listen,
+                    &current.admin_listen,
+                    &current.registries,
+                    &current.admin_token,
+                ) {
                     tracing::warn!(
                         "listen addresses, registries and the admin token change only on restart"
                     );

@@ -112,7 +112,9 @@ impl Backend {
     }
 
     pub async fn start_with(name: &str, behaviour: Behaviour) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
         let behaviour = Arc::new(Mutex::new(behaviour));
@@ -138,9 +140,7 @@ impl Backend {
                             *lh.lock().unwrap() = req
                                 .headers()
                                 .iter()
-                                .map(|(k, v)| {
-                                    (k.to_string(), v.to_str().unwrap_or("").to_string())
-                                })
+                                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
                                 .collect();
                             if !beh.delay.is_zero() {
                                 tokio::time::sleep(beh.delay).await;
@@ -221,8 +221,13 @@ impl Agent {
         let dir = tempfile::tempdir().unwrap();
         let n = AGENTS.fetch_add(1, Ordering::SeqCst);
         let log = dir.path().join(format!("agent-{n}.log"));
-        let get = |k: &str| env.iter().find(|(key, _)| *key == k).map(|(_, v)| v.to_string());
-        let proxy = get("EDGE_AGENT_LISTEN").unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let get = |k: &str| {
+            env.iter()
+                .find(|(key, _)| *key == k)
+                .map(|(_, v)| v.to_string())
+        };
+        let proxy =
+            get("EDGE_AGENT_LISTEN").unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let admin =
             get("EDGE_AGENT_ADMIN_LISTEN").unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let mut cmd = Command::new(agent_bin());
@@ -241,8 +246,9 @@ impl Agent {
         let child = cmd.spawn().expect("spawn edge-agent");
         Agent {
             child: Some(child),
-            proxy: proxy.parse().unwrap(),
-            admin: admin.parse().unwrap(),
+            // A test may pass an invalid address on purpose (to see it refused).
+            proxy: proxy.parse().unwrap_or_else(|_| ([127, 0, 0, 1], 0).into()),
+            admin: admin.parse().unwrap_or_else(|_| ([127, 0, 0, 1], 0).into()),
             log,
             _dir: dir,
         }
@@ -267,7 +273,10 @@ impl Agent {
                 }
             }
             if Instant::now() > deadline {
-                panic!("edge-agent not ready within 30 s; log:\n{}", self.log_text());
+                panic!(
+                    "edge-agent not ready within 30 s; log:\n{}",
+                    self.log_text()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -365,7 +374,11 @@ impl Drop for Agent {
             let _ = c.wait();
         }
         if std::thread::panicking() {
-            eprintln!("---- edge-agent log ({}) ----\n{}", self.log.display(), self.log_text());
+            eprintln!(
+                "---- edge-agent log ({}) ----\n{}",
+                self.log.display(),
+                self.log_text()
+            );
         }
     }
 }

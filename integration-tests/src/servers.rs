@@ -10,7 +10,9 @@ use crate::workspace_root;
 
 /// The folder holding a server's scripts.
 pub fn server_dir(name: &str) -> PathBuf {
-    workspace_root().join("integration-tests/servers").join(name)
+    workspace_root()
+        .join("integration-tests/servers")
+        .join(name)
 }
 
 /// Runs `<name>/install.sh` and returns the path it prints (the binary or jar). Panics with the
@@ -30,7 +32,12 @@ pub fn install(name: &str) -> PathBuf {
         script.display(),
         out.status
     );
-    let path = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let path = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
     let path = PathBuf::from(path);
     assert!(
         path.exists(),

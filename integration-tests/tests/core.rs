@@ -1,0 +1,418 @@
+//! The agent core end to end on the file registry: real backends on loopback, the built binary
+//! driven from outside.
+use std::time::Duration;
+
+use integration_tests::{client, eventually, spread, write_services, Agent, Backend, Behaviour};
+
+fn registry(dir: &tempfile::TempDir) -> (std::path::PathBuf, String) {
+    let path = dir.path().join("services.toml");
+    let url = format!("file://{}", path.display());
+    (path, url)
+}
+
+#[tokio::test]
+async fn proxies_by_host_and_by_path_prefix() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("hello", &[(a.addr, 1)])]);
+    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", &url)]).await;
+
+    let (status, backend, body) = agent.get("hello", "/x?y=1").await;
+    assert_eq!((status, backend.as_str()), (200, "a"), "{body}");
+    assert_eq!(body, "a /x?y=1");
+    // Port and case in Host are ignored.
+    let (status, _, _) = agent.get("HELLO:15001", "/").await;
+    assert_eq!(status, 200);
+    // Path prefix, stripped.
+    let (status, backend, body) = agent.get("127.0.0.1", "/hello/deep/path?q=2").await;
+    assert_eq!((status, backend.as_str()), (200, "a"));
+    assert_eq!(body, "a /deep/path?q=2");
+    // Forwarding headers.
+    let h = a.last_headers();
+    assert_eq!(
+        h.get("x-forwarded-for").map(String::as_str),
+        Some("127.0.0.1")
+    );
+    assert_eq!(h.get("x-forwarded-proto").map(String::as_str), Some("http"));
+    // Unknown service: 404 naming it.
+    let (status, _, body) = agent.get("nosuch", "/").await;
+    assert_eq!(status, 404);
+    assert!(body.contains("\"nosuch\""), "{body}");
+    let (status, _, body) = agent.get("127.0.0.1", "/ghost/x").await;
+    assert_eq!(status, 404);
+    assert!(body.contains("\"ghost\""), "{body}");
+}
+
+#[tokio::test]
+async fn weights_are_honoured() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("svc", &[(a.addr, 3), (b.addr, 1)])]);
+    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", &url)]).await;
+    let s = spread(&agent, "svc", 400).await;
+    // Smooth WRR is exact over whole cycles.
+    assert_eq!(s.get("a"), Some(&300), "{s:?}");
+    assert_eq!(s.get("b"), Some(&100), "{s:?}");
+}
+
+#[tokio::test]
+async fn a_file_edit_moves_traffic_and_garbage_keeps_the_last_good_set() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("svc", &[(a.addr, 1)])]);
+    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", &url)]).await;
+    assert_eq!(agent.get("svc", "/").await.1, "a");
+
+    let started = std::time::Instant::now();
+    write_services(&path, &[("svc", &[(b.addr, 1)])]);
+    eventually(Duration::from_secs(5), "traffic to move to b", || async {
+        (agent.get("svc", "/").await.1 == "b").then_some(())
+    })
+    .await;
+    let lag = started.elapsed();
+    assert!(lag < Duration::from_secs(1), "edit live after {lag:?}");
+
+    std::fs::write(
+        &path,
+        "[[service]]\nname = \"svc\"\ninstances = [ { addr = ",
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "a parse error to be counted",
+        || async {
+            agent
+                .metrics()
+                .await
+                .contains("edge_agent_discovery_errors_total{source=\"file\",kind=\"parse\"}")
+                .then_some(())
+        },
+    )
+    .await;
+    for _ in 0..20 {
+        let (status, backend, body) = agent.get("svc", "/").await;
+        assert_eq!((status, backend.as_str()), (200, "b"), "{body}");
+    }
+    let up = agent.upstreams().await;
+    let err = up["sources"][0]["last_error"].as_str().unwrap_or("");
+    assert!(err.contains("line"), "error names the line: {err}");
+    // A removed service goes.
+    write_services(&path, &[("other", &[(a.addr, 1)])]);
+    eventually(Duration::from_secs(5), "svc to be gone", || async {
+        (agent.get("svc", "/").await.0 == 404).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_env_exits_non_zero_naming_the_variable() {
+    for (var, value) in [
+        ("EDGE_AGENT_LISTEN", "not-an-address"),
+        ("EDGE_AGENT_BALANCER", "fastest"),
+        ("EDGE_AGENT_REGISTRY", "gopher://x"),
+        ("EDGE_AGENT_SHUTDOWN_GRACE", "-5s"),
+    ] {
+        let mut agent = Agent::spawn(&[(var, value)]);
+        let status = agent.wait_exit(Duration::from_secs(10)).await;
+        assert!(!status.success(), "{var}={value} was accepted");
+        let log = agent.log_text();
+        assert!(log.contains(var) && log.contains(value), "{var}: {log}");
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
+
+#[tokio::test]
+async fn check_config_reports_every_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[[upstream]]\nid = \"a\"\nbalancer = \"nope\"\nconnect_timeout = \"-1s\"\n\
+         [[upstream]]\nid = \"a\"\n[[route]]\nhost = \"x\"\nupstream = \"ghost\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(integration_tests::agent_bin())
+        .arg("check-config")
+        .env("EDGE_AGENT_CONFIG", &cfg)
+        .env("EDGE_AGENT_REGISTRY", "file:///dev/null")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "upstream[0].balancer=\"nope\"",
+        "upstream[0].connect_timeout=\"-1s\"",
+        "upstream[1].id = \"a\": duplicate",
+        "route[0].upstream = \"ghost\"",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    let ok = std::process::Command::new(integration_tests::agent_bin())
+        .arg("check-config")
+        .current_dir(integration_tests::workspace_root())
+        .env("EDGE_AGENT_CONFIG", "config/edge-agent.toml")
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_an_in_flight_request() {
+    let slow = Backend::start_with(
+        "slow",
+        Behaviour {
+            delay: Duration::from_millis(1500),
+            ..Default::default()
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("slow", &[(slow.addr, 1)])]);
+    let mut agent = Agent::start(&[("EDGE_AGENT_REGISTRY", &url)]).await;
+    let url = agent.url("/");
+    let req = tokio::spawn(async move {
+        let r = client()
+            .get(url)
+            .header("host", "slow")
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    });
+    eventually(
+        Duration::from_secs(5),
+        "the request to be in flight",
+        || async { (slow.hits() == 1).then_some(()) },
+    )
+    .await;
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, body) = req.await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "slow /"));
+    let exit = agent.wait_exit(Duration::from_secs(10)).await;
+    assert!(exit.success(), "exit status {exit}");
+    assert!(
+        client().get(agent.url("/")).send().await.is_err(),
+        "no longer accepting"
+    );
+}
+
+#[tokio::test]
+async fn errors_map_to_502_503_504_and_connect_failures_retry() {
+    let live = Backend::start("live").await;
+    let slow = Backend::start_with(
+        "slow",
+        Behaviour {
+            delay: Duration::from_secs(3),
+            ..Default::default()
+        },
+    )
+    .await;
+    let dead = integration_tests::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    let dead_addr: std::net::SocketAddr = format!("127.0.0.1:{dead}").parse().unwrap();
+    write_services(
+        &path,
+        &[
+            ("mixed", &[(live.addr, 1), (dead_addr, 1)]),
+            ("deadonly", &[(dead_addr, 1)]),
+            ("slow", &[(slow.addr, 1)]),
+            ("empty", &[(live.addr, 0)]),
+        ],
+    );
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        "[[upstream]]\nid = \"slow\"\nread_timeout = \"300ms\"\n",
+    )
+    .unwrap();
+    let agent = Agent::start(&[
+        ("EDGE_AGENT_REGISTRY", &url),
+        ("EDGE_AGENT_CONFIG", cfg.to_str().unwrap()),
+    ])
+    .await;
+    // One of two endpoints refuses connections: every GET still succeeds (retried).
+    for _ in 0..20 {
+        let (status, backend, body) = agent.get("mixed", "/").await;
+        assert_eq!((status, backend.as_str()), (200, "live"), "{body}");
+    }
+    assert!(agent
+        .metrics()
+        .await
+        .contains("edge_agent_retries_total{upstream=\"mixed\"}"));
+    assert_eq!(agent.get("deadonly", "/").await.0, 502);
+    assert_eq!(agent.get("slow", "/").await.0, 504);
+    assert_eq!(agent.get("empty", "/").await.0, 503);
+}
+
+#[tokio::test]
+async fn admin_shows_the_traffic() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("svc", &[(a.addr, 2)])]);
+    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", &url)]).await;
+    for _ in 0..7 {
+        assert_eq!(agent.get("svc", "/").await.0, 200);
+    }
+    let m = agent.metrics().await;
+    for needle in [
+        "edge_agent_requests_total{upstream=\"svc\",status=\"200\"} 7",
+        "edge_agent_request_duration_seconds_count{upstream=\"svc\"} 7",
+        "edge_agent_endpoints{upstream=\"svc\",state=\"healthy\"} 1",
+        "edge_agent_discovery_updates_total{source=\"file\"}",
+        "edge_agent_discovery_staleness_seconds{source=\"file\"}",
+    ] {
+        assert!(m.contains(needle), "missing {needle:?} in /metrics:\n{m}");
+    }
+    let up = agent.upstreams().await;
+    let svc = up["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["id"] == "svc")
+        .expect("svc in /upstreams");
+    assert_eq!(svc["balancer"], "roundrobin");
+    assert_eq!(svc["endpoints"][0]["address"], a.addr.to_string());
+    assert_eq!(svc["endpoints"][0]["weight"], 2);
+    assert_eq!(svc["endpoints"][0]["requests"], 7);
+    assert_eq!(svc["endpoints"][0]["in_flight"], 0);
+    assert!(svc["staleness_seconds"].as_f64().is_some());
+    assert!(svc["last_update_unix"].as_u64().unwrap() > 0);
+    let r = client()
+        .get(agent.admin_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn admin_token_protects_everything_but_healthz() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[]);
+    let agent = Agent::spawn(&[
+        ("EDGE_AGENT_REGISTRY", &url),
+        ("EDGE_AGENT_ADMIN_TOKEN", "s3cret"),
+    ]);
+    let c = client();
+    eventually(Duration::from_secs(20), "admin up", || async {
+        c.get(agent.admin_url("/healthz"))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status() == 200)
+    })
+    .await;
+    let r = c.get(agent.admin_url("/upstreams")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .get(agent.admin_url("/upstreams"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        !agent.log_text().contains("s3cret"),
+        "token leaked to the log"
+    );
+}
+
+#[tokio::test]
+async fn configured_routes_and_reload_keep_the_old_config_when_invalid() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("svc", &[(a.addr, 1)])]);
+    let cfg = dir.path().join("agent.toml");
+    let good = |prefix: &str| {
+        format!(
+            "[[upstream]]\nid = \"api\"\nservice = \"svc\"\n\
+             [[upstream]]\nid = \"fixed\"\nnodes = [{{ addr = \"{}\" }}]\n\
+             [[route]]\nhost = \"api.example\"\nupstream = \"api\"\n\
+             [[route]]\npath_prefix = \"{prefix}\"\nupstream = \"fixed\"\n",
+            b.addr
+        )
+    };
+    std::fs::write(&cfg, good("/v1/")).unwrap();
+    let agent = Agent::start(&[
+        ("EDGE_AGENT_REGISTRY", &url),
+        ("EDGE_AGENT_CONFIG", cfg.to_str().unwrap()),
+    ])
+    .await;
+    assert_eq!(agent.get("api.example", "/").await.1, "a");
+    let (status, backend, body) = agent.get("127.0.0.1", "/v1/x").await;
+    assert_eq!(
+        (status, backend.as_str(), body.as_str()),
+        (200, "b", "b /x")
+    );
+    // With routes configured, zero-config names do not route.
+    assert_eq!(agent.get("svc", "/").await.0, 404);
+
+    // A valid change is applied on SIGHUP (and by the file watcher).
+    std::fs::write(&cfg, good("/v2/")).unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually(Duration::from_secs(5), "the new route", || async {
+        (agent.get("127.0.0.1", "/v2/x").await.0 == 200).then_some(())
+    })
+    .await;
+    // An invalid one is refused: the old config keeps serving.
+    std::fs::write(&cfg, "[[route]]\nhost = \"x\"\nupstream = \"ghost\"\n").unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually(
+        Duration::from_secs(5),
+        "the refused reload to be counted",
+        || async {
+            agent
+                .metrics()
+                .await
+                .contains("edge_agent_config_reloads_total{result=\"error\"}")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(agent.get("127.0.0.1", "/v2/x").await.0, 200);
+    assert_eq!(agent.get("api.example", "/").await.1, "a");
+    assert!(
+        agent.log_text().contains("ghost"),
+        "the log names the bad field"
+    );
+}
+
+#[tokio::test]
+async fn the_proxy_never_dials_what_the_request_names() {
+    let a = Backend::start("a").await;
+    let victim = Backend::start("victim").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("svc", &[(a.addr, 1)])]);
+    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", &url)]).await;
+    // Host header naming an address.
+    let (status, _, _) = agent.get(&victim.addr.to_string(), "/").await;
+    assert_eq!(status, 404);
+    // Absolute-form request target naming an address.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(agent.proxy).await.unwrap();
+    let req = format!(
+        "GET http://{0}/ HTTP/1.1\r\nHost: {0}\r\nConnection: close\r\n\r\n",
+        victim.addr
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+    assert_eq!(victim.hits(), 0, "the victim was dialled");
+}
