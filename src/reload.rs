@@ -80,10 +80,10 @@ fn watch(path: PathBuf, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatch
     };
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
-            if ev.kind.is_modify() || ev.kind.is_create() {
-                if ev.paths.iter().any(|p| p.file_name() == Some(&name)) {
-                    let _ = tx.try_send(());
-                }
+            if (ev.kind.is_modify() || ev.kind.is_create())
+                && ev.paths.iter().any(|p| p.file_name() == Some(&name))
+            {
+                let _ = tx.try_send(());
             }
         }
     })

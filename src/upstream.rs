@@ -194,13 +194,10 @@ impl Table {
                     continue;
                 }
                 let strip = match &r.path_prefix {
-                    Some(p) if path.starts_with(&**p) => {
-                        if r.strip_prefix {
-                            p.trim_end_matches('/').len()
-                        } else {
-                            0
-                        }
+                    Some(p) if path.starts_with(&**p) && r.strip_prefix => {
+                        p.trim_end_matches('/').len()
                     }
+                    Some(p) if path.starts_with(&**p) => 0,
                     Some(_) => continue,
                     None => 0,
                 };
