@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+pub mod eureka;
 pub mod file;
 
 /// One instance of a service as a registry reports it.
@@ -188,7 +189,7 @@ pub trait Discovery: Send + Sync + 'static {
 pub enum SourceError {
     #[error("registry URL {url:?}: {reason}")]
     Invalid { url: String, reason: String },
-    #[error("registry URL {url:?}: scheme {scheme:?} is not supported (supported: file)")]
+    #[error("registry URL {url:?}: scheme {scheme:?} is not supported (supported: file, eureka)")]
     Unsupported { url: String, scheme: String },
 }
 
@@ -198,6 +199,7 @@ pub fn from_url(url: &str) -> Result<Arc<dyn Discovery>, SourceError> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
         "file" => Ok(Arc::new(file::FileDiscovery::from_url(url)?)),
+        "eureka" | "eureka+https" => Ok(Arc::new(eureka::EurekaDiscovery::from_url(url)?)),
         "" => Err(SourceError::Invalid {
             url: url.to_string(),
             reason: "expected scheme://…, e.g. file:///etc/edge-agent/services.toml".into(),
