@@ -334,13 +334,14 @@ instances = [{ addr = "127.0.0.1:8081" }, { addr = "not-an-address" }, { addr = 
         assert_eq!(first["a"][0].port, 1000);
 
         std::fs::write(&path, "[[service]]\nname = \"a\"\ninstances = [{ addr = ").unwrap();
-        // The garbage yields an error event, never a snapshot.
+        // The garbage yields an error event, never a snapshot of anything new.
         loop {
             match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
                 Ok(Some((_, Event::Error { kind, .. }))) => {
                     assert_eq!(kind, ErrorKind::Parse);
                     break;
                 }
+                Ok(Some((_, Event::Snapshot(s)))) => assert_eq!(s, first),
                 other => panic!("expected a parse error, got {other:?}"),
             }
         }
