@@ -10,6 +10,9 @@
 #   EUREKA_JAVA_OPTS   extra JVM options (word-split), e.g. "-Xmx256m"; placed
 #                      after our -D flags, so a -Dkey=value here wins too.
 #   JAVA               java binary (default: java on PATH).
+#   EUREKA_PARENT_PID  if set, a watchdog stops the server (SIGTERM) within
+#                      about 1 s of that process exiting, so a test binary that
+#                      keeps its server in a static (never dropped) leaks no JVM.
 # Extra arguments are passed to Spring Boot as command-line args, e.g.
 #   --logging.level.root=WARN  --eureka.server.eviction-interval-timer-in-ms=500
 # Our settings below are JVM system properties (-D...), which Spring Boot ranks
@@ -38,6 +41,17 @@ fi
 
 url="http://127.0.0.1:${EUREKA_PORT}/eureka/"
 retention_ms="${EUREKA_DELTA_RETENTION_MS:-30000}"
+
+if [[ -n "${EUREKA_PARENT_PID:-}" ]]; then
+  # $$ is this shell's PID, which the exec below hands to the JVM.
+  server_pid=$$
+  (
+    while kill -0 "$EUREKA_PARENT_PID" 2>/dev/null && kill -0 "$server_pid" 2>/dev/null; do
+      sleep 1
+    done
+    kill -TERM "$server_pid" 2>/dev/null || true
+  ) </dev/null >/dev/null 2>&1 &
+fi
 
 # shellcheck disable=SC2086
 exec "${JAVA:-java}" \
