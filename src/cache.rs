@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::balancer;
 use crate::config::{Dynamic, UpstreamConfig, UpstreamSettings};
+use crate::health::{self, Health};
 use crate::metrics::{self as m, UpstreamMetrics};
 use crate::proxy;
 use crate::upstream::{
@@ -371,6 +372,8 @@ impl Cache {
                     settings: settings.clone(),
                     client: proxy::new_client(settings),
                     metrics: UpstreamMetrics::new(id),
+                    panic: Default::default(),
+                    retry_tokens: proxy::RETRY_BUDGET_RESERVE.into(),
                 });
                 self.runtimes.insert(id.to_string(), rt.clone());
                 rt
@@ -395,6 +398,13 @@ impl Cache {
                 }
             }
         }
+        // Endpoints in an upstream's first set start at full weight; later joiners slow-start.
+        let first_build = !self.states.contains_key(id);
+        let joined = if first_build { 0 } else { health::now_ms() };
+        let initially_unhealthy = settings
+            .active
+            .as_ref()
+            .is_some_and(|a| a.initially_unhealthy);
         let old_states = self.states.remove(id).unwrap_or_default();
         let mut states = HashMap::with_capacity(found.len());
         let mut endpoints = Vec::with_capacity(found.len());
@@ -404,7 +414,9 @@ impl Cache {
             if states.contains_key(&key) {
                 continue; // the same endpoint from two sources: keep the first
             }
-            let state = old_states.get(&key).cloned().unwrap_or_default();
+            let state = old_states.get(&key).cloned().unwrap_or_else(|| {
+                Arc::new(EndpointState::new(Health::new(initially_unhealthy, joined)))
+            });
             states.insert(key, state.clone());
             endpoints.push(Endpoint { state, ..probe });
         }

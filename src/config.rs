@@ -58,6 +58,25 @@ pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_RETRIES: u32 = 1;
 /// How long in-flight requests may finish after SIGTERM before the agent exits.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Budget for all tries of one request.
+pub const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_secs(60);
+/// `ewma` decay: how fast old latency observations fade.
+pub const DEFAULT_EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Consecutive failures that eject an endpoint.
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+/// First ejection; doubled on each repeat.
+pub const DEFAULT_BASE_EJECTION_TIME: Duration = Duration::from_secs(30);
+/// Longest ejection.
+pub const DEFAULT_MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+/// Most of an upstream that passive health may eject, percent.
+pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 50;
+/// Healthy share below which an upstream balances over all endpoints, percent.
+pub const DEFAULT_PANIC_THRESHOLD: u32 = 50;
+/// Active probe defaults.
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
 /// Upper bound for `retries`: more is a retry storm, not resilience.
 pub const MAX_RETRIES: u32 = 10;
 
@@ -172,6 +191,51 @@ pub struct UpstreamFile {
     pub connect_timeout: Option<String>,
     pub read_timeout: Option<String>,
     pub retries: Option<u32>,
+    /// Overall time budget for all tries of one request.
+    pub retry_timeout: Option<String>,
+    /// `chash` key: `header:<name>`, `cookie:<name>`, `arg:<name>`, `ip` or `path`.
+    pub hash_on: Option<String>,
+    /// `ewma` decay time.
+    pub ewma_decay: Option<String>,
+    /// Ramp new endpoints' share up over this window.
+    pub slow_start: Option<String>,
+    pub checks: Option<ChecksFile>,
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksFile {
+    pub passive: Option<PassiveFile>,
+    pub active: Option<ActiveFile>,
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveFile {
+    pub enabled: Option<bool>,
+    pub consecutive_failures: Option<u32>,
+    /// Statuses counted as failures (default: every 5xx).
+    pub failure_statuses: Option<Vec<u16>>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<u32>,
+    pub panic_threshold: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveFile {
+    /// `http` (default) or `tcp`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    pub expected_statuses: Option<Vec<u16>>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
+    pub initially_unhealthy: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -238,6 +302,14 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub retries: u32,
+    /// Budget for all tries of one request together.
+    pub retry_timeout: Duration,
+    /// The `chash` key; `None` for other balancers.
+    pub hash_on: Option<HashOn>,
+    pub ewma_decay: Duration,
+    pub slow_start: Option<Duration>,
+    pub passive: PassiveHealth,
+    pub active: Option<ActiveHealth>,
 }
 
 impl UpstreamSettings {
@@ -247,8 +319,90 @@ impl UpstreamSettings {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             read_timeout: DEFAULT_READ_TIMEOUT,
             retries: DEFAULT_RETRIES,
+            retry_timeout: DEFAULT_RETRY_TIMEOUT,
+            hash_on: None,
+            ewma_decay: DEFAULT_EWMA_DECAY,
+            slow_start: None,
+            passive: PassiveHealth::default(),
+            active: None,
         }
     }
+}
+
+/// Where `chash` takes its key from (APISIX's `hash_on` choices).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HashOn {
+    Header(http::HeaderName),
+    Cookie(String),
+    Arg(String),
+    Ip,
+    Path,
+}
+
+impl HashOn {
+    pub fn parse(s: &str) -> Result<HashOn, String> {
+        let s = s.trim();
+        let (kind, name) = match s.split_once(':') {
+            Some((k, n)) => (k, Some(n.trim())),
+            None => (s, None),
+        };
+        match (kind, name) {
+            ("ip", None) => Ok(HashOn::Ip),
+            ("path", None) => Ok(HashOn::Path),
+            ("header", Some(n)) if !n.is_empty() => http::HeaderName::try_from(n)
+                .map(HashOn::Header)
+                .map_err(|_| format!("{n:?} is not a header name")),
+            ("cookie", Some(n)) if !n.is_empty() => Ok(HashOn::Cookie(n.to_string())),
+            ("arg", Some(n)) if !n.is_empty() => Ok(HashOn::Arg(n.to_string())),
+            _ => Err("expected header:<name>, cookie:<name>, arg:<name>, ip or path".into()),
+        }
+    }
+}
+
+/// Passive health (outlier ejection), Envoy-style.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PassiveHealth {
+    pub enabled: bool,
+    /// Consecutive failures that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// Statuses counted as failures; empty means every 5xx.
+    pub failure_statuses: Vec<u16>,
+    /// First ejection time; each repeat ejection doubles it, up to `max_ejection_time`.
+    pub base_ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    /// Never eject more than this share (percent) of an upstream's endpoints.
+    pub max_ejection_percent: u32,
+    /// Below this share (percent) of healthy endpoints, balance over all of them (panic mode).
+    pub panic_threshold: u32,
+}
+
+impl Default for PassiveHealth {
+    fn default() -> Self {
+        PassiveHealth {
+            enabled: true,
+            consecutive_failures: DEFAULT_CONSECUTIVE_FAILURES,
+            failure_statuses: Vec::new(),
+            base_ejection_time: DEFAULT_BASE_EJECTION_TIME,
+            max_ejection_time: DEFAULT_MAX_EJECTION_TIME,
+            max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
+            panic_threshold: DEFAULT_PANIC_THRESHOLD,
+        }
+    }
+}
+
+/// Active health probes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ActiveHealth {
+    /// `None`: TCP connect only. `Some(path)`: HTTP GET of that path.
+    pub http_path: Option<String>,
+    pub host: Option<String>,
+    /// Statuses that count as healthy; empty means 200–399.
+    pub expected_statuses: Vec<u16>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    pub initially_unhealthy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -489,6 +643,33 @@ fn upstreams(
             }
             settings.retries = r.min(MAX_RETRIES);
         }
+        if let Some(v) = &u.retry_timeout {
+            settings.retry_timeout =
+                duration(&format!("{at}.retry_timeout"), v, errs).unwrap_or(DEFAULT_RETRY_TIMEOUT);
+        }
+        if let Some(v) = &u.ewma_decay {
+            settings.ewma_decay =
+                duration(&format!("{at}.ewma_decay"), v, errs).unwrap_or(DEFAULT_EWMA_DECAY);
+        }
+        if let Some(v) = &u.slow_start {
+            settings.slow_start = duration(&format!("{at}.slow_start"), v, errs);
+        }
+        match (&u.hash_on, balancer.as_str()) {
+            (Some(h), _) => match HashOn::parse(h) {
+                Ok(h) => settings.hash_on = Some(h),
+                Err(e) => errs.push(format!("{at}.hash_on = {h:?}: {e}")),
+            },
+            (None, "chash") => settings.hash_on = Some(HashOn::Ip),
+            _ => {}
+        }
+        if let Some(c) = &u.checks {
+            if let Some(p) = &c.passive {
+                settings.passive = passive(&at, p, errs);
+            }
+            if let Some(a) = &c.active {
+                settings.active = Some(active(&at, a, errs));
+            }
+        }
         let mut nodes = Vec::with_capacity(u.nodes.len());
         for (j, n) in u.nodes.iter().enumerate() {
             match n.addr.trim().parse::<SocketAddr>() {
@@ -526,6 +707,132 @@ fn upstreams(
         });
     }
     out
+}
+
+fn percent(name: String, v: Option<u32>, default: u32, errs: &mut Vec<String>) -> u32 {
+    match v {
+        Some(p) if p > 100 => {
+            errs.push(format!("{name} = {p}: a percentage, 0 to 100"));
+            default
+        }
+        Some(p) => p,
+        None => default,
+    }
+}
+
+fn statuses(name: String, v: &Option<Vec<u16>>, errs: &mut Vec<String>) -> Vec<u16> {
+    let list = v.clone().unwrap_or_default();
+    if let Some(bad) = list.iter().find(|s| !(100..=599).contains(*s)) {
+        errs.push(format!("{name}: {bad} is not an HTTP status"));
+    }
+    list
+}
+
+fn passive(at: &str, p: &PassiveFile, errs: &mut Vec<String>) -> PassiveHealth {
+    let d = PassiveHealth::default();
+    let at = format!("{at}.checks.passive");
+    let consecutive_failures = match p.consecutive_failures {
+        Some(0) => {
+            errs.push(format!("{at}.consecutive_failures = 0: must be at least 1"));
+            d.consecutive_failures
+        }
+        Some(n) => n,
+        None => d.consecutive_failures,
+    };
+    let base = p
+        .base_ejection_time
+        .as_ref()
+        .and_then(|v| duration(&format!("{at}.base_ejection_time"), v, errs))
+        .unwrap_or(d.base_ejection_time);
+    let max = p
+        .max_ejection_time
+        .as_ref()
+        .and_then(|v| duration(&format!("{at}.max_ejection_time"), v, errs))
+        .unwrap_or(d.max_ejection_time.max(base));
+    if max < base {
+        errs.push(format!(
+            "{at}.max_ejection_time = {max:?}: shorter than base_ejection_time {base:?}"
+        ));
+    }
+    PassiveHealth {
+        enabled: p.enabled.unwrap_or(true),
+        consecutive_failures,
+        failure_statuses: statuses(format!("{at}.failure_statuses"), &p.failure_statuses, errs),
+        base_ejection_time: base,
+        max_ejection_time: max,
+        max_ejection_percent: percent(
+            format!("{at}.max_ejection_percent"),
+            p.max_ejection_percent,
+            d.max_ejection_percent,
+            errs,
+        ),
+        panic_threshold: percent(
+            format!("{at}.panic_threshold"),
+            p.panic_threshold,
+            d.panic_threshold,
+            errs,
+        ),
+    }
+}
+
+fn active(at: &str, a: &ActiveFile, errs: &mut Vec<String>) -> ActiveHealth {
+    let at = format!("{at}.checks.active");
+    let http_path = match a.kind.as_deref().unwrap_or("http") {
+        "http" => {
+            let p = a.path.clone().unwrap_or_else(|| "/".into());
+            if !p.starts_with('/') {
+                errs.push(format!("{at}.path = {p:?}: must start with '/'"));
+            }
+            Some(p)
+        }
+        "tcp" => None,
+        other => {
+            errs.push(format!(
+                "{at}.type = {other:?}: expected \"http\" or \"tcp\""
+            ));
+            None
+        }
+    };
+    let threshold = |name: &str, v: Option<u32>, d: u32, errs: &mut Vec<String>| match v {
+        Some(0) => {
+            errs.push(format!("{at}.{name} = 0: must be at least 1"));
+            d
+        }
+        Some(n) => n,
+        None => d,
+    };
+    ActiveHealth {
+        http_path,
+        host: a.host.clone(),
+        expected_statuses: statuses(
+            format!("{at}.expected_statuses"),
+            &a.expected_statuses,
+            errs,
+        ),
+        interval: a
+            .interval
+            .as_ref()
+            .and_then(|v| duration(&format!("{at}.interval"), v, errs))
+            .unwrap_or(DEFAULT_CHECK_INTERVAL),
+        timeout: a
+            .timeout
+            .as_ref()
+            .and_then(|v| duration(&format!("{at}.timeout"), v, errs))
+            .unwrap_or(DEFAULT_CHECK_TIMEOUT),
+        healthy_threshold: threshold(
+            "healthy_threshold",
+            a.healthy_threshold,
+            DEFAULT_HEALTHY_THRESHOLD,
+            errs,
+        ),
+        unhealthy_threshold: threshold(
+            "unhealthy_threshold",
+            a.unhealthy_threshold,
+            DEFAULT_UNHEALTHY_THRESHOLD,
+            errs,
+        ),
+        initially_unhealthy: a.initially_unhealthy.unwrap_or(false),
+    }
 }
 
 fn routes(raw: &[RouteFile], ups: &[UpstreamConfig], errs: &mut Vec<String>) -> Vec<RouteConfig> {
@@ -645,6 +952,37 @@ mod tests {
         // A negative number is refused by the parser, with the line.
         let e = err_of("[[upstream]]\nid = \"a\"\nretries = -1\n");
         assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn health_and_hash_fields_are_validated_by_name() {
+        let e = err_of(
+            "[[upstream]]\nid = \"a\"\nbalancer = \"roundrobin\"\nhash_on = \"header:\"\n\
+             [upstream.checks.passive]\nmax_ejection_percent = 150\nconsecutive_failures = 0\n\
+             [upstream.checks.active]\ntype = \"udp\"\ninterval = \"soon\"\n",
+        );
+        for needle in [
+            "upstream[0].hash_on = \"header:\"",
+            "upstream[0].checks.passive.max_ejection_percent = 150",
+            "upstream[0].checks.passive.consecutive_failures = 0",
+            "upstream[0].checks.active.type = \"udp\"",
+            "upstream[0].checks.active.interval=\"soon\"",
+        ] {
+            assert!(e.contains(needle), "missing {needle:?} in {e}");
+        }
+        let c = load_toml(
+            "[[upstream]]\nid = \"a\"\nhash_on = \"cookie:sid\"\nslow_start = \"30s\"\n\
+             [upstream.checks.active]\npath = \"/health\"\ninterval = \"1s\"\n",
+        )
+        .unwrap();
+        let s = &c.dynamic.upstreams[0].settings;
+        assert_eq!(s.hash_on, Some(HashOn::Cookie("sid".into())));
+        assert_eq!(s.slow_start, Some(Duration::from_secs(30)));
+        assert_eq!(
+            s.active.as_ref().unwrap().http_path.as_deref(),
+            Some("/health")
+        );
+        assert!(s.passive.enabled);
     }
 
     #[test]

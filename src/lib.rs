@@ -15,6 +15,7 @@ pub mod balancer;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
@@ -71,6 +72,8 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     }
     drop(event_tx);
     tokio::spawn(cache.run(event_rx, control_rx));
+    tokio::spawn(health::sweep_loop(shared.clone()));
+    tokio::spawn(health::probe_loop(shared.clone()));
     tokio::spawn(reload::run(cli, config.clone(), control_tx));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

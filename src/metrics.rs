@@ -18,6 +18,10 @@ pub const DISCOVERY_STALENESS: &str = "edge_agent_discovery_staleness_seconds";
 pub const RETRIES_TOTAL: &str = "edge_agent_retries_total";
 pub const CONFIG_RELOADS: &str = "edge_agent_config_reloads_total";
 pub const UPSTREAM_ERRORS: &str = "edge_agent_upstream_errors_total";
+pub const UPSTREAM_PANIC: &str = "edge_agent_upstream_panic";
+pub const EJECTIONS: &str = "edge_agent_ejections_total";
+pub const RETRY_BUDGET_EXHAUSTED: &str = "edge_agent_retry_budget_exhausted_total";
+pub const CHASH_FALLBACK: &str = "edge_agent_chash_fallback_total";
 
 /// Histogram buckets for request duration, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -79,6 +83,9 @@ pub struct UpstreamMetrics {
     upstream: String,
     duration: Histogram,
     retries: Counter,
+    ejections: Counter,
+    budget_exhausted: Counter,
+    chash_fallback: Counter,
     by_status: [OnceLock<Counter>; COMMON.len()],
 }
 
@@ -88,6 +95,9 @@ impl UpstreamMetrics {
             upstream: upstream.to_string(),
             duration: metrics::histogram!(REQUEST_DURATION, "upstream" => upstream.to_string()),
             retries: metrics::counter!(RETRIES_TOTAL, "upstream" => upstream.to_string()),
+            ejections: metrics::counter!(EJECTIONS, "upstream" => upstream.to_string()),
+            budget_exhausted: metrics::counter!(RETRY_BUDGET_EXHAUSTED, "upstream" => upstream.to_string()),
+            chash_fallback: metrics::counter!(CHASH_FALLBACK, "upstream" => upstream.to_string()),
             by_status: Default::default(),
         }
     }
@@ -109,6 +119,19 @@ impl UpstreamMetrics {
 
     pub fn retry(&self) {
         self.retries.increment(1);
+    }
+
+    pub fn ejection(&self) {
+        self.ejections.increment(1);
+    }
+
+    pub fn retry_budget_exhausted(&self) {
+        self.budget_exhausted.increment(1);
+    }
+
+    /// A `chash` request without its key, balanced round robin instead.
+    pub fn chash_fallback(&self) {
+        self.chash_fallback.increment(1);
     }
 
     pub fn upstream_error(&self, kind: &'static str) {

@@ -5,13 +5,20 @@
 //! Only endpoints that discovery produced are ever dialled: the Host header and an absolute URI
 //! only *name* a service, they are never a destination.
 //!
-//! Retries: a request without a body is retried on another endpoint when the connection could
-//! not be made, up to the upstream's `retries`. A request with a body is never retried here
-//! (its body is streamed and cannot be replayed). To retry, the request head is cloned before
-//! the first try; hyper's pooled client consumes a request even when it never reached the wire.
+//! Retries: a request without a body is retried on another endpoint, up to the upstream's
+//! `retries` and within `retry_timeout`, when the connection could not be made and, for
+//! idempotent methods, when the connection failed before a response or the answer was 502, 503
+//! or 504. A request with a body is never retried (its body is streamed and cannot be
+//! replayed). A retry budget per upstream (20% of requests plus a small reserve) stops retry
+//! storms. To retry, the request head is cloned before the first try; hyper's pooled client
+//! consumes a request even when it never reached the wire.
+//!
+//! Every try feeds back: latency into the endpoint's EWMA, success or failure into passive
+//! health (`health.rs`).
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -27,12 +34,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::balancer::PickContext;
+use crate::balancer::{chash, PickContext};
 use crate::cache::Shared;
 use crate::config::UpstreamSettings;
 use crate::error::ProxyError;
+use crate::health::{self, Outcome};
 use crate::metrics as m;
-use crate::upstream::{Endpoint, InFlight, Upstream};
+use crate::upstream::{Endpoint, InFlight, Upstream, UpstreamRuntime};
 
 /// Request body sent upstream: the client's, or empty for a replayed body-less request.
 pub type ReqBody = Either<Incoming, Empty<Bytes>>;
@@ -112,8 +120,8 @@ impl Proxy {
         let resp = match self.forward(&upstream, req, strip, peer).await {
             Ok(resp) => resp,
             Err(e) => {
-                if let Some(kind) = e.upstream_kind() {
-                    upstream.runtime.metrics.upstream_error(kind);
+                if matches!(e, ProxyError::NoEndpoint) {
+                    upstream.runtime.metrics.upstream_error("no_endpoint");
                 }
                 tracing::debug!(upstream = %upstream.id, error = %e, "request failed");
                 text(e.status(), e.body(&upstream.id))
@@ -134,20 +142,40 @@ impl Proxy {
         peer: &Peer,
     ) -> Result<Response<RespBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
+        let settings = upstream.settings();
+        let runtime = &upstream.runtime;
+        let started = Instant::now();
+        let deadline = started + settings.retry_timeout;
+        let ctx = PickContext {
+            client_ip: peer.ip,
+            key: settings
+                .hash_on
+                .as_ref()
+                .and_then(|h| chash::request_key(h, &parts.headers, &parts.uri, peer.ip)),
+            now_ms: health::now_ms(),
+            panic: runtime.panic.load(Ordering::Relaxed),
+            slow_start: settings.slow_start,
+        };
         let path_and_query = rewrite_path(&parts.uri, strip)?;
         prepare_request_headers(&mut parts.headers, peer);
-        let settings = upstream.settings();
+        deposit_retry_token(runtime);
         let replayable = body.is_end_stream();
         let max_tries = if replayable { 1 + settings.retries } else { 1 };
         let mut body = if replayable { None } else { Some(body) };
-        let ctx = PickContext {
-            client_ip: peer.ip,
-            key: None,
-        };
         let mut last = ProxyError::NoEndpoint;
+        let mut last_response = None;
         for (attempt, ep) in (1..=max_tries).zip(upstream.candidates(ctx)) {
             if attempt > 1 {
-                upstream.runtime.metrics.retry();
+                if !withdraw_retry_token(runtime) {
+                    runtime.metrics.retry_budget_exhausted();
+                    break;
+                }
+                runtime.metrics.retry();
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                last = ProxyError::Timeout;
+                break;
             }
             let last_try = attempt == max_tries;
             let mut out = Request::new(match body.take() {
@@ -161,10 +189,44 @@ impl Proxy {
             } else {
                 parts.headers.clone()
             };
-            match self.send(upstream, ep, out).await {
-                Ok(resp) => return Ok(resp),
+            let t0 = Instant::now();
+            let result = self
+                .send(upstream, ep, out, remaining.min(settings.read_timeout))
+                .await;
+            let now = health::now_ms();
+            match result {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let failed = health::failed_status(&settings.passive, status);
+                    if failed {
+                        ep.state.record_failure();
+                        ep.state
+                            .ewma
+                            .failure(t0.elapsed(), now, settings.ewma_decay);
+                        health::record(upstream, ep, Outcome::Failure, now);
+                    } else {
+                        ep.state
+                            .ewma
+                            .observe(t0.elapsed(), now, settings.ewma_decay);
+                        health::record(upstream, ep, Outcome::Success, now);
+                    }
+                    // A gateway error from an idempotent request is worth another endpoint.
+                    if !last_try && matches!(status, 502..=504) && idempotent(&parts.method) {
+                        tracing::debug!(upstream = %upstream.id, endpoint = %ep.authority, status, attempt, "retrying after gateway error");
+                        last_response = Some(resp);
+                        continue;
+                    }
+                    return Ok(resp);
+                }
                 Err(e) => {
                     ep.state.record_failure();
+                    ep.state
+                        .ewma
+                        .failure(t0.elapsed(), now, settings.ewma_decay);
+                    health::record(upstream, ep, Outcome::Failure, now);
+                    if let Some(kind) = e.upstream_kind() {
+                        runtime.metrics.upstream_error(kind);
+                    }
                     tracing::debug!(upstream = %upstream.id, endpoint = %ep.authority, error = %e, attempt, "upstream attempt failed");
                     let retry = e.retryable(&parts.method);
                     last = e;
@@ -174,7 +236,10 @@ impl Proxy {
                 }
             }
         }
-        Err(last)
+        match last_response {
+            Some(resp) => Ok(resp),
+            None => Err(last),
+        }
     }
 
     async fn send(
@@ -182,17 +247,14 @@ impl Proxy {
         upstream: &Upstream,
         ep: &Endpoint,
         req: Request<ReqBody>,
+        timeout: Duration,
     ) -> Result<Response<RespBody>, ProxyError> {
         let guard = InFlight::start(&ep.state);
-        let settings = upstream.settings();
-        let resp =
-            match tokio::time::timeout(settings.read_timeout, upstream.runtime.client.request(req))
-                .await
-            {
-                Ok(Ok(resp)) => resp,
-                Ok(Err(e)) => return Err(ProxyError::from_client(e)),
-                Err(_) => return Err(ProxyError::Timeout),
-            };
+        let resp = match tokio::time::timeout(timeout, upstream.runtime.client.request(req)).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => return Err(ProxyError::from_client(e)),
+            Err(_) => return Err(ProxyError::Timeout),
+        };
         let (mut parts, body) = resp.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(
@@ -202,6 +264,30 @@ impl Proxy {
                 _in_flight: guard,
             }),
         ))
+    }
+}
+
+/// Each request adds this many hundredths of a retry to its upstream's budget: retries may be
+/// at most 20% of requests (plus the reserve), so a failing upstream cannot triple its load.
+pub const RETRY_BUDGET_RATIO: i64 = 20;
+/// The budget a new upstream starts with, in hundredths of a retry (10 retries).
+pub const RETRY_BUDGET_RESERVE: i64 = 1_000;
+/// Most the budget can hold (100 retries), so a long quiet spell does not bank a storm.
+pub const RETRY_BUDGET_MAX: i64 = 10_000;
+
+fn deposit_retry_token(rt: &UpstreamRuntime) {
+    if rt.retry_tokens.load(Ordering::Relaxed) < RETRY_BUDGET_MAX {
+        rt.retry_tokens
+            .fetch_add(RETRY_BUDGET_RATIO, Ordering::Relaxed);
+    }
+}
+
+fn withdraw_retry_token(rt: &UpstreamRuntime) -> bool {
+    if rt.retry_tokens.fetch_sub(100, Ordering::Relaxed) >= 100 {
+        true
+    } else {
+        rt.retry_tokens.fetch_add(100, Ordering::Relaxed);
+        false
     }
 }
 

@@ -6,15 +6,17 @@
 //! identity and is handed from one snapshot to the next, so a registry change that adds one
 //! instance leaves the others' state, and their pooled connections, untouched.
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use discovery::Instance;
 use http::uri::Authority;
 
+use crate::balancer::ewma::PeakEwma;
 use crate::balancer::{Balancer, Candidates, PickContext};
 use crate::config::UpstreamSettings;
+use crate::health::Health;
 use crate::metrics::UpstreamMetrics;
 use crate::proxy::HttpClient;
 
@@ -31,9 +33,20 @@ pub struct EndpointState {
     in_flight: AtomicU64,
     requests: AtomicU64,
     failures: AtomicU64,
+    /// Latency estimate for the `ewma` balancer.
+    pub ewma: PeakEwma,
+    /// Passive and active health verdicts.
+    pub health: Health,
 }
 
 impl EndpointState {
+    pub fn new(health: Health) -> Self {
+        EndpointState {
+            health,
+            ..Default::default()
+        }
+    }
+
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -103,9 +116,29 @@ impl Endpoint {
         }
     }
 
-    /// Whether the endpoint may take traffic now.
+    /// Whether the endpoint may take traffic as far as the registry and the agent's health
+    /// checks are concerned (slow start aside).
     pub fn available(&self) -> bool {
-        self.healthy && self.weight > 0
+        self.healthy && self.weight > 0 && self.state.health.is_up()
+    }
+
+    /// Whether a balancer may pick the endpoint for this request: registry-healthy with weight,
+    /// up by the agent's checks (unless the upstream is in panic mode), and admitted by slow
+    /// start.
+    #[inline]
+    pub fn usable(&self, ctx: &PickContext) -> bool {
+        self.healthy
+            && self.weight > 0
+            && (ctx.panic || self.state.health.is_up())
+            && (self.state.health.joined_ms == 0 || self.admitted(ctx))
+    }
+
+    fn admitted(&self, ctx: &PickContext) -> bool {
+        let f = self
+            .state
+            .health
+            .slow_start_factor(ctx.now_ms, ctx.slow_start);
+        f >= 1.0 || rand::random::<f64>() < f
     }
 }
 
@@ -115,6 +148,10 @@ pub struct UpstreamRuntime {
     pub settings: UpstreamSettings,
     pub client: HttpClient,
     pub metrics: UpstreamMetrics,
+    /// Panic mode (set by the health sweeper).
+    pub panic: AtomicBool,
+    /// Retry budget, in hundredths of a retry (see `proxy`).
+    pub retry_tokens: AtomicI64,
 }
 
 /// One upstream in a snapshot.

@@ -13,6 +13,8 @@ use std::net::IpAddr;
 use crate::config::UpstreamSettings;
 use crate::upstream::Endpoint;
 
+pub mod chash;
+pub mod ewma;
 pub mod roundrobin;
 
 /// Picks endpoints for one upstream.
@@ -46,6 +48,12 @@ pub struct PickContext {
     /// Hash of the request's balancing key, when the upstream hashes on one and the request has
     /// it.
     pub key: Option<u64>,
+    /// Process-clock milliseconds ([`crate::health::now_ms`]) when the pick started.
+    pub now_ms: u64,
+    /// Panic mode: the agent's own health verdicts are ignored (too few endpoints are healthy).
+    pub panic: bool,
+    /// The upstream's slow-start window.
+    pub slow_start: Option<std::time::Duration>,
 }
 
 /// Indices already tried for one request. Holds a few inline; retries are few.
@@ -133,6 +141,9 @@ pub(crate) mod testing {
         PickContext {
             client_ip: IpAddr::from([127, 0, 0, 1]),
             key: None,
+            now_ms: 0,
+            panic: false,
+            slow_start: None,
         }
     }
 }

@@ -78,7 +78,7 @@ fn gcd(a: u64, b: u64) -> u64 {
 }
 
 impl Balancer for RoundRobin {
-    fn next(&self, endpoints: &[Endpoint], _ctx: &PickContext, tried: &Tried) -> Option<usize> {
+    fn next(&self, endpoints: &[Endpoint], ctx: &PickContext, tried: &Tried) -> Option<usize> {
         let len = self.schedule.len();
         if len == 0 {
             return None;
@@ -86,7 +86,7 @@ impl Balancer for RoundRobin {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..len)
             .map(|step| self.schedule[(start.wrapping_add(step)) % len] as usize)
-            .find(|&i| !tried.contains(i) && endpoints.get(i).is_some_and(Endpoint::available))
+            .find(|&i| !tried.contains(i) && endpoints.get(i).is_some_and(|e| e.usable(ctx)))
     }
 }
 
