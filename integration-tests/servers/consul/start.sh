@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Start a single-node dev-mode Consul server in the FOREGROUND (exec), bound to
+# 127.0.0.1 only. The caller's child PID becomes consul's PID: kill it to stop.
+#
+# Environment:
+#   CONSUL_HTTP_PORT      required: HTTP API port on 127.0.0.1
+#   CONSUL_BIN            optional: consul binary (default: output of ./install.sh)
+#   CONSUL_DATA_DIR       optional: -data-dir (default: none, dev mode keeps state in memory)
+#   CONSUL_ACL_TOKEN      optional: enable ACLs, default_policy "deny", with this
+#                         token as initial management (and agent) token.
+#                         Allowed characters: A-Z a-z 0-9 . _ - (a UUID is best;
+#                         Consul logs a deprecation warning for non-UUID tokens)
+#   CONSUL_SERVER_PORT    optional: server RPC port (default: picked free)
+#   CONSUL_SERF_LAN_PORT  optional: serf LAN port, tcp+udp (default: picked free)
+#   CONSUL_SERF_WAN_PORT  optional: serf WAN port, tcp+udp (default: picked free)
+#   CONSUL_NODE_NAME      optional: node name (default: edge-agent-consul)
+#   CONSUL_LOG_LEVEL      optional: trace|debug|info|warn|error (default: warn)
+# Extra command-line arguments are appended to `consul agent`.
+#
+# DNS, gRPC and gRPC-TLS are disabled (-1). Ready when
+#   curl -s http://127.0.0.1:$CONSUL_HTTP_PORT/v1/status/leader
+# returns a non-empty string such as "127.0.0.1:PORT".
+set -euo pipefail
+
+die() { printf '[consul-start] ERROR: %s\n' "$*" >&2; exit 1; }
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+
+is_port() { [[ "$1" =~ ^[0-9]+$ ]] && (( $1 >= 1 && $1 <= 65535 )); }
+
+http_port="${CONSUL_HTTP_PORT:-}"
+[[ -n "$http_port" ]] || die "CONSUL_HTTP_PORT is required"
+is_port "$http_port" || die "CONSUL_HTTP_PORT is not a valid port: $http_port"
+
+if [[ -z "${CONSUL_BIN:-}" ]]; then
+    CONSUL_BIN="$("${here}/install.sh")" || die "install.sh failed; cannot find a consul binary"
+fi
+[[ -x "$CONSUL_BIN" ]] || die "CONSUL_BIN is not an executable file: $CONSUL_BIN"
+
+# Pick free 127.0.0.1 ports (free for both TCP and UDP; serf uses both).
+# All sockets are held until every port is chosen, so the ports are distinct.
+pick_free_ports() {
+    python3 - "$1" <<'PY'
+import socket, sys
+n = int(sys.argv[1]); held = []; ports = []
+while len(ports) < n:
+    t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    t.bind(("127.0.0.1", 0))
+    p = t.getsockname()[1]
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.bind(("127.0.0.1", p))
+    except OSError:
+        t.close(); u.close(); continue
+    held += [t, u]; ports.append(p)
+print(" ".join(map(str, ports)))
+PY
+}
+
+need=0
+for v in CONSUL_SERVER_PORT CONSUL_SERF_LAN_PORT CONSUL_SERF_WAN_PORT; do
+    if [[ -n "${!v:-}" ]]; then
+        is_port "${!v}" || die "$v is not a valid port: ${!v}"
+    else
+        need=$((need + 1))
+    fi
+done
+free=()
+if (( need > 0 )); then
+    command -v python3 >/dev/null 2>&1 \
+        || die "python3 not found: set CONSUL_SERVER_PORT, CONSUL_SERF_LAN_PORT and CONSUL_SERF_WAN_PORT"
+    read -r -a free <<<"$(pick_free_ports "$need")" || die "could not pick free ports"
+    (( ${#free[@]} == need )) || die "could not pick $need free ports"
+fi
+i=0
+next_free() { printf '%s' "${free[$i]}"; }
+server_port="${CONSUL_SERVER_PORT:-}"
+if [[ -z "$server_port" ]]; then server_port="$(next_free)"; i=$((i + 1)); fi
+serf_lan_port="${CONSUL_SERF_LAN_PORT:-}"
+if [[ -z "$serf_lan_port" ]]; then serf_lan_port="$(next_free)"; i=$((i + 1)); fi
+serf_wan_port="${CONSUL_SERF_WAN_PORT:-}"
+if [[ -z "$serf_wan_port" ]]; then serf_wan_port="$(next_free)"; i=$((i + 1)); fi
+
+args=(
+    agent -dev
+    -bind 127.0.0.1
+    -client 127.0.0.1
+    -node "${CONSUL_NODE_NAME:-edge-agent-consul}"
+    -log-level "${CONSUL_LOG_LEVEL:-warn}"
+    -http-port "$http_port"
+    -server-port "$server_port"
+    -serf-lan-port "$serf_lan_port"
+    -serf-wan-port "$serf_wan_port"
+    -dns-port -1
+    -grpc-port -1
+    -grpc-tls-port -1
+    # No outbound call to HashiCorp's update-check service.
+    -hcl 'disable_update_check = true'
+)
+
+if [[ -n "${CONSUL_DATA_DIR:-}" ]]; then
+    mkdir -p "$CONSUL_DATA_DIR" || die "cannot create CONSUL_DATA_DIR $CONSUL_DATA_DIR"
+    args+=(-data-dir "$CONSUL_DATA_DIR")
+fi
+
+if [[ -n "${CONSUL_ACL_TOKEN:-}" ]]; then
+    [[ "$CONSUL_ACL_TOKEN" =~ ^[A-Za-z0-9._-]+$ ]] \
+        || die "CONSUL_ACL_TOKEN may only contain A-Z a-z 0-9 . _ -"
+    args+=(-hcl "acl {
+  enabled = true
+  default_policy = \"deny\"
+  down_policy = \"extend-cache\"
+  enable_token_persistence = false
+  tokens {
+    initial_management = \"${CONSUL_ACL_TOKEN}\"
+    agent = \"${CONSUL_ACL_TOKEN}\"
+  }
+}")
+fi
+
+printf '[consul-start] %s http=127.0.0.1:%s server=%s serf_lan=%s serf_wan=%s acl=%s\n' \
+    "$CONSUL_BIN" "$http_port" "$server_port" "$serf_lan_port" "$serf_wan_port" \
+    "$([[ -n "${CONSUL_ACL_TOKEN:-}" ]] && echo deny || echo off)" >&2
+
+exec "$CONSUL_BIN" "${args[@]}" "$@"
