@@ -92,6 +92,7 @@ impl Admin {
     pub fn upstreams(&self) -> Value {
         let table = self.shared.table.load();
         let started = self.shared.started;
+        let now = crate::health::now_ms();
         let sources: Vec<Value> = self
             .shared
             .sources
@@ -124,6 +125,7 @@ impl Admin {
                     "service": u.service.as_deref(),
                     "source": kinds.into_iter().collect::<Vec<_>>(),
                     "balancer": u.settings().balancer,
+                    "panic": u.runtime.panic.load(std::sync::atomic::Ordering::Relaxed),
                     "retries": u.settings().retries,
                     "connect_timeout_ms": u.settings().connect_timeout.as_millis() as u64,
                     "read_timeout_ms": u.settings().read_timeout.as_millis() as u64,
@@ -137,6 +139,13 @@ impl Admin {
                         "registry_healthy": e.healthy,
                         "zone": e.zone.as_deref(),
                         "in_flight": e.state.in_flight(),
+                        "ejected": e.state.health.ejected(),
+                        "ejected_for_ms": e.state.health.ejected_for_ms(now),
+                        "ejections": e.state.health.ejections(),
+                        "consecutive_failures": e.state.health.consecutive_failures(),
+                        "active_check_up": e.state.health.active_up(),
+                        "ewma_ms": round3(e.state.ewma.value_ns(now, u.settings().ewma_decay) / 1e6),
+                        "slow_start_factor": round3(e.state.health.slow_start_factor(now, u.settings().slow_start)),
                         "requests": e.state.requests(),
                         "failures": e.state.failures(),
                     })).collect::<Vec<_>>(),

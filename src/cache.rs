@@ -399,7 +399,7 @@ impl Cache {
             }
         }
         // Endpoints in an upstream's first set start at full weight; later joiners slow-start.
-        let first_build = !self.states.contains_key(id);
+        let first_build = self.states.get(id).is_none_or(|m| m.is_empty());
         let joined = if first_build { 0 } else { health::now_ms() };
         let initially_unhealthy = settings
             .active

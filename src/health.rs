@@ -349,3 +349,203 @@ pub fn apply_probe(up: &Upstream, ep: &Endpoint, cfg: &ActiveHealth, ok: bool) {
         tracing::warn!(upstream = %up.id, endpoint = %ep.authority, "active check: endpoint unhealthy");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{Cache, SourceStatus};
+    use crate::config::{Dynamic, UpstreamConfig, UpstreamSettings};
+    use discovery::{Event, Instance};
+
+    /// A cache with one upstream "u" of `n` endpoints and the given settings.
+    fn setup(n: u16, settings: UpstreamSettings) -> (Cache, Arc<Shared>) {
+        let shared = Shared::new(vec![SourceStatus::new("file", "file://x".into())]);
+        let mut cache = Cache::new(
+            shared.clone(),
+            Dynamic {
+                default_balancer: "roundrobin".into(),
+                domain_suffix: None,
+                upstreams: vec![UpstreamConfig {
+                    id: "u".into(),
+                    service: Some("u".into()),
+                    source: None,
+                    nodes: vec![],
+                    settings,
+                }],
+                routes: vec![],
+            },
+        );
+        let set = (1..=n).map(|p| Instance::new("127.0.0.1", p)).collect();
+        let d = cache.apply(0, Event::Snapshot([("u".to_string(), set)].into()));
+        cache.rebuild(Some(&d));
+        (cache, shared)
+    }
+
+    fn upstream(shared: &Shared) -> Arc<Upstream> {
+        shared.table.load().upstreams["u"].clone()
+    }
+
+    fn passive(consecutive: u32, base_s: u64, max_s: u64, max_pct: u32) -> UpstreamSettings {
+        let mut s = UpstreamSettings::with_balancer("roundrobin");
+        s.passive.consecutive_failures = consecutive;
+        s.passive.base_ejection_time = Duration::from_secs(base_s);
+        s.passive.max_ejection_time = Duration::from_secs(max_s);
+        s.passive.max_ejection_percent = max_pct;
+        s
+    }
+
+    #[test]
+    fn consecutive_failures_eject_and_a_success_resets() {
+        let (_c, shared) = setup(4, passive(3, 10, 100, 50));
+        let up = upstream(&shared);
+        let ep = &up.endpoints[0];
+        assert!(!record(&up, ep, Outcome::Failure, 1000));
+        assert!(!record(&up, ep, Outcome::Failure, 1000));
+        assert!(!record(&up, ep, Outcome::Success, 1000));
+        assert!(!record(&up, ep, Outcome::Failure, 1000));
+        assert!(!record(&up, ep, Outcome::Failure, 1000));
+        assert!(
+            record(&up, ep, Outcome::Failure, 1000),
+            "third in a row ejects"
+        );
+        assert!(!ep.state.health.is_up());
+        assert_eq!(ep.state.health.ejected_for_ms(1000), 10_000);
+    }
+
+    #[test]
+    fn ejection_time_doubles_and_is_capped_and_expires() {
+        let (_c, shared) = setup(4, passive(1, 10, 35, 50));
+        let up = upstream(&shared);
+        let ep = &up.endpoints[0];
+        let mut now = 1000;
+        for expected in [10_000, 20_000, 35_000, 35_000] {
+            assert!(record(&up, ep, Outcome::Failure, now));
+            assert_eq!(ep.state.health.ejected_for_ms(now), expected);
+            sweep(&shared, now + expected - 1);
+            assert!(ep.state.health.ejected(), "still out just before expiry");
+            now += expected;
+            sweep(&shared, now);
+            assert!(!ep.state.health.ejected(), "back in at expiry");
+        }
+        // Staying in for longer than max_ejection_time resets the doubling.
+        now += 36_000;
+        assert!(record(&up, ep, Outcome::Failure, now));
+        assert_eq!(ep.state.health.ejected_for_ms(now), 10_000);
+    }
+
+    #[test]
+    fn never_more_than_max_ejection_percent() {
+        let (_c, shared) = setup(4, passive(1, 10, 100, 50));
+        let up = upstream(&shared);
+        let ejected: Vec<bool> = up
+            .endpoints
+            .iter()
+            .map(|e| record(&up, e, Outcome::Failure, 1000))
+            .collect();
+        assert_eq!(ejected, vec![true, true, false, false]);
+    }
+
+    #[test]
+    fn panic_mode_below_threshold_and_back() {
+        let mut s = passive(1, 10, 100, 100);
+        s.passive.panic_threshold = 50;
+        let (_c, shared) = setup(4, s);
+        let up = upstream(&shared);
+        for e in &up.endpoints[..3] {
+            assert!(record(&up, e, Outcome::Failure, 1000));
+        }
+        sweep(&shared, 1001);
+        assert!(
+            up.runtime.panic.load(Ordering::Relaxed),
+            "1 of 4 healthy < 50%"
+        );
+        // In panic, every endpoint is usable again.
+        let ctx = crate::balancer::PickContext {
+            client_ip: [127, 0, 0, 1].into(),
+            key: None,
+            now_ms: 1001,
+            panic: true,
+            slow_start: None,
+        };
+        assert!(up.endpoints.iter().all(|e| e.usable(&ctx)));
+        sweep(&shared, 20_000);
+        assert!(!up.runtime.panic.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn active_thresholds() {
+        let mut s = UpstreamSettings::with_balancer("roundrobin");
+        let cfg = ActiveHealth {
+            http_path: Some("/".into()),
+            host: None,
+            expected_statuses: vec![],
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            initially_unhealthy: false,
+        };
+        s.active = Some(cfg.clone());
+        let (_c, shared) = setup(2, s);
+        let up = upstream(&shared);
+        let ep = &up.endpoints[0];
+        apply_probe(&up, ep, &cfg, false);
+        apply_probe(&up, ep, &cfg, false);
+        assert!(ep.state.health.active_up(), "two failures are not enough");
+        apply_probe(&up, ep, &cfg, false);
+        assert!(!ep.state.health.active_up());
+        apply_probe(&up, ep, &cfg, true);
+        assert!(!ep.state.health.active_up(), "one success is not enough");
+        apply_probe(&up, ep, &cfg, true);
+        assert!(ep.state.health.active_up());
+    }
+
+    #[test]
+    fn slow_start_ramps_linearly_from_the_minimum_share() {
+        let h = Health::new(false, 1000);
+        let w = Some(Duration::from_secs(10));
+        assert_eq!(h.slow_start_factor(1000, w), SLOW_START_MIN_SHARE);
+        let mid = h.slow_start_factor(6000, w);
+        assert!((mid - (SLOW_START_MIN_SHARE + (1.0 - SLOW_START_MIN_SHARE) * 0.5)).abs() < 1e-9);
+        assert_eq!(h.slow_start_factor(11_000, w), 1.0);
+        assert_eq!(h.slow_start_factor(1000, None), 1.0);
+        assert_eq!(
+            Health::new(false, 0).slow_start_factor(5, w),
+            1.0,
+            "first set: no ramp"
+        );
+    }
+
+    #[test]
+    fn late_joiners_slow_start_and_keep_health_across_changes() {
+        let mut s = UpstreamSettings::with_balancer("roundrobin");
+        s.slow_start = Some(Duration::from_secs(30));
+        let (mut c, shared) = setup(3, s);
+        let up = upstream(&shared);
+        assert!(up.endpoints.iter().all(|e| e.state.health.joined_ms == 0));
+        assert!(
+            record(&up, &up.endpoints[0], Outcome::Failure, 1)
+                || up.settings().passive.consecutive_failures > 1
+        );
+        let set = (1..=4).map(|p| Instance::new("127.0.0.1", p)).collect();
+        let d = c.apply(0, Event::Snapshot([("u".to_string(), set)].into()));
+        c.rebuild(Some(&d));
+        let up2 = upstream(&shared);
+        let new = up2
+            .endpoints
+            .iter()
+            .find(|e| e.authority.port_u16() == Some(4))
+            .unwrap();
+        assert!(new.state.health.joined_ms > 0, "the new endpoint ramps");
+        let old = up2
+            .endpoints
+            .iter()
+            .find(|e| e.authority.port_u16() == Some(1))
+            .unwrap();
+        assert_eq!(
+            old.state.health.consecutive_failures(),
+            up.endpoints[0].state.health.consecutive_failures()
+        );
+        assert!(Arc::ptr_eq(&old.state, &up.endpoints[0].state));
+    }
+}

@@ -179,9 +179,24 @@ pub trait Discovery: Send + Sync + 'static {
     /// return early on registry errors: report them and retry with back-off.
     fn run(self: Arc<Self>, sink: Sink) -> BoxFuture;
 
-    /// Asks the source to watch one service from now on. Sources that report their whole
-    /// catalog (the file registry) ignore it.
-    fn watch(&self, _service: &str) {}
+    /// True for sources that watch a service's instances only once asked to ([`watch`]), so
+    /// registry load grows with what the host calls rather than with the catalog.
+    ///
+    /// [`watch`]: Discovery::watch
+    fn on_demand(&self) -> bool {
+        false
+    }
+
+    /// Asks an on-demand source to watch `service` (or keeps an existing watch alive). The agent
+    /// calls it on a routing miss (and waits, bounded, for the first answer), every
+    /// `TOUCH_INTERVAL` for each service that served requests since, and at start for services
+    /// named in the configuration. A source stops a watch that has not been touched for its idle
+    /// TTL and then sends `Update::NotFound` for it. Returns false when the source knows the
+    /// service does not exist (so the request can be answered 404 at once). Sources that report
+    /// their whole catalog ignore it.
+    fn watch(&self, _service: &str) -> bool {
+        true
+    }
 }
 
 /// Errors building a source from its URL.
