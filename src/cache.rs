@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use discovery::Discovery;
 use discovery::{Event, Instance, Update};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::balancer;
 use crate::config::{Dynamic, UpstreamConfig, UpstreamSettings};
@@ -26,24 +27,46 @@ use crate::upstream::{
 
 /// How often the staleness gauges are refreshed.
 pub const STALENESS_TICK: Duration = Duration::from_secs(1);
+/// How often on-demand sources are told which services are still in use.
+pub const TOUCH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What the admin API and the proxy share with the cache task.
 pub struct Shared {
     pub table: ArcSwap<Table>,
     pub sources: Vec<SourceStatus>,
+    /// Sources that watch services only when asked (`Discovery::on_demand`).
+    pub on_demand: Vec<Arc<dyn Discovery>>,
+    /// Bumped after every table swap; a request waiting for an on-demand watch listens to it.
+    pub version: watch::Sender<u64>,
     ready: AtomicBool,
     pub started: SystemTime,
 }
 
 impl Shared {
     pub fn new(sources: Vec<SourceStatus>) -> Arc<Self> {
+        Self::with_on_demand(sources, Vec::new())
+    }
+
+    pub fn with_on_demand(
+        sources: Vec<SourceStatus>,
+        on_demand: Vec<Arc<dyn Discovery>>,
+    ) -> Arc<Self> {
         let ready = sources.is_empty();
         Arc::new(Shared {
             table: ArcSwap::from_pointee(Table::default()),
             sources,
+            on_demand,
+            version: watch::channel(0).0,
             ready: AtomicBool::new(ready),
             started: SystemTime::now(),
         })
+    }
+
+    /// Asks every on-demand source to watch `service`; true when one may have it.
+    pub fn demand(&self, service: &str) -> bool {
+        self.on_demand
+            .iter()
+            .fold(false, |any, s| s.watch(service) | any)
     }
 
     /// True once every source has answered at least once.
@@ -144,6 +167,9 @@ impl Cache {
     ) {
         let mut tick = tokio::time::interval(STALENESS_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut touch = tokio::time::interval(TOUCH_INTERVAL);
+        touch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut used: HashMap<Arc<str>, u64> = HashMap::new();
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
@@ -159,8 +185,29 @@ impl Cache {
                     Control::Reload(d) => self.reload(*d),
                 },
                 _ = tick.tick() => self.publish_staleness(),
+                _ = touch.tick(), if !self.shared.on_demand.is_empty() => self.touch(&mut used),
             }
         }
+    }
+
+    /// Keeps on-demand watches alive for services named in config and for those that served
+    /// requests since the last touch; the others idle out in their source.
+    fn touch(&self, used: &mut HashMap<Arc<str>, u64>) {
+        for u in &self.dynamic.upstreams {
+            if let Some(svc) = &u.service {
+                self.shared.demand(svc);
+            }
+        }
+        let table = self.shared.table.load();
+        for up in table.upstreams.values() {
+            let n = up.runtime.requests.load(Ordering::Relaxed);
+            if used.insert(up.id.clone(), n) != Some(n) {
+                if let Some(svc) = &up.service {
+                    self.shared.demand(svc);
+                }
+            }
+        }
+        used.retain(|id, _| table.upstreams.contains_key(id));
     }
 
     fn publish_staleness(&self) {
@@ -347,6 +394,7 @@ impl Cache {
             routes,
             domain_suffix: self.dynamic.domain_suffix.as_deref().map(Into::into),
         }));
+        self.shared.version.send_modify(|v| *v += 1);
     }
 
     fn forget(&mut self, id: &str) {
@@ -373,6 +421,7 @@ impl Cache {
                     client: proxy::new_client(settings),
                     metrics: UpstreamMetrics::new(id),
                     panic: Default::default(),
+                    requests: Default::default(),
                     retry_tokens: proxy::RETRY_BUDGET_RESERVE.into(),
                 });
                 self.runtimes.insert(id.to_string(), rt.clone());

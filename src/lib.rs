@@ -49,7 +49,8 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             config::DEFAULT_REGISTRY_FILE
         );
     }
-    let shared = Shared::new(statuses);
+    let on_demand = sources.iter().filter(|s| s.on_demand()).cloned().collect();
+    let shared = Shared::with_on_demand(statuses, on_demand);
     let cache = Cache::new(shared.clone(), config.dynamic.clone());
 
     let proxy_listener = TcpListener::bind(config.listen)
@@ -71,6 +72,12 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         tokio::spawn(src.clone().run(discovery::Sink::new(i, event_tx.clone())));
     }
     drop(event_tx);
+    // Services named in the configuration are watched from the start.
+    for u in &config.dynamic.upstreams {
+        if let Some(svc) = &u.service {
+            shared.demand(svc);
+        }
+    }
     tokio::spawn(cache.run(event_rx, control_rx));
     tokio::spawn(health::sweep_loop(shared.clone()));
     tokio::spawn(health::probe_loop(shared.clone()));

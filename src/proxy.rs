@@ -40,7 +40,7 @@ use crate::config::UpstreamSettings;
 use crate::error::ProxyError;
 use crate::health::{self, Outcome};
 use crate::metrics as m;
-use crate::upstream::{Endpoint, InFlight, Upstream, UpstreamRuntime};
+use crate::upstream::{Endpoint, InFlight, NoRoute, Upstream, UpstreamRuntime};
 
 /// Request body sent upstream: the client's, or empty for a replayed body-less request.
 pub type ReqBody = Either<Incoming, Empty<Bytes>>;
@@ -49,6 +49,9 @@ pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
 /// The pooled HTTP/1 client, one per upstream.
 pub type HttpClient = Client<HttpConnector, ReqBody>;
 
+/// How long a request for a service not yet watched waits for an on-demand source's first
+/// answer.
+pub const DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle pooled connections are closed after this long.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle pooled connections kept per endpoint.
@@ -103,20 +106,14 @@ impl Proxy {
         peer: &Peer,
     ) -> Result<Response<RespBody>, Infallible> {
         let start = Instant::now();
-        let table = self.shared.table.load();
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()));
-        let (upstream, strip) = match table.resolve(host, req.uri().path()) {
-            Ok(r) => (r.upstream.clone(), r.strip),
-            Err(no) => {
+        let (upstream, strip) = match self.route(&req).await {
+            Ok(r) => r,
+            Err(body) => {
                 m::unrouted(404);
-                return Ok(text(StatusCode::NOT_FOUND, no.to_string()));
+                return Ok(text(StatusCode::NOT_FOUND, body));
             }
         };
-        drop(table);
+        upstream.runtime.requests.fetch_add(1, Ordering::Relaxed);
         let resp = match self.forward(&upstream, req, strip, peer).await {
             Ok(resp) => resp,
             Err(e) => {
@@ -134,6 +131,45 @@ impl Proxy {
         Ok(resp)
     }
 
+    /// The upstream for a request and the path prefix to strip, or the 404 body. A zero-config
+    /// miss asks on-demand sources to watch the name and waits (up to [`DEMAND_TIMEOUT`]) for
+    /// their first answer.
+    async fn route(&self, req: &Request<Incoming>) -> Result<(Arc<Upstream>, usize), String> {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()));
+        let path = req.uri().path();
+        let missing = {
+            let table = self.shared.table.load();
+            match table.resolve(host, path) {
+                Ok(r) => return Ok((r.upstream.clone(), r.strip)),
+                Err(NoRoute::Service(name))
+                    if table.routes.is_empty() && !self.shared.on_demand.is_empty() =>
+                {
+                    name.to_ascii_lowercase()
+                }
+                Err(no) => return Err(no.to_string()),
+            }
+        };
+        let mut version = self.shared.version.subscribe();
+        if self.shared.demand(&missing) {
+            let deadline = tokio::time::sleep(DEMAND_TIMEOUT);
+            tokio::pin!(deadline);
+            loop {
+                if let Ok(r) = self.shared.table.load().resolve(host, path) {
+                    return Ok((r.upstream.clone(), r.strip));
+                }
+                tokio::select! {
+                    changed = version.changed() => if changed.is_err() { break },
+                    _ = &mut deadline => break,
+                }
+            }
+        }
+        Err(NoRoute::Service(&missing).to_string())
+    }
+
     async fn forward(
         &self,
         upstream: &Upstream,
@@ -146,12 +182,16 @@ impl Proxy {
         let runtime = &upstream.runtime;
         let started = Instant::now();
         let deadline = started + settings.retry_timeout;
+        let key = settings
+            .hash_on
+            .as_ref()
+            .map(|h| chash::request_key(h, &parts.headers, &parts.uri, peer.ip));
+        if key == Some(None) {
+            runtime.metrics.chash_fallback();
+        }
         let ctx = PickContext {
             client_ip: peer.ip,
-            key: settings
-                .hash_on
-                .as_ref()
-                .and_then(|h| chash::request_key(h, &parts.headers, &parts.uri, peer.ip)),
+            key: key.flatten(),
             now_ms: health::now_ms(),
             panic: runtime.panic.load(Ordering::Relaxed),
             slow_start: settings.slow_start,

@@ -150,6 +150,8 @@ pub struct UpstreamRuntime {
     pub metrics: UpstreamMetrics,
     /// Panic mode (set by the health sweeper).
     pub panic: AtomicBool,
+    /// Requests routed to the upstream (tells on-demand sources it is in use).
+    pub requests: AtomicU64,
     /// Retry budget, in hundredths of a retry (see `proxy`).
     pub retry_tokens: AtomicI64,
 }
