@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+pub mod consul;
 pub mod eureka;
 pub mod file;
 
@@ -204,7 +205,7 @@ pub trait Discovery: Send + Sync + 'static {
 pub enum SourceError {
     #[error("registry URL {url:?}: {reason}")]
     Invalid { url: String, reason: String },
-    #[error("registry URL {url:?}: scheme {scheme:?} is not supported (supported: file, eureka)")]
+    #[error("registry URL {url:?}: scheme {scheme:?} is not supported (supported: file, eureka, consul)")]
     Unsupported { url: String, scheme: String },
 }
 
@@ -215,6 +216,7 @@ pub fn from_url(url: &str) -> Result<Arc<dyn Discovery>, SourceError> {
     match scheme {
         "file" => Ok(Arc::new(file::FileDiscovery::from_url(url)?)),
         "eureka" | "eureka+https" => Ok(Arc::new(eureka::EurekaDiscovery::from_url(url)?)),
+        "consul" | "consul+https" => Ok(Arc::new(consul::ConsulDiscovery::from_url(url)?)),
         "" => Err(SourceError::Invalid {
             url: url.to_string(),
             reason: "expected scheme://…, e.g. file:///etc/edge-agent/services.toml".into(),
