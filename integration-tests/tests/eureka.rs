@@ -173,7 +173,29 @@ fn agent_env(registry: &str) -> Vec<(&'static str, String)> {
             "RUST_LOG",
             "info,edge_agent=debug,discovery=debug".to_string(),
         ),
+        // Plain text, so the log can be searched by field (`log` strips colours anyway).
+        ("NO_COLOR", "1".to_string()),
     ]
+}
+
+/// The agent's log without ANSI colour sequences.
+fn agent_log(agent: &Agent) -> String {
+    let raw = agent.log_text();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 async fn start_agent(registry: &str) -> Agent {
@@ -223,6 +245,7 @@ async fn assert_all_served_by(agent: &Agent, host: &str, backend: &str, n: usize
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eureka_routing_deltas_and_failover() {
     let _serial = SERIAL.lock().await;
+    let started = Instant::now();
     // The failover server starts now, in the background, while the shared one is used.
     let (mut second, second_port) = spawn_server(30_000);
     let port = shared_port().await;
@@ -279,7 +302,7 @@ async fn eureka_routing_deltas_and_failover() {
     assert_all_served_by(&agent, "eu-route", "r2", 40, "r1 is cancelled").await;
 
     // Those changes came through deltas, not full fetches.
-    let log = agent.log_text();
+    let log = agent_log(&agent);
     let deltas_with_changes = log
         .lines()
         .filter(|l| l.contains("eureka delta applied") && !l.contains("changes=0"))
@@ -289,7 +312,10 @@ async fn eureka_routing_deltas_and_failover() {
         "expected the override, its removal and the cancel to arrive as deltas; log:\n{log}"
     );
     let full_fetches = lines_with(&log, "eureka full fetch");
-    eprintln!("routing: {deltas_with_changes} deltas with changes, {full_fetches} full fetch(es)");
+    assert_eq!(
+        full_fetches, 1,
+        "only the start should need a full fetch; log:\n{log}"
+    );
 
     // --- Metadata weight: 3:1 over 400 requests within ±10 %.
     let w3 = Backend::start("w3").await;
@@ -315,7 +341,7 @@ async fn eureka_routing_deltas_and_failover() {
     // --- A change the delta cannot explain: the agent is frozen until the registration has left
     // the delta window, so the next delta omits it while its hash counts it.
     let r3 = Backend::start("r3").await;
-    let mismatches_before = lines_with(&agent.log_text(), "eureka delta hash mismatch");
+    let mismatches_before = lines_with(&agent_log(&agent), "eureka delta hash mismatch");
     agent.signal(nix::sys::signal::Signal::SIGSTOP);
     eu.register("EU-ROUTE", "eu-route-r3", r3.addr, &[]).await;
     // Seen in the delta first (so the wait below is for it to leave), then gone from it.
@@ -342,7 +368,7 @@ async fn eureka_routing_deltas_and_failover() {
         "r3, missing from every delta, arrives by a full fetch",
     )
     .await;
-    let log = agent.log_text();
+    let log = agent_log(&agent);
     assert!(
         lines_with(&log, "eureka delta hash mismatch") > mismatches_before
             && log
@@ -398,7 +424,7 @@ async fn eureka_routing_deltas_and_failover() {
         "agent q fails over to the shared server",
     )
     .await;
-    let qlog = q.log_text();
+    let qlog = agent_log(&q);
     assert!(
         qlog.lines()
             .any(|l| l.contains("eureka full fetch")
@@ -414,6 +440,10 @@ async fn eureka_routing_deltas_and_failover() {
     ] {
         eu.cancel(app, id).await;
     }
+    eprintln!(
+        "eureka_routing_deltas_and_failover: {:?} (server start included)",
+        started.elapsed()
+    );
 }
 
 fn percentile(sorted: &[Duration], p: usize) -> Duration {
@@ -434,6 +464,7 @@ fn ms(d: Duration) -> String {
 async fn eureka_propagation_lag() {
     const CHANGES: usize = 30;
     let _serial = SERIAL.lock().await;
+    let started = Instant::now();
     let port = shared_port().await;
     let eu = Eureka::new(port);
     let base = Backend::start("base").await;
@@ -535,12 +566,12 @@ async fn eureka_propagation_lag() {
             .filter_map(|l| l.split("bytes=").nth(1)?.split(' ').next()?.parse().ok())
             .collect()
     };
-    let before = unchanged(&agent.log_text()).len();
+    let before = unchanged(&agent_log(&agent)).len();
     let agent_delta_bytes = eventually(
         PROPAGATION,
         "the agent to fetch an unchanged delta",
         || async {
-            let seen = unchanged(&agent.log_text());
+            let seen = unchanged(&agent_log(&agent));
             (seen.len() > before).then(|| *seen.last().unwrap())
         },
     )
@@ -582,4 +613,5 @@ async fn eureka_propagation_lag() {
     for i in 0..20 {
         eu.cancel("EU-BYTES", &format!("eu-bytes-{i}")).await;
     }
+    eprintln!("eureka_propagation_lag: {:?}", started.elapsed());
 }
