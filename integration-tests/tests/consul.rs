@@ -1,0 +1,530 @@
+//! The Consul adapter against a real Consul (v1.14.11 dev mode, see
+//! `integration-tests/servers/consul/README.md`), driving the built agent from outside in
+//! zero-config mode: services are watched on demand, from their first request.
+//!
+//! Consul starts in 1–2 s, so each test starts its own server (and stops it when dropped). The
+//! tests take a lock so they never run at the same time (2 cores; the propagation figures are
+//! not skewed by another test's load). Every wait is a poll with a deadline.
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration_tests::servers::{install, ServerProcess};
+use integration_tests::{client, eventually, free_port, spread, Agent, Backend};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+/// Deadline for Consul to elect itself leader.
+const SERVER_START: Duration = Duration::from_secs(30);
+/// Deadline for a registry change to show in the agent.
+const PROPAGATION: Duration = Duration::from_secs(15);
+/// The ACL test's management token.
+const ACL_TOKEN: &str = "5d3b1f0e-7c2a-4e8b-9a61-0c4f2e9d8b17";
+
+/// Serialises the tests of this binary.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// One Consul dev server on loopback.
+struct Consul {
+    proc: ServerProcess,
+    port: u16,
+    token: Option<&'static str>,
+}
+
+impl Consul {
+    async fn start(token: Option<&'static str>) -> Consul {
+        Self::start_on(free_port(), token).await
+    }
+
+    async fn start_on(port: u16, token: Option<&'static str>) -> Consul {
+        let bin = install("consul");
+        let mut env = vec![
+            ("CONSUL_BIN", bin.display().to_string()),
+            ("CONSUL_HTTP_PORT", port.to_string()),
+        ];
+        if let Some(t) = token {
+            env.push(("CONSUL_ACL_TOKEN", t.to_string()));
+        }
+        let mut proc = ServerProcess::start("consul", &env);
+        proc.wait_ready(
+            &format!("http://127.0.0.1:{port}/v1/status/leader"),
+            SERVER_START,
+            |body| !body.trim().trim_matches('"').is_empty(),
+        )
+        .await;
+        let consul = Consul { proc, port, token };
+        if token.is_some() {
+            // The token works only once the ACL system has bootstrapped.
+            eventually(SERVER_START, "ACL token accepted", || async {
+                let r = consul
+                    .req(reqwest::Method::GET, "/v1/acl/token/self")
+                    .send()
+                    .await;
+                r.ok().filter(|r| r.status() == 200).map(|_| ())
+            })
+            .await;
+        }
+        consul
+    }
+
+    fn url(&self) -> String {
+        format!("consul://127.0.0.1:{}", self.port)
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = client().request(method, format!("http://127.0.0.1:{}{path}", self.port));
+        match self.token {
+            Some(t) => r.header("X-Consul-Token", t),
+            None => r,
+        }
+    }
+
+    async fn put(&self, path: &str, body: Option<serde_json::Value>) {
+        let mut r = self.req(reqwest::Method::PUT, path);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap_or_else(|e| panic!("PUT {path}: {e}"));
+        let status = resp.status();
+        assert!(
+            status.is_success(),
+            "PUT {path}: {status} {:?}",
+            resp.text().await
+        );
+    }
+
+    /// Registers `id` of `name` at `addr` with a passing TTL check (`service:<id>`).
+    async fn register(&self, name: &str, id: &str, addr: SocketAddr, weight: u32) {
+        let body = json!({
+            "ID": id, "Name": name, "Address": addr.ip().to_string(), "Port": addr.port(),
+            "Tags": ["edge"], "Meta": {"zone": "z1"},
+            "Weights": {"Passing": weight, "Warning": 1},
+            "Check": {"TTL": "30m", "Status": "passing"},
+        });
+        self.put("/v1/agent/service/register", Some(body)).await;
+    }
+
+    async fn deregister(&self, id: &str) {
+        self.put(&format!("/v1/agent/service/deregister/{id}"), None)
+            .await;
+    }
+
+    async fn check(&self, id: &str, verdict: &str) {
+        self.put(&format!("/v1/agent/check/{verdict}/service:{id}"), None)
+            .await;
+    }
+}
+
+fn agent_env(registry: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("EDGE_AGENT_REGISTRY", registry.to_string()),
+        (
+            "RUST_LOG",
+            "info,edge_agent=debug,discovery=debug".to_string(),
+        ),
+        ("NO_COLOR", "1".to_string()),
+    ]
+}
+
+async fn start_agent(env: &[(&'static str, String)]) -> Agent {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Agent::start(&env).await
+}
+
+/// Polls until every one of `n` requests for `host` is answered by a backend in `want` (and
+/// each of `want` answered at least once).
+async fn until_served_by(agent: &Agent, host: &str, want: &[&str], what: &str) {
+    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    eventually(PROPAGATION, what, || async {
+        let mut seen = Vec::new();
+        for _ in 0..12 {
+            let (status, backend, _) = agent.get(host, "/").await;
+            if status != 200 {
+                return None;
+            }
+            seen.push(backend);
+        }
+        seen.sort();
+        seen.dedup();
+        (seen == want).then_some(())
+    })
+    .await
+}
+
+/// A gauge or counter value from the agent's `/metrics`.
+async fn metric(agent: &Agent, series: &str) -> Option<f64> {
+    agent
+        .metrics()
+        .await
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The Consul source's entry in `/upstreams`.
+async fn source(agent: &Agent) -> serde_json::Value {
+    agent.upstreams().await["sources"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["kind"] == "consul").cloned())
+        .expect("a consul source in /upstreams")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_follows_registrations_checks_and_deregistrations() {
+    let _serial = SERIAL.lock().await;
+    let consul = Consul::start(None).await;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    consul.register("web", "web-a", a.addr, 1).await;
+    let agent = start_agent(&agent_env(&consul.url())).await;
+
+    // Zero-config on demand: the first request waits for the watch's first answer.
+    let (status, backend, body) = agent.get("web", "/").await;
+    assert_eq!((status, backend.as_str()), (200, "a"), "{body}");
+    // A name Consul does not know is refused at once (the catalog is known).
+    let t = Instant::now();
+    let (status, _, _) = agent.get("nope", "/").await;
+    assert_eq!(status, 404);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    consul.register("web", "web-b", b.addr, 1).await;
+    until_served_by(&agent, "web", &["a", "b"], "b registered").await;
+    let up = agent.upstreams().await;
+    let ep = up["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["id"] == "web")
+        .and_then(|u| u["endpoints"].as_array())
+        .and_then(|e| {
+            e.iter()
+                .find(|e| e["id"] == "edge-agent-consul/web-b")
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("endpoint edge-agent-consul/web-b in {up}"));
+    assert_eq!(ep["zone"], "z1", "{ep}");
+
+    consul.check("web-b", "fail").await;
+    until_served_by(&agent, "web", &["a"], "b's failing check removes it").await;
+    consul.check("web-b", "pass").await;
+    until_served_by(
+        &agent,
+        "web",
+        &["a", "b"],
+        "b's passing check brings it back",
+    )
+    .await;
+
+    consul.deregister("web-b").await;
+    until_served_by(&agent, "web", &["a"], "b deregistered").await;
+    // The last instance gone: the service leaves the catalog and the agent drops it.
+    consul.deregister("web-a").await;
+    eventually(PROPAGATION, "web gone: 404", || async {
+        (agent.get("web", "/").await.0 == 404).then_some(())
+    })
+    .await;
+    // Back again: the remembered watch restarts when the catalog lists it.
+    consul.register("web", "web-a", a.addr, 1).await;
+    until_served_by(&agent, "web", &["a"], "web registered again").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passing_weights_split_traffic() {
+    let _serial = SERIAL.lock().await;
+    let consul = Consul::start(None).await;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    consul.register("weighted", "w-a", a.addr, 3).await;
+    consul.register("weighted", "w-b", b.addr, 1).await;
+    let agent = start_agent(&agent_env(&consul.url())).await;
+    until_served_by(&agent, "weighted", &["a", "b"], "both instances").await;
+    let counts = spread(&agent, "weighted", 400).await;
+    let a_share = *counts.get("a").unwrap_or(&0) as f64;
+    assert!(
+        (270.0..=330.0).contains(&a_share),
+        "expected 3:1 (300 ± 10%) over 400, got {counts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_keeps_the_last_good_set_then_resets_to_the_truth() {
+    let _serial = SERIAL.lock().await;
+    let mut consul = Consul::start(None).await;
+    let port = consul.port;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    consul.register("web", "web-a", a.addr, 1).await;
+    consul.register("web", "web-b", b.addr, 1).await;
+    let agent = start_agent(&agent_env(&consul.url())).await;
+    until_served_by(&agent, "web", &["a", "b"], "both instances").await;
+    let series = "edge_agent_discovery_staleness_seconds{source=\"consul\"}";
+    let before = metric(&agent, series).await.expect("staleness gauge");
+
+    consul.proc.stop();
+    eventually(
+        PROPAGATION,
+        "an error recorded for the consul source",
+        || async {
+            source(&agent).await["last_error"]
+                .as_str()
+                .map(String::from)
+        },
+    )
+    .await;
+    eventually(PROPAGATION, "staleness grows during the outage", || async {
+        let s = metric(&agent, series).await?;
+        (s >= before + 2.0).then_some(())
+    })
+    .await;
+    // Traffic keeps flowing to the last good set.
+    let counts = spread(&agent, "web", 20).await;
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    let errors = metric(&agent, "edge_agent_discovery_errors_total{").await;
+    assert!(errors.unwrap_or(0.0) >= 1.0, "{errors:?}");
+
+    // A fresh Consul on the same port knows only b: the set resets to that truth.
+    let consul = Consul::start_on(port, None).await;
+    consul.register("web", "web-b", b.addr, 1).await;
+    until_served_by(&agent, "web", &["b"], "the set reset to the new truth").await;
+    let stale = metric(&agent, series).await.unwrap();
+    assert!(stale < 5.0, "staleness after recovery: {stale}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_default_deny_needs_the_token() {
+    let _serial = SERIAL.lock().await;
+    let consul = Consul::start(Some(ACL_TOKEN)).await;
+    let a = Backend::start("a").await;
+    consul.register("secure", "secure-a", a.addr, 1).await;
+    // What Consul tells an anonymous reader under default deny: 200 and nothing.
+    let anon = client()
+        .get(format!(
+            "http://127.0.0.1:{}/v1/catalog/services",
+            consul.port
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anon.status(), 200);
+    assert_eq!(anon.json::<serde_json::Value>().await.unwrap(), json!({}));
+
+    let mut env = agent_env(&consul.url());
+    env.push(("CONSUL_HTTP_TOKEN", ACL_TOKEN.to_string()));
+    let with = start_agent(&env).await;
+    assert_eq!(with.get("secure", "/").await.1, "a");
+    let described = source(&with).await["url"].as_str().unwrap().to_string();
+    assert!(!described.contains(ACL_TOKEN), "{described}");
+    assert!(!with.log_text().contains(ACL_TOKEN), "the token was logged");
+
+    let without = start_agent(&agent_env(&consul.url())).await;
+    let (status, _, body) = without.get("secure", "/").await;
+    assert_eq!(status, 404, "{body}");
+    let err = eventually(
+        PROPAGATION,
+        "an auth error explaining the empty answers",
+        || async {
+            source(&without).await["last_error"]
+                .as_str()
+                .map(String::from)
+        },
+    )
+    .await;
+    assert!(
+        err.contains("CONSUL_HTTP_TOKEN") && err.contains("deny"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_watch_stops_and_the_next_request_starts_it_again() {
+    let _serial = SERIAL.lock().await;
+    let consul = Consul::start(None).await;
+    let a = Backend::start("a").await;
+    consul.register("idle", "idle-a", a.addr, 1).await;
+    let agent = start_agent(&agent_env(&format!("{}?idle_ttl=1s", consul.url()))).await;
+    assert_eq!(agent.get("idle", "/").await.1, "a");
+    assert_eq!(
+        agent.healthy_endpoints("idle").await,
+        vec![a.addr.to_string()]
+    );
+    // No more requests: the agent stops touching it, the watch idles out, the upstream goes.
+    eventually(Duration::from_secs(40), "idle upstream dropped", || async {
+        let up = agent.upstreams().await;
+        let gone = !up["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["id"] == "idle");
+        gone.then_some(())
+    })
+    .await;
+    assert!(agent.log_text().contains("watch idle, stopped"));
+    // The next request waits for a new watch.
+    assert_eq!(agent.get("idle", "/").await.1, "a");
+}
+
+/// A loopback TCP proxy in front of Consul that counts the HTTP requests sent through it.
+struct CountingProxy {
+    port: u16,
+    requests: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    async fn start(target: u16) -> CountingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(AtomicU64::new(0));
+        let counter = requests.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(mut up) = TcpStream::connect(("127.0.0.1", target)).await else {
+                        return;
+                    };
+                    let (mut dr, mut dw) = down.split();
+                    let (mut ur, mut uw) = up.split();
+                    let requests_up = async {
+                        let mut buf = vec![0u8; 16384];
+                        let mut carry: Vec<u8> = Vec::new();
+                        loop {
+                            let n = match dr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            carry.extend_from_slice(&buf[..n]);
+                            let hits = carry.windows(8).filter(|w| w == b"GET /v1/").count();
+                            counter.fetch_add(hits as u64, Ordering::SeqCst);
+                            let keep = carry.len().saturating_sub(7);
+                            carry.drain(..keep);
+                            if uw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = uw.shutdown().await;
+                    };
+                    let responses_down = async {
+                        let _ = tokio::io::copy(&mut ur, &mut dw).await;
+                        let _ = dw.shutdown().await;
+                    };
+                    tokio::join!(requests_up, responses_down);
+                });
+            }
+        });
+        CountingProxy {
+            port,
+            requests,
+            task,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Propagation lag over `CHANGES` registrations and deregistrations, and the requests the
+/// agent makes to Consul while idle. Prints the figures for `BENCHMARKS.md`.
+/// `EDGE_AGENT_CONSUL_IDLE_SECS` sets the idle window (default 10 s; 60 for the benchmark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn propagation_lag_and_idle_request_rate() {
+    const CHANGES: usize = 50;
+    let _serial = SERIAL.lock().await;
+    let consul = Consul::start(None).await;
+    let proxy = CountingProxy::start(consul.port).await;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    consul.register("lag", "lag-a", a.addr, 1).await;
+    let registry = format!("consul://127.0.0.1:{}?wait=5m", proxy.port);
+    let agent = start_agent(&agent_env(&registry)).await;
+    assert_eq!(agent.get("lag", "/").await.1, "a");
+
+    let mut up_lag = Vec::with_capacity(CHANGES);
+    let mut down_lag = Vec::with_capacity(CHANGES);
+    for i in 0..CHANGES {
+        consul.register("lag", "lag-b", b.addr, 1).await;
+        let t = Instant::now();
+        loop {
+            let (status, backend, body) = agent.get("lag", "/").await;
+            assert_eq!(status, 200, "{body}");
+            if backend == "b" {
+                up_lag.push(t.elapsed());
+                break;
+            }
+            assert!(t.elapsed() < PROPAGATION, "change {i}: b never served");
+        }
+        consul.deregister("lag-b").await;
+        let t = Instant::now();
+        let mut last_b = Duration::ZERO;
+        let mut without_b = 0;
+        while without_b < 40 {
+            let (status, backend, body) = agent.get("lag", "/").await;
+            assert_eq!(status, 200, "{body}");
+            if backend == "b" {
+                last_b = t.elapsed();
+                without_b = 0;
+            } else {
+                without_b += 1;
+            }
+            assert!(t.elapsed() < PROPAGATION, "change {i}: b still served");
+        }
+        down_lag.push(last_b);
+    }
+    up_lag.sort();
+    down_lag.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "consul propagation over {CHANGES} changes each way: register→first served p50 {:.1} ms \
+         p99 {:.1} ms max {:.1} ms; deregister→last served p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+        ms(percentile(&up_lag, 0.5)),
+        ms(percentile(&up_lag, 0.99)),
+        ms(*up_lag.last().unwrap()),
+        ms(percentile(&down_lag, 0.5)),
+        ms(percentile(&down_lag, 0.99)),
+        ms(*down_lag.last().unwrap()),
+    );
+    assert!(
+        percentile(&up_lag, 0.99) < Duration::from_millis(500),
+        "{up_lag:?}"
+    );
+    assert!(
+        percentile(&down_lag, 0.99) < Duration::from_millis(500),
+        "{down_lag:?}"
+    );
+
+    // Idle: one watched service plus the catalog, both blocked in Consul for up to 5 m.
+    let window: u64 = std::env::var("EDGE_AGENT_CONSUL_IDLE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    // Let the last change's re-issued queries settle before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = proxy.count();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(window) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let idle = proxy.count() - start;
+    println!(
+        "consul idle: {idle} HTTP requests in {window} s with wait=5m for 1 watched service + \
+         the catalog watch"
+    );
+    // With wait=5m each blocking query returns at most once per 5 m (+ jitter) when idle.
+    assert!(
+        idle <= 2 * (window / 300 + 1),
+        "{idle} requests in {window} s"
+    );
+}
