@@ -336,9 +336,11 @@ impl ConsulDiscovery {
                         }
                     }
                 }
-                other => return Err(invalid(format!(
+                other => {
+                    return Err(invalid(format!(
                     "unknown parameter {other:?} (known: dc, tag, near, wait, idle_ttl, service)"
-                ))),
+                )))
+                }
             }
         }
         let token = match env(ENV_TOKEN) {
@@ -1162,6 +1164,230 @@ mod tests {
         let body = serde_json::json!({"consul": [], "Web": ["v1"], "api": []});
         assert_eq!(parse_catalog(&body).unwrap(), vec!["api", "consul", "web"]);
         assert!(parse_catalog(&serde_json::json!([1])).is_err());
+    }
+
+    /// One request the scripted server saw: path and query.
+    type Seen = Arc<Mutex<Vec<String>>>;
+
+    /// What the scripted server answers: status, index, body; `None` holds the request open.
+    type Script = Arc<dyn Fn(&str, &str) -> Option<(u16, u64, String)> + Send + Sync>;
+
+    /// A minimal HTTP/1.1 server on loopback answering from `script`, recording requests.
+    async fn scripted(script: Script) -> (u16, Seen) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen: Seen = Arc::default();
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (script, seen) = (script.clone(), seen2.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match conn.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        buf.drain(..end);
+                        let target = head.split(' ').nth(1).unwrap_or("").to_string();
+                        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+                        seen.lock().unwrap().push(target.clone());
+                        let Some((status, index, body)) = script(path, query) else {
+                            std::future::pending::<()>().await;
+                            return;
+                        };
+                        let resp = format!(
+                            "HTTP/1.1 {status} X\r\nX-Consul-Index: {index}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if conn.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, seen)
+    }
+
+    fn entry(port: u16) -> String {
+        format!(
+            r#"{{"Node":{{"Node":"n","Address":"127.0.0.1"}},"Service":{{"ID":"web-{port}","Service":"web","Port":{port}}}}}"#
+        )
+    }
+
+    async fn next_event(rx: &mut mpsc::Receiver<(usize, Event)>) -> Event {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an event within 10 s")
+            .expect("sink open")
+            .1
+    }
+
+    /// The next event about `service`, skipping catalog events.
+    async fn next_for(rx: &mut mpsc::Receiver<(usize, Event)>, service: &str) -> Event {
+        loop {
+            match next_event(rx).await {
+                Event::Catalog(_) => continue,
+                Event::Service { service: s, .. } if s != service => continue,
+                ev => return ev,
+            }
+        }
+    }
+
+    fn ports(ev: &Event) -> Vec<u16> {
+        match ev {
+            Event::Service {
+                update: Update::Reset(set),
+                ..
+            } => set.iter().map(|i| i.port).collect(),
+            other => panic!("expected a reset, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn blocking_query_index_rules_and_errors() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        let script: Script = Arc::new(move |path, query| {
+            if path == "/v1/catalog/services" {
+                return (!query.contains("index=")).then(|| (200, 10, r#"{"web":[]}"#.into()));
+            }
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            match n {
+                0 => Some((200, 5, format!("[{}]", entry(1)))),
+                1 => Some((500, 0, "boom".into())),
+                2 => Some((200, 7, format!("[{},{}]", entry(1), entry(2)))),
+                3 => Some((200, 3, format!("[{}]", entry(2)))),
+                4 => Some((200, 4, "not json".into())),
+                5 => Some((200, 0, format!("[{}]", entry(1)))),
+                6 => Some((200, 9, format!("[{}]", entry(1)))),
+                _ => None,
+            }
+        });
+        let (port, seen) = scripted(script).await;
+        let src = Arc::new(src(&format!("consul://127.0.0.1:{port}?wait=2s&tag=t1"), &[]).unwrap());
+        let (tx, mut rx) = mpsc::channel(64);
+        assert!(src.watch("Web"));
+        tokio::spawn(src.clone().run(Sink::new(0, tx)));
+        assert_eq!(ports(&next_for(&mut rx, "web").await), vec![1]);
+        assert!(matches!(
+            next_for(&mut rx, "web").await,
+            Event::Error {
+                kind: ErrorKind::Status,
+                ..
+            }
+        ));
+        assert_eq!(ports(&next_for(&mut rx, "web").await), vec![1, 2]);
+        assert_eq!(ports(&next_for(&mut rx, "web").await), vec![2]);
+        assert!(matches!(
+            next_for(&mut rx, "web").await,
+            Event::Error {
+                kind: ErrorKind::Parse,
+                ..
+            }
+        ));
+        assert_eq!(ports(&next_for(&mut rx, "web").await), vec![1]);
+        assert_eq!(ports(&next_for(&mut rx, "web").await), vec![1]);
+        // Unknown names are refused once the catalog is known.
+        assert!(!src.watch("nope"));
+        let health: Vec<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| t.starts_with("/v1/health/service/web"))
+            .cloned()
+            .collect();
+        let index_of = |t: &String| {
+            t.split(['?', '&'])
+                .find_map(|kv| kv.strip_prefix("index="))
+                .map(String::from)
+        };
+        let indexes: Vec<Option<String>> = health.iter().take(7).map(index_of).collect();
+        let want: Vec<Option<String>> = [None, Some("5"), None, Some("7"), None, None, Some("1")]
+            .iter()
+            .map(|o| o.map(String::from))
+            .collect();
+        // Error → 0; backwards (7 → 3) → 0; 0 → 1.
+        assert_eq!(indexes, want, "{health:#?}");
+        assert!(
+            health[1].contains("passing=true")
+                && health[1].contains("tag=t1")
+                && health[1].contains("wait=2000ms"),
+            "{}",
+            health[1]
+        );
+    }
+
+    #[tokio::test]
+    async fn on_demand_watches_start_idle_out_and_wait_for_the_catalog() {
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r = released.clone();
+        let script: Script = Arc::new(move |path, query| match path {
+            "/v1/catalog/services" if !query.contains("index=") => {
+                Some((200, 10, r#"{"web":[]}"#.into()))
+            }
+            "/v1/catalog/services" if query.contains("index=10") && r.load(Ordering::SeqCst) => {
+                Some((200, 11, r#"{"web":[],"later":[]}"#.into()))
+            }
+            "/v1/catalog/services" if query.contains("index=10") => {
+                Some((200, 10, r#"{"web":[]}"#.into()))
+            }
+            "/v1/health/service/web" if !query.contains("index=") => {
+                Some((200, 5, format!("[{}]", entry(1))))
+            }
+            "/v1/health/service/later" if !query.contains("index=") => {
+                Some((200, 5, format!("[{}]", entry(3))))
+            }
+            _ => None,
+        });
+        let (port, seen) = scripted(script).await;
+        let src = Arc::new(src(&format!("consul://127.0.0.1:{port}?idle_ttl=1s"), &[]).unwrap());
+        assert!(src.on_demand());
+        let (tx, mut rx) = mpsc::channel(64);
+        tokio::spawn(src.clone().run(Sink::new(0, tx)));
+        assert_eq!(
+            next_event(&mut rx).await,
+            Event::Catalog(vec!["web".into()])
+        );
+        assert!(src.watch("web"));
+        assert_eq!(ports(&next_for(&mut rx, "web").await), vec![1]);
+        // Absent: refused, remembered, started once the catalog lists it. Until then the
+        // catalog query returns unchanged at once, which the spin guard paces.
+        assert!(!src.watch("later"));
+        released.store(true, Ordering::SeqCst);
+        assert_eq!(ports(&next_for(&mut rx, "later").await), vec![3]);
+        // Not touched again: both idle out and are reported gone.
+        let mut gone = Vec::new();
+        while gone.len() < 2 {
+            if let Event::Service {
+                service,
+                update: Update::NotFound,
+            } = next_event(&mut rx).await
+            {
+                gone.push(service);
+            }
+        }
+        gone.sort();
+        assert_eq!(gone, vec!["later", "web"]);
+        let n = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| t.starts_with("/v1/health/service/web"))
+            .count();
+        assert_eq!(
+            n,
+            2,
+            "one fetch, one blocking query: {:?}",
+            seen.lock().unwrap()
+        );
     }
 
     #[test]
