@@ -7,8 +7,8 @@
 //!
 //! Retries: a request without a body is retried on another endpoint, up to the upstream's
 //! `retries` and within `retry_timeout`, when the connection could not be made and, for
-//! idempotent methods, when the connection failed before a response or the answer was 502, 503
-//! or 504. A request with a body is never retried (its body is streamed and cannot be
+//! idempotent methods, when the connection failed before a response or the answer was one of
+//! [`RETRY_STATUSES`] (500, 502, 503, 504). A request with a body is never retried (its body is streamed and cannot be
 //! replayed). A retry budget per upstream (20% of requests plus a small reserve) stops retry
 //! storms. To retry, the request head is cloned before the first try; hyper's pooled client
 //! consumes a request even when it never reached the wire.
@@ -250,8 +250,8 @@ impl Proxy {
                             .observe(t0.elapsed(), now, settings.ewma_decay);
                         health::record(upstream, ep, Outcome::Success, now);
                     }
-                    // A gateway error from an idempotent request is worth another endpoint.
-                    if !last_try && matches!(status, 502..=504) && idempotent(&parts.method) {
+                    // A server error on an idempotent request is worth another endpoint.
+                    if !last_try && RETRY_STATUSES.contains(&status) && idempotent(&parts.method) {
                         tracing::debug!(upstream = %upstream.id, endpoint = %ep.authority, status, attempt, "retrying after gateway error");
                         last_response = Some(resp);
                         continue;
@@ -306,6 +306,10 @@ impl Proxy {
         ))
     }
 }
+
+/// Statuses after which an idempotent, body-less request is tried on another endpoint. 500 is
+/// included so a broken instance costs no client-visible error while passive health ejects it.
+pub const RETRY_STATUSES: [u16; 4] = [500, 502, 503, 504];
 
 /// Each request adds this many hundredths of a retry to its upstream's budget: retries may be
 /// at most 20% of requests (plus the reserve), so a failing upstream cannot triple its load.

@@ -84,9 +84,19 @@ impl Balancer for RoundRobin {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let pos = start % len;
+        let ok = |i: usize| !tried.contains(i) && endpoints.get(i).is_some_and(|e| e.usable(ctx));
+        let first = self.schedule[pos] as usize;
+        if ok(first) || len == 1 {
+            return ok(first).then_some(first);
+        }
+        // Walk on from a slot whose endpoint is out, starting at an offset that changes every
+        // cycle, so the slot's share spreads over the others by weight instead of all going to
+        // its successor in the sequence.
+        let offset = 1 + (start / len) % (len - 1);
         (0..len)
-            .map(|step| self.schedule[(start.wrapping_add(step)) % len] as usize)
-            .find(|&i| !tried.contains(i) && endpoints.get(i).is_some_and(|e| e.usable(ctx)))
+            .map(|step| self.schedule[(pos + offset + step) % len] as usize)
+            .find(|&i| ok(i))
     }
 }
 
@@ -141,6 +151,21 @@ mod tests {
         let c0 = s.iter().filter(|&&i| i == 0).count() as f64;
         let c1 = s.iter().filter(|&&i| i == 1).count() as f64;
         assert!((c1 / c0 - 3.0).abs() < 0.01, "{}", c1 / c0);
+    }
+
+    #[test]
+    fn an_unavailable_endpoints_share_spreads_over_the_others() {
+        let mut eps = endpoints(&[1, 1, 1, 1]);
+        eps[2].healthy = false;
+        let b = build(&eps, &UpstreamSettings::with_balancer("roundrobin"));
+        let mut counts = [0usize; 4];
+        for _ in 0..3000 {
+            counts[b.next(&eps, &ctx(), &Tried::default()).unwrap()] += 1;
+        }
+        assert_eq!(counts[2], 0);
+        for c in [counts[0], counts[1], counts[3]] {
+            assert!((950..=1050).contains(&c), "{counts:?}");
+        }
     }
 
     #[test]
