@@ -41,7 +41,10 @@
 //!   the agent on the next answer. There is **no grace period** for a removed service: the
 //!   catalog only drops a name once its last instance is deregistered, and the instance watch has
 //!   by then already emptied its set; suspicious mass removal is the agent's guard to judge. The
-//!   catalog also lets [`Discovery::watch`] answer `false` for names Consul does not know.
+//!   catalog also lets [`Discovery::watch`] answer `false` for names Consul does not know. Its
+//!   cost: Consul moves the catalog's index on every registration change in the datacenter, and
+//!   each answer is the whole name → tags map, so this one query wakes with the datacenter's
+//!   registration churn (not with health changes).
 //! - Instances: one blocking query per watched service on
 //!   `/v1/health/service/<name>?passing`. A watch starts on [`Discovery::watch`] (the agent calls
 //!   it on a routing miss, to keep it alive, and for configured services) or from the URL's
