@@ -7,6 +7,7 @@
 //! change) rebuilds nothing; a change rebuilds only the upstreams that use the changed service,
 //! and hands every endpoint that stayed its old [`EndpointState`].
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,6 +22,7 @@ use crate::config::{Dynamic, UpstreamConfig, UpstreamSettings};
 use crate::health::{self, Health};
 use crate::metrics::{self as m, UpstreamMetrics};
 use crate::proxy;
+use crate::snapshot;
 use crate::upstream::{
     count_states, Endpoint, EndpointKey, EndpointState, Route, Table, Upstream, UpstreamRuntime,
 };
@@ -112,6 +114,10 @@ impl SourceStatus {
             .as_secs_f64()
     }
 
+    fn set_last_ok_ms(&self, ms: u64) {
+        self.last_ok_ms.store(ms, Ordering::Release);
+    }
+
     fn ok(&self) {
         self.last_ok_ms
             .store(unix_ms(SystemTime::now()), Ordering::Release);
@@ -137,6 +143,9 @@ pub struct Cache {
     services: HashMap<String, BTreeMap<usize, Vec<Instance>>>,
     runtimes: HashMap<String, Arc<UpstreamRuntime>>,
     states: HashMap<String, HashMap<EndpointKey, Arc<EndpointState>>>,
+    /// Where the last good view is saved, and whether it changed since the last write.
+    state_dir: Option<PathBuf>,
+    snapshot_dirty: bool,
 }
 
 /// The services an event changed.
@@ -150,9 +159,68 @@ impl Cache {
             services: HashMap::new(),
             runtimes: HashMap::new(),
             states: HashMap::new(),
+            state_dir: None,
+            snapshot_dirty: false,
         };
         cache.rebuild(None);
         cache
+    }
+
+    /// Saves the last good view in `dir` from now on, and first serves what is saved there
+    /// (see `snapshot.rs`).
+    pub fn with_state_dir(mut self, dir: PathBuf) -> Self {
+        match snapshot::load(&dir) {
+            Ok(Some(snap)) => {
+                let mut loaded = 0;
+                for (idx, status) in self.shared.sources.iter().enumerate() {
+                    let Some(services) = snap.sources.get(&status.describe) else {
+                        continue;
+                    };
+                    for (svc, set) in services {
+                        loaded += set.len();
+                        self.services
+                            .entry(svc.clone())
+                            .or_default()
+                            .insert(idx, set.clone());
+                    }
+                    status.set_last_ok_ms(snap.written_ms);
+                }
+                let age = snapshot::now_ms().saturating_sub(snap.written_ms) / 1000;
+                tracing::info!(dir = %dir.display(), endpoints = loaded, age_seconds = age, "serving the saved view until registries answer");
+                self.rebuild(None);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("ignoring the saved view: {e}"),
+        }
+        self.state_dir = Some(dir);
+        self
+    }
+
+    fn write_snapshot(&mut self) {
+        let Some(dir) = &self.state_dir else { return };
+        if !self.snapshot_dirty {
+            return;
+        }
+        let mut sources: BTreeMap<String, BTreeMap<String, Vec<Instance>>> = BTreeMap::new();
+        for (svc, by_source) in &self.services {
+            for (idx, set) in by_source {
+                if let Some(status) = self.shared.sources.get(*idx) {
+                    sources
+                        .entry(status.describe.clone())
+                        .or_default()
+                        .insert(svc.clone(), set.clone());
+                }
+            }
+        }
+        let snap = snapshot::Snapshot {
+            version: snapshot::VERSION,
+            written_ms: snapshot::now_ms(),
+            sources,
+        };
+        match snapshot::write(dir, &snap) {
+            Ok(()) => self.snapshot_dirty = false,
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot save the view"),
+        }
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -170,6 +238,8 @@ impl Cache {
         let mut touch = tokio::time::interval(TOUCH_INTERVAL);
         touch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut used: HashMap<Arc<str>, u64> = HashMap::new();
+        let mut save = tokio::time::interval(snapshot::WRITE_INTERVAL);
+        save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
@@ -177,7 +247,9 @@ impl Cache {
                         let dirty = self.apply(source, ev);
                         if !dirty.is_empty() {
                             self.rebuild(Some(&dirty));
+                            self.snapshot_dirty = true;
                         }
+                        self.update_ready();
                     }
                     None => return,
                 },
@@ -185,8 +257,18 @@ impl Cache {
                     Control::Reload(d) => self.reload(*d),
                 },
                 _ = tick.tick() => self.publish_staleness(),
+                _ = save.tick(), if self.snapshot_dirty => self.write_snapshot(),
                 _ = touch.tick(), if !self.shared.on_demand.is_empty() => self.touch(&mut used),
             }
+        }
+    }
+
+    /// Ready once every source has answered, checked after the answer's table is published so
+    /// `/ready` never runs ahead of the routing table.
+    fn update_ready(&self) {
+        if !self.shared.ready() && self.shared.sources.iter().all(SourceStatus::answered) {
+            self.shared.ready.store(true, Ordering::Release);
+            tracing::info!("every discovery source has answered: ready");
         }
     }
 
@@ -278,10 +360,6 @@ impl Cache {
         self.services.retain(|_, set| !set.is_empty());
         metrics::counter!(m::DISCOVERY_UPDATES, "source" => kind).increment(1);
         status.ok();
-        if !self.shared.ready() && self.shared.sources.iter().all(SourceStatus::answered) {
-            self.shared.ready.store(true, Ordering::Release);
-            tracing::info!("every discovery source has answered: ready");
-        }
         dirty
     }
 
@@ -524,6 +602,7 @@ mod tests {
         if !d.is_empty() {
             c.rebuild(Some(&d));
         }
+        c.update_ready();
         d
     }
 

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod snapshot;
 pub mod upstream;
 
 use anyhow::Context as _;
@@ -51,7 +52,11 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     }
     let on_demand = sources.iter().filter(|s| s.on_demand()).cloned().collect();
     let shared = Shared::with_on_demand(statuses, on_demand);
-    let cache = Cache::new(shared.clone(), config.dynamic.clone());
+    let mut cache = Cache::new(shared.clone(), config.dynamic.clone());
+    match config.state_dir.clone().or_else(snapshot::default_dir) {
+        Some(dir) => cache = cache.with_state_dir(dir),
+        None => tracing::warn!("no state directory: the view is not saved across restarts"),
+    }
 
     let proxy_listener = TcpListener::bind(config.listen)
         .await
@@ -126,8 +131,10 @@ async fn wait_for_shutdown_signal() {
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -230,8 +230,12 @@ impl Agent {
             get("EDGE_AGENT_LISTEN").unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let admin =
             get("EDGE_AGENT_ADMIN_LISTEN").unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let state = get("EDGE_AGENT_STATE_DIR")
+            .unwrap_or_else(|| dir.path().join("state").display().to_string());
         let mut cmd = Command::new(agent_bin());
         cmd.current_dir(workspace_root())
+            .env("EDGE_AGENT_STATE_DIR", &state)
+            .env("NO_COLOR", "1")
             .env_remove("EDGE_AGENT_REGISTRY")
             .env_remove("EDGE_AGENT_CONFIG")
             .env("RUST_LOG", "info,edge_agent=debug")

@@ -416,3 +416,126 @@ async fn the_proxy_never_dials_what_the_request_names() {
     assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
     assert_eq!(victim.hits(), 0, "the victim was dialled");
 }
+
+#[tokio::test]
+async fn a_restarted_agent_serves_the_saved_view_while_its_registry_is_unreachable() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    let state = dir.path().join("state");
+    let state_s = state.to_str().unwrap().to_string();
+    write_services(&path, &[("svc", &[(a.addr, 1)])]);
+    {
+        let agent = Agent::start(&[
+            ("EDGE_AGENT_REGISTRY", &url),
+            ("EDGE_AGENT_STATE_DIR", &state_s),
+        ])
+        .await;
+        assert_eq!(agent.get("svc", "/").await.0, 200);
+        eventually(
+            Duration::from_secs(10),
+            "the snapshot to be written",
+            || async { state.join("snapshot.json").exists().then_some(()) },
+        )
+        .await;
+    } // killed
+    std::fs::remove_file(&path).unwrap(); // the registry is now unreachable
+    let agent = Agent::spawn(&[
+        ("EDGE_AGENT_REGISTRY", &url),
+        ("EDGE_AGENT_STATE_DIR", &state_s),
+    ]);
+    let c = client();
+    let status = eventually(
+        Duration::from_secs(20),
+        "the agent to serve svc",
+        || async {
+            let r = c
+                .get(agent.url("/"))
+                .header("host", "svc")
+                .send()
+                .await
+                .ok()?;
+            (r.status() == 200).then_some(r.status())
+        },
+    )
+    .await;
+    assert_eq!(status, 200);
+    // Not ready (the registry has not answered), and stale.
+    let r = c.get(agent.admin_url("/ready")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(
+        agent.log_text().contains("serving the saved view"),
+        "{}",
+        agent.log_text()
+    );
+    drop(agent);
+
+    // A corrupt snapshot is ignored, never fatal.
+    std::fs::write(state.join("snapshot.json"), "{ garbage").unwrap();
+    write_services(&path, &[("svc", &[(a.addr, 1)])]);
+    let agent = Agent::start(&[
+        ("EDGE_AGENT_REGISTRY", &url),
+        ("EDGE_AGENT_STATE_DIR", &state_s),
+    ])
+    .await;
+    assert_eq!(agent.get("svc", "/").await.0, 200);
+    assert!(
+        agent.log_text().contains("ignoring the saved view"),
+        "{}",
+        agent.log_text()
+    );
+}
+
+/// Sends raw bytes to the proxy and returns everything it answers before closing.
+async fn raw(agent: &Agent, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(agent.proxy).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp)).await;
+    String::from_utf8_lossy(&resp).into_owned()
+}
+
+#[tokio::test]
+async fn request_smuggling_shapes_are_refused_or_neutralised() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("svc", &[(a.addr, 1)])]);
+    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", &url)]).await;
+    // Two different Content-Length values: 400.
+    let resp = raw(
+        &agent,
+        b"POST / HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    // Transfer-Encoding that is not chunked, with Content-Length: 400.
+    let resp = raw(
+        &agent,
+        b"POST / HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert_eq!(a.hits(), 0, "nothing reached the backend");
+    // Content-Length with chunked Transfer-Encoding: chunked wins (RFC 9112 §6.3), the
+    // connection is closed after the answer, and the request hidden in the "body" is never
+    // served.
+    let resp = raw(
+        &agent,
+        b"POST / HTTP/1.1\r\nHost: svc\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n\
+          0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: svc\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        resp.matches("HTTP/1.1 ").count(),
+        1,
+        "one answer only: {resp}"
+    );
+    assert!(
+        resp.to_ascii_lowercase().contains("connection: close"),
+        "{resp}"
+    );
+    assert!(!resp.contains("smuggled"), "{resp}");
+    assert_eq!(a.hits(), 1);
+}
