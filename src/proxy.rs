@@ -510,3 +510,46 @@ mod tests {
         assert_eq!(h["x-kept"], "yes");
     }
 }
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+    use crate::config::UpstreamSettings;
+    use crate::metrics::UpstreamMetrics;
+
+    fn runtime() -> UpstreamRuntime {
+        let settings = UpstreamSettings::with_balancer("roundrobin");
+        UpstreamRuntime {
+            client: new_client(&settings),
+            settings,
+            metrics: UpstreamMetrics::new("t"),
+            panic: Default::default(),
+            requests: Default::default(),
+            retry_tokens: RETRY_BUDGET_RESERVE.into(),
+        }
+    }
+
+    #[test]
+    fn the_reserve_allows_ten_retries_then_one_per_five_requests() {
+        let rt = runtime();
+        assert_eq!((0..20).filter(|_| withdraw_retry_token(&rt)).count(), 10);
+        for _ in 0..50 {
+            deposit_retry_token(&rt);
+        }
+        assert_eq!((0..20).filter(|_| withdraw_retry_token(&rt)).count(), 10);
+        assert!(
+            rt.retry_tokens.load(Ordering::Relaxed) >= 0,
+            "never overdrawn"
+        );
+    }
+
+    #[test]
+    fn a_quiet_spell_does_not_bank_a_storm() {
+        let rt = runtime();
+        for _ in 0..100_000 {
+            deposit_retry_token(&rt);
+        }
+        let n = (0..1000).filter(|_| withdraw_retry_token(&rt)).count();
+        assert_eq!(n as i64, RETRY_BUDGET_MAX / 100);
+    }
+}
