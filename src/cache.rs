@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::balancer;
 use crate::config::{Dynamic, UpstreamConfig, UpstreamSettings};
+use crate::guard::Held;
 use crate::health::{self, Health};
 use crate::metrics::{self as m, UpstreamMetrics};
 use crate::proxy;
@@ -143,6 +144,8 @@ pub struct Cache {
     services: HashMap<String, BTreeMap<usize, Vec<Instance>>>,
     runtimes: HashMap<String, Arc<UpstreamRuntime>>,
     states: HashMap<String, HashMap<EndpointKey, Arc<EndpointState>>>,
+    /// Suspicious updates held by the mass-deregistration guard, by (source, service).
+    held: HashMap<(usize, String), Held>,
     /// Where the last good view is saved, and whether it changed since the last write.
     state_dir: Option<PathBuf>,
     snapshot_dirty: bool,
@@ -159,6 +162,7 @@ impl Cache {
             services: HashMap::new(),
             runtimes: HashMap::new(),
             states: HashMap::new(),
+            held: HashMap::new(),
             state_dir: None,
             snapshot_dirty: false,
         };
@@ -256,7 +260,14 @@ impl Cache {
                 Some(c) = control.recv() => match c {
                     Control::Reload(d) => self.reload(*d),
                 },
-                _ = tick.tick() => self.publish_staleness(),
+                _ = tick.tick() => {
+                    self.publish_staleness();
+                    let dirty = self.release_held(health::now_ms());
+                    if !dirty.is_empty() {
+                        self.rebuild(Some(&dirty));
+                        self.snapshot_dirty = true;
+                    }
+                }
                 _ = save.tick(), if self.snapshot_dirty => self.write_snapshot(),
                 _ = touch.tick(), if !self.shared.on_demand.is_empty() => self.touch(&mut used),
             }
@@ -315,9 +326,9 @@ impl Cache {
                 return dirty;
             }
             Event::Snapshot(all) => {
-                for (svc, set) in self.services.iter_mut() {
-                    if !all.contains_key(svc) && set.remove(&source).is_some() {
-                        dirty.insert(svc.clone());
+                for svc in self.reported_by(source) {
+                    if !all.contains_key(&svc) {
+                        self.set(source, svc, None, &mut dirty);
                     }
                 }
                 for (svc, instances) in all {
@@ -350,9 +361,9 @@ impl Cache {
             }
             Event::Catalog(names) => {
                 let names: HashSet<String> = names.into_iter().collect();
-                for (svc, set) in self.services.iter_mut() {
-                    if !names.contains(svc) && set.remove(&source).is_some() {
-                        dirty.insert(svc.clone());
+                for svc in self.reported_by(source) {
+                    if !names.contains(&svc) {
+                        self.set(source, svc, None, &mut dirty);
                     }
                 }
             }
@@ -363,6 +374,17 @@ impl Cache {
         dirty
     }
 
+    /// Services `source` currently has instances for.
+    fn reported_by(&self, source: usize) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|(_, by)| by.contains_key(&source))
+            .map(|(svc, _)| svc.clone())
+            .collect()
+    }
+
+    /// Replaces what `source` says of `service` (`None`: nothing), unless the mass-deregistration
+    /// guard holds the change (see `guard.rs`).
     fn set(
         &mut self,
         source: usize,
@@ -370,22 +392,86 @@ impl Cache {
         instances: Option<Vec<Instance>>,
         dirty: &mut Dirty,
     ) {
-        let entry = self.services.entry(service.clone()).or_default();
-        let changed = match instances {
-            Some(mut set) => {
-                set.sort();
-                if entry.get(&source) == Some(&set) {
-                    false
-                } else {
-                    entry.insert(source, set);
-                    true
-                }
-            }
-            None => entry.remove(&source).is_some(),
-        };
-        if changed {
-            dirty.insert(service);
+        let instances = instances.map(|mut set| {
+            set.sort();
+            set
+        });
+        let key = (source, service);
+        let current = self.services.get(&key.1).and_then(|m| m.get(&source));
+        if current == instances.as_ref() || (current.is_none() && instances.is_none()) {
+            self.held.remove(&key);
+            return;
         }
+        let guard = &self.dynamic.guard;
+        if guard.suspicious(&key.1, current.map_or(&[][..], |c| c), instances.as_deref()) {
+            let now = health::now_ms();
+            let held = self.held.entry(key.clone()).or_insert_with(|| Held {
+                next: instances.clone(),
+                since_ms: now,
+                answers: 0,
+            });
+            if held.next == instances {
+                held.answers += 1;
+            } else {
+                *held = Held {
+                    next: instances.clone(),
+                    since_ms: now,
+                    answers: 1,
+                };
+            }
+            if !held.confirmed(guard, now) {
+                if held.answers == 1 {
+                    let kind = self.shared.sources.get(source).map_or("", |s| s.kind);
+                    metrics::counter!(m::DISCOVERY_HELD, "source" => kind).increment(1);
+                    tracing::warn!(
+                        source = kind,
+                        service = %key.1,
+                        endpoints = current.map_or(0, Vec::len),
+                        after = instances.as_ref().map_or(0, Vec::len),
+                        "holding an update that removes most of a service; the last good set keeps serving until it is confirmed"
+                    );
+                }
+                return;
+            }
+            tracing::info!(service = %key.1, "held update confirmed: applying");
+        }
+        self.held.remove(&key);
+        let (_, service) = key;
+        let entry = self.services.entry(service.clone()).or_default();
+        match instances {
+            Some(set) => {
+                entry.insert(source, set);
+            }
+            None => {
+                entry.remove(&source);
+            }
+        }
+        dirty.insert(service);
+    }
+
+    /// Applies held updates whose confirmation window has passed.
+    pub fn release_held(&mut self, now_ms: u64) -> Dirty {
+        let guard = self.dynamic.guard.clone();
+        let due: Vec<(usize, String)> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.confirmed(&guard, now_ms))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut dirty = Dirty::new();
+        for key in due {
+            if let Some(h) = self.held.remove(&key) {
+                tracing::info!(service = %key.1, "held update confirmed by its window: applying");
+                let entry = self.services.entry(key.1.clone()).or_default();
+                match h.next {
+                    Some(set) => entry.insert(key.0, set),
+                    None => entry.remove(&key.0),
+                };
+                dirty.insert(key.1);
+            }
+        }
+        self.services.retain(|_, set| !set.is_empty());
+        dirty
     }
 
     fn reload(&mut self, dynamic: Dynamic) {
@@ -584,6 +670,10 @@ mod tests {
                 domain_suffix: None,
                 upstreams: vec![],
                 routes: vec![],
+                guard: crate::guard::GuardConfig {
+                    enabled: false,
+                    ..Default::default()
+                },
             },
         )
     }
@@ -675,6 +765,61 @@ mod tests {
         let t = c.shared.table.load();
         assert_eq!(t.upstreams["a"].endpoints.len(), 1);
         assert_eq!(t.upstreams["a"].endpoints[0].authority.port_u16(), Some(3));
+    }
+
+    fn guarded() -> Cache {
+        let mut c = cache();
+        c.dynamic.guard = crate::guard::GuardConfig {
+            confirm_answers: 3,
+            confirm_window: Duration::from_secs(30),
+            ..Default::default()
+        };
+        c
+    }
+
+    #[test]
+    fn the_guard_holds_mass_removal_until_three_identical_answers() {
+        let mut c = guarded();
+        step(&mut c, snapshot(&[("a", &[1, 2, 3, 4])]));
+        // Removing half applies at once.
+        assert!(!step(&mut c, snapshot(&[("a", &[1, 2])])).is_empty());
+        // Removing the rest, or the whole service, is held…
+        for _ in 0..2 {
+            assert!(step(&mut c, snapshot(&[])).is_empty());
+            assert_eq!(c.shared.table.load().upstreams["a"].endpoints.len(), 2);
+        }
+        // …until the third identical answer.
+        assert!(!step(&mut c, snapshot(&[])).is_empty());
+        assert!(!c.shared.table.load().upstreams.contains_key("a"));
+    }
+
+    #[test]
+    fn the_guard_releases_by_window_and_a_sane_answer_replaces_a_held_one() {
+        let mut c = guarded();
+        step(&mut c, snapshot(&[("a", &[1, 2, 3]), ("b", &[1, 2, 3])]));
+        assert!(step(&mut c, snapshot(&[("a", &[1]), ("b", &[1])])).is_empty());
+        // A sane answer for b replaces its held one.
+        assert!(!step(&mut c, snapshot(&[("a", &[1]), ("b", &[1, 2])])).is_empty());
+        assert_eq!(c.shared.table.load().upstreams["b"].endpoints.len(), 2);
+        assert_eq!(
+            c.shared.table.load().upstreams["a"].endpoints.len(),
+            3,
+            "a still held"
+        );
+        let now = health::now_ms();
+        assert!(c.release_held(now + 29_000).is_empty());
+        let d = c.release_held(now + 31_000);
+        c.rebuild(Some(&d));
+        assert_eq!(c.shared.table.load().upstreams["a"].endpoints.len(), 1);
+    }
+
+    #[test]
+    fn opted_out_services_are_never_held() {
+        let mut c = guarded();
+        c.dynamic.guard.opt_out = vec!["a".into()];
+        step(&mut c, snapshot(&[("a", &[1, 2, 3])]));
+        assert!(!step(&mut c, snapshot(&[])).is_empty());
+        assert!(!c.shared.table.load().upstreams.contains_key("a"));
     }
 
     #[test]

@@ -41,6 +41,7 @@ use clap::{Parser, Subcommand};
 use serde::Deserialize;
 
 use crate::balancer;
+use crate::guard::GuardConfig;
 
 /// Default proxy listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15001";
@@ -91,6 +92,7 @@ Environment (each also a flag; flags and variables override the config file):
   EDGE_AGENT_SHUTDOWN_GRACE  drain time after SIGTERM          [default: 10s]
   EDGE_AGENT_STATE_DIR       directory for state snapshots     [default: none]
   EDGE_AGENT_ADMIN_TOKEN     bearer token required by the admin API (except /healthz) [default: none]
+  EDGE_AGENT_REMOVAL_GUARD   hold updates that remove most of a service: on/off [default: on]
   EDGE_AGENT_LOG_FORMAT      text or json                      [default: text]
   RUST_LOG                   log filter, e.g. info,edge_agent=debug [default: info]";
 
@@ -136,6 +138,9 @@ pub struct Cli {
         global = true
     )]
     pub admin_token: Option<String>,
+    /// Mass-deregistration guard: on or off [default: on]
+    #[arg(long, env = "EDGE_AGENT_REMOVAL_GUARD", global = true)]
+    pub removal_guard: Option<String>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "EDGE_AGENT_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
@@ -159,6 +164,20 @@ pub struct FileConfig {
     pub upstream: Vec<UpstreamFile>,
     #[serde(default)]
     pub route: Vec<RouteFile>,
+    #[serde(default)]
+    pub guard: GuardFile,
+}
+
+/// `[guard]`: the mass-deregistration guard (see `guard.rs`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardFile {
+    pub enabled: Option<bool>,
+    pub max_removal_percent: Option<u32>,
+    pub confirm_window: Option<String>,
+    pub confirm_answers: Option<u32>,
+    #[serde(default)]
+    pub opt_out: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -282,6 +301,7 @@ pub struct Dynamic {
     pub domain_suffix: Option<String>,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    pub guard: GuardConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -513,6 +533,7 @@ fn build(cli: &Cli, file: &FileConfig, errs: &mut Vec<String>) -> Config {
     }
     let upstreams = upstreams(&file.upstream, &default_balancer, errs);
     let routes = routes(&file.route, &upstreams, errs);
+    let guard = guard(cli, &file.guard, errs);
     Config {
         listen,
         admin_listen,
@@ -527,7 +548,51 @@ fn build(cli: &Cli, file: &FileConfig, errs: &mut Vec<String>) -> Config {
             domain_suffix,
             upstreams,
             routes,
+            guard,
         },
+    }
+}
+
+fn guard(cli: &Cli, g: &GuardFile, errs: &mut Vec<String>) -> GuardConfig {
+    let d = GuardConfig::default();
+    let enabled = match cli.removal_guard.as_deref().map(str::trim) {
+        None | Some("") => g.enabled.unwrap_or(true),
+        Some("on") | Some("true") | Some("1") => true,
+        Some("off") | Some("false") | Some("0") => false,
+        Some(other) => {
+            errs.push(format!(
+                "EDGE_AGENT_REMOVAL_GUARD={other:?}: expected \"on\" or \"off\""
+            ));
+            true
+        }
+    };
+    let confirm_answers = match g.confirm_answers {
+        Some(0) => {
+            errs.push("guard.confirm_answers = 0: must be at least 1".into());
+            d.confirm_answers
+        }
+        Some(n) => n,
+        None => d.confirm_answers,
+    };
+    GuardConfig {
+        enabled,
+        max_removal_percent: percent(
+            "guard.max_removal_percent".into(),
+            g.max_removal_percent,
+            d.max_removal_percent,
+            errs,
+        ),
+        confirm_window: g
+            .confirm_window
+            .as_ref()
+            .and_then(|v| duration("guard.confirm_window", v, errs))
+            .unwrap_or(d.confirm_window),
+        confirm_answers,
+        opt_out: g
+            .opt_out
+            .iter()
+            .map(|s| s.trim().to_ascii_lowercase())
+            .collect(),
     }
 }
 

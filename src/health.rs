@@ -373,6 +373,7 @@ mod tests {
                     settings,
                 }],
                 routes: vec![],
+                guard: Default::default(),
             },
         );
         let set = (1..=n).map(|p| Instance::new("127.0.0.1", p)).collect();

@@ -18,6 +18,7 @@ pub const DISCOVERY_STALENESS: &str = "edge_agent_discovery_staleness_seconds";
 pub const RETRIES_TOTAL: &str = "edge_agent_retries_total";
 pub const CONFIG_RELOADS: &str = "edge_agent_config_reloads_total";
 pub const UPSTREAM_ERRORS: &str = "edge_agent_upstream_errors_total";
+pub const DISCOVERY_HELD: &str = "edge_agent_discovery_held_total";
 pub const UPSTREAM_PANIC: &str = "edge_agent_upstream_panic";
 pub const EJECTIONS: &str = "edge_agent_ejections_total";
 pub const RETRY_BUDGET_EXHAUSTED: &str = "edge_agent_retry_budget_exhausted_total";

@@ -235,6 +235,9 @@ impl Agent {
         let mut cmd = Command::new(agent_bin());
         cmd.current_dir(workspace_root())
             .env("EDGE_AGENT_STATE_DIR", &state)
+            // The mass-deregistration guard delays removals by design; tests of propagation
+            // turn it off, and the guard's own tests turn it on.
+            .env("EDGE_AGENT_REMOVAL_GUARD", "off")
             .env("NO_COLOR", "1")
             .env_remove("EDGE_AGENT_REGISTRY")
             .env_remove("EDGE_AGENT_CONFIG")

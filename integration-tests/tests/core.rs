@@ -568,3 +568,51 @@ async fn a_request_with_a_body_is_never_replayed() {
     assert_eq!(statuses.get(&502), Some(&5), "{statuses:?}");
     assert_eq!(live.hits(), 5);
 }
+
+#[tokio::test]
+async fn the_removal_guard_keeps_a_service_when_the_registry_suddenly_forgets_it() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("svc", &[(a.addr, 1), (b.addr, 1), (c.addr, 1)])]);
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        "[guard]\nconfirm_window = \"2s\"\nconfirm_answers = 100\n",
+    )
+    .unwrap();
+    let agent = Agent::start(&[
+        ("EDGE_AGENT_REGISTRY", &url),
+        ("EDGE_AGENT_CONFIG", cfg.to_str().unwrap()),
+        ("EDGE_AGENT_REMOVAL_GUARD", "on"),
+    ])
+    .await;
+    assert_eq!(agent.get("svc", "/").await.0, 200);
+    // The file loses every service (a truncated deploy): held, still serving.
+    let held_at = std::time::Instant::now();
+    write_services(&path, &[]);
+    eventually(Duration::from_secs(5), "the update to be held", || async {
+        agent
+            .metrics()
+            .await
+            .contains("edge_agent_discovery_held_total{source=\"file\"} 1")
+            .then_some(())
+    })
+    .await;
+    let s = spread(&agent, "svc", 9).await;
+    assert_eq!(s.len(), 3, "all three still serve: {s:?}");
+    // Confirmed by its window: the service goes.
+    eventually(
+        Duration::from_secs(10),
+        "the held update to apply",
+        || async { (agent.get("svc", "/").await.0 == 404).then_some(()) },
+    )
+    .await;
+    assert!(
+        held_at.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        held_at.elapsed()
+    );
+}

@@ -1,0 +1,146 @@
+//! The mass-deregistration guard: an answer that removes most of a service's endpoints at once,
+//! or empties it, is held until it is confirmed, because a registry that suddenly forgets a
+//! service is more often broken (a restarted Eureka, a Consul agent that lost its catalog, a
+//! truncated file) than right.
+//!
+//! An update from one source for one service is *suspicious* when it removes more than
+//! `max_removal_percent` of the endpoints that source reported (by identity), or leaves none.
+//! A suspicious update is held, logged and counted (`edge_agent_discovery_held_total{source}`);
+//! the last good set keeps serving. It applies when the source repeats the same answer
+//! `confirm_answers` times in a row (polling registries), or when `confirm_window` has passed
+//! since it was first held (push and blocking-query registries answer only on change). Any
+//! non-suspicious answer replaces a held one. Services in `opt_out` are never held. Additions
+//! and small removals are never delayed.
+//!
+//! Configuration: the `[guard]` table of `EDGE_AGENT_CONFIG`, and `EDGE_AGENT_REMOVAL_GUARD=off`
+//! to disable it (on by default).
+use std::collections::HashSet;
+use std::time::Duration;
+
+use discovery::Instance;
+
+/// Share of a service's endpoints one update may remove without being held, percent.
+pub const DEFAULT_MAX_REMOVAL_PERCENT: u32 = 50;
+/// How long a suspicious update is held before it applies anyway.
+pub const DEFAULT_CONFIRM_WINDOW: Duration = Duration::from_secs(30);
+/// Identical consecutive answers that confirm a suspicious update.
+pub const DEFAULT_CONFIRM_ANSWERS: u32 = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardConfig {
+    pub enabled: bool,
+    pub max_removal_percent: u32,
+    pub confirm_window: Duration,
+    pub confirm_answers: u32,
+    /// Services whose updates always apply at once.
+    pub opt_out: Vec<String>,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            enabled: true,
+            max_removal_percent: DEFAULT_MAX_REMOVAL_PERCENT,
+            confirm_window: DEFAULT_CONFIRM_WINDOW,
+            confirm_answers: DEFAULT_CONFIRM_ANSWERS,
+            opt_out: Vec::new(),
+        }
+    }
+}
+
+impl GuardConfig {
+    /// Whether replacing `current` by `next` (`None`: the service is gone) is suspicious.
+    pub fn suspicious(
+        &self,
+        service: &str,
+        current: &[Instance],
+        next: Option<&[Instance]>,
+    ) -> bool {
+        if !self.enabled || current.is_empty() || self.opt_out.iter().any(|s| s == service) {
+            return false;
+        }
+        let next = match next {
+            None => return true,
+            Some(n) if n.is_empty() => return true,
+            Some(n) => n,
+        };
+        let kept: HashSet<&str> = next.iter().map(|i| i.id.as_str()).collect();
+        let removed = current
+            .iter()
+            .filter(|i| !kept.contains(i.id.as_str()))
+            .count();
+        removed * 100 > self.max_removal_percent as usize * current.len()
+    }
+}
+
+/// A held update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Held {
+    pub next: Option<Vec<Instance>>,
+    /// Process-clock ms when first held.
+    pub since_ms: u64,
+    pub answers: u32,
+}
+
+impl Held {
+    pub fn confirmed(&self, cfg: &GuardConfig, now_ms: u64) -> bool {
+        self.answers >= cfg.confirm_answers
+            || now_ms.saturating_sub(self.since_ms) >= cfg.confirm_window.as_millis() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ports: &[u16]) -> Vec<Instance> {
+        ports
+            .iter()
+            .map(|p| Instance::new("127.0.0.1", *p))
+            .collect()
+    }
+
+    #[test]
+    fn what_is_suspicious() {
+        let g = GuardConfig::default();
+        let cur = set(&[1, 2, 3, 4]);
+        assert!(
+            !g.suspicious("s", &cur, Some(&set(&[1, 2]))),
+            "half is allowed"
+        );
+        assert!(
+            g.suspicious("s", &cur, Some(&set(&[1]))),
+            "three quarters is not"
+        );
+        assert!(g.suspicious("s", &cur, Some(&[])), "emptied");
+        assert!(g.suspicious("s", &cur, None), "gone");
+        assert!(
+            !g.suspicious("s", &cur, Some(&set(&[1, 2, 3, 4, 5, 6]))),
+            "growth"
+        );
+        assert!(!g.suspicious("s", &[], None), "nothing to lose");
+        assert!(
+            g.suspicious("s", &cur, Some(&set(&[5, 6, 7, 8]))),
+            "a wholesale replacement removes every known endpoint"
+        );
+        let off = GuardConfig {
+            opt_out: vec!["s".into()],
+            ..Default::default()
+        };
+        assert!(!off.suspicious("s", &cur, None));
+        assert!(off.suspicious("t", &cur, None));
+    }
+
+    #[test]
+    fn confirmation_by_answers_or_window() {
+        let g = GuardConfig::default();
+        let h = Held {
+            next: None,
+            since_ms: 1000,
+            answers: 1,
+        };
+        assert!(!h.confirmed(&g, 1000));
+        assert!(h.confirmed(&g, 31_000));
+        assert!(Held { answers: 3, ..h }.confirmed(&g, 1000));
+    }
+}
