@@ -60,8 +60,7 @@ impl GuardConfig {
             return false;
         }
         let next = match next {
-            None => return true,
-            Some(n) if n.is_empty() => return true,
+            None | Some([]) => return true,
             Some(n) => n,
         };
         let kept: HashSet<&str> = next.iter().map(|i| i.id.as_str()).collect();
