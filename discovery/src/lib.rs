@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 pub mod consul;
 pub mod eureka;
 pub mod file;
+pub mod nacos;
 
 /// One instance of a service as a registry reports it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -205,7 +206,7 @@ pub trait Discovery: Send + Sync + 'static {
 pub enum SourceError {
     #[error("registry URL {url:?}: {reason}")]
     Invalid { url: String, reason: String },
-    #[error("registry URL {url:?}: scheme {scheme:?} is not supported (supported: file, eureka, consul)")]
+    #[error("registry URL {url:?}: scheme {scheme:?} is not supported (supported: file, eureka, consul, nacos)")]
     Unsupported { url: String, scheme: String },
 }
 
@@ -217,6 +218,7 @@ pub fn from_url(url: &str) -> Result<Arc<dyn Discovery>, SourceError> {
         "file" => Ok(Arc::new(file::FileDiscovery::from_url(url)?)),
         "eureka" | "eureka+https" => Ok(Arc::new(eureka::EurekaDiscovery::from_url(url)?)),
         "consul" | "consul+https" => Ok(Arc::new(consul::ConsulDiscovery::from_url(url)?)),
+        "nacos" => Ok(Arc::new(nacos::NacosDiscovery::from_url(url)?)),
         "" => Err(SourceError::Invalid {
             url: url.to_string(),
             reason: "expected scheme://…, e.g. file:///etc/edge-agent/services.toml".into(),

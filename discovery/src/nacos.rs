@@ -1,0 +1,684 @@
+//! The Nacos registry (Nacos 2.x gRPC naming API, through the `nacos-sdk` crate): the service
+//! list is polled on an interval, every listed service gets one push subscription whose events
+//! become [`Update::Reset`]s.
+//!
+//! ```text
+//! EDGE_AGENT_REGISTRY=nacos://127.0.0.1:8848?namespace=public&group=DEFAULT_GROUP&clusters=a,b
+//! EDGE_AGENT_REGISTRY=nacos://?server=10.0.0.1:8848&server=10.0.0.2:8848&list_interval=5s
+//! registry = ["nacos://10.0.0.1:8848,10.0.0.2:8848?namespace=prod"]   # config file only
+//! ```
+//!
+//! # URL and environment
+//! - Servers: the URL's host part (`host:port`, several comma-separated) plus every `server=`
+//!   query parameter (repeatable). `EDGE_AGENT_REGISTRY` is split on commas by the agent, so in
+//!   that variable use repeated `server=`; a comma list in the host part only works in a
+//!   configuration file's `registry = [...]`. Port default 8848. The gRPC port is the SDK's
+//!   default, HTTP port + 1000, unless `grpc_port=` says otherwise.
+//! - `namespace` (default `public`; `public` and empty mean the public namespace), `group`
+//!   (default `DEFAULT_GROUP`; one group per source — add another source for another group),
+//!   `clusters` (comma-separated; empty means all), `list_interval` (service-list poll, default
+//!   [`DEFAULT_LIST_INTERVAL`]), `grpc_port`, `cache_dir` (the SDK's write-only disk cache,
+//!   default `<tmp>/edge-agent-nacos`). Durations take `ms`, `s`, `m`. Unknown parameters are
+//!   refused.
+//! - Credentials: `NACOS_USERNAME` / `NACOS_PASSWORD` (HTTP login, token refreshed by the SDK).
+//!   Never in the URL, never in [`Discovery::describe`], `Debug` or logs. Access-key (Aliyun
+//!   RAM) signing is not built in: it needs the SDK's `auth-by-aliyun` feature (ring, chrono);
+//!   setting `NACOS_ACCESS_KEY` is refused with a message saying so.
+//! - `env_first(false)`: the SDK's own `NACOS_CLIENT_*` variables do not override the URL.
+//!
+//! # Watching
+//! - Catalog: [`get_service_list`] (paged) every `list_interval`, since Nacos has no catalog
+//!   push. Each answer is sent as [`Event::Catalog`] (names lower-cased, as the agent routes on
+//!   lower-cased hosts; the original spelling is kept for calls). New names are subscribed at
+//!   once, vanished names are unsubscribed and reported [`Update::NotFound`].
+//! - On demand (cheap bonus): [`Discovery::watch`] for a listed name returns true (the
+//!   subscription already exists); for an unlisted one it returns false and asks for an early
+//!   list refresh (at most one per [`MIN_LIST_GAP`]), so a just-registered service is found on
+//!   the next request instead of after a full interval.
+//! - Per service: first one direct query (`get_all_instances` without subscribing), sent as a
+//!   `Reset` — this proves the server answers, because the SDK's `subscribe()` returns `Ok` even
+//!   when its request failed — then `subscribe()`; every SDK change event is a full `Reset`.
+//!   The query comes before the subscription, so any push is newer than it.
+//! - `naming_push_empty_protection(false)`: otherwise the SDK swallows the "all instances gone"
+//!   push. Protection against a suspicious mass removal is the agent's guard.
+//! - `naming_load_cache_at_start(false)`: the SDK's disk cache is never read, so it cannot
+//!   resurrect instances older than the agent's own last good view (the agent has its own disk
+//!   snapshot). The SDK still writes it (to `cache_dir`).
+//!
+//! # Outages and reconnect
+//! The SDK reconnects its gRPC stream by itself and re-subscribes (its "redo" tasks). But its
+//! change events are diffed against its in-memory cache, so a reconnect where nothing changed
+//! emits nothing, and a change missed during the outage may only show at the SDK's next poll
+//! (up to 60 s). So: while the list call fails an error event is sent every `list_interval`
+//! (the last good sets stay; staleness grows); on the first successful list after a failure
+//! every subscribed service is queried directly and sent as a fresh `Reset`.
+//!
+//! # Mapping
+//! Identity `ip:port#cluster`; weight `round(w × 100)` (Nacos weights are floats, 1.0 → 100;
+//! 0 means no traffic); healthy = `healthy && enabled` — instances Nacos marks unhealthy or
+//! disabled are kept in the set with `healthy = false` and carry no traffic. Metadata: the
+//! instance's metadata plus `cluster` and `ephemeral`; zone from metadata `zone`. With
+//! `clusters=` set, instances of other clusters are dropped client-side too. Ports outside
+//! 1..=65535 are skipped with a `parse` error.
+//!
+//! [`get_service_list`]: nacos_sdk::api::naming::NamingService::get_service_list
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use nacos_sdk::api::naming::{
+    NamingChangeEvent, NamingEventListener, NamingService, NamingServiceBuilder, ServiceInstance,
+};
+use nacos_sdk::api::props::ClientProps;
+use tokio::sync::mpsc;
+use url::Url;
+
+use crate::{join_host_port, BoxFuture, Discovery, ErrorKind, Event, Instance, Sink};
+use crate::{SourceError, Update};
+
+/// Service-list poll interval when the URL names none.
+pub const DEFAULT_LIST_INTERVAL: Duration = Duration::from_secs(10);
+/// Shortest `list_interval` accepted.
+pub const MIN_LIST_INTERVAL: Duration = Duration::from_millis(100);
+/// Earliest a `watch` of an unlisted name may trigger another list call.
+pub const MIN_LIST_GAP: Duration = Duration::from_secs(1);
+/// Bound on each SDK call (list, query, subscribe) and on building the client.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Page size of the service-list call.
+pub const LIST_PAGE: i32 = 500;
+/// Most pages read per list call (so at most `LIST_PAGE × MAX_PAGES` services).
+pub const MAX_PAGES: i32 = 100;
+/// Default port of a Nacos server.
+pub const DEFAULT_PORT: u16 = 8848;
+/// Retry delay after the client could not be built.
+pub const BUILD_RETRY: Duration = Duration::from_secs(1);
+
+pub const ENV_USERNAME: &str = "NACOS_USERNAME";
+pub const ENV_PASSWORD: &str = "NACOS_PASSWORD";
+pub const ENV_ACCESS_KEY: &str = "NACOS_ACCESS_KEY";
+
+/// A password; `Debug` never shows it.
+#[derive(Clone)]
+struct Secret(String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A source watching one Nacos namespace + group.
+pub struct NacosDiscovery {
+    servers: Vec<String>,
+    namespace: String,
+    group: String,
+    clusters: Vec<String>,
+    list_interval: Duration,
+    grpc_port: Option<u16>,
+    cache_dir: std::path::PathBuf,
+    username: Option<String>,
+    password: Option<Secret>,
+    /// Lower-cased name → name as Nacos spells it, once a list call succeeded.
+    catalog: RwLock<Option<HashMap<String, String>>>,
+    want_tx: mpsc::UnboundedSender<String>,
+    want_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+}
+
+impl fmt::Debug for NacosDiscovery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NacosDiscovery")
+            .field("url", &self.describe())
+            .field("password", &self.password)
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| "expected a duration such as 500ms, 5s or 1m".to_string())?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        other => return Err(format!("unknown unit {other:?} (use ms, s or m)")),
+    };
+    let d = Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())?;
+    if d < MIN_LIST_INTERVAL {
+        return Err(format!("must be at least {MIN_LIST_INTERVAL:?}"));
+    }
+    Ok(d)
+}
+
+/// `host[:port]` → `host:port` (default port 8848), validated.
+fn server_addr(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let u = Url::parse(&format!("http://{s}")).map_err(|e| format!("server {s:?}: {e}"))?;
+    let host = u
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("server {s:?}: no host"))?;
+    if u.path() != "/" || u.query().is_some() || !u.username().is_empty() {
+        return Err(format!("server {s:?}: expected host:port"));
+    }
+    let port = u.port().unwrap_or(DEFAULT_PORT);
+    Ok(if host.starts_with('[') {
+        format!("{host}:{port}")
+    } else {
+        join_host_port(host, port)
+    })
+}
+
+impl NacosDiscovery {
+    /// From `nacos://…`, reading credentials from the environment.
+    pub fn from_url(url: &str) -> Result<Self, SourceError> {
+        Self::from_url_with_env(url, |k| std::env::var(k).ok())
+    }
+
+    /// As [`NacosDiscovery::from_url`], reading variables through `env`.
+    pub fn from_url_with_env(
+        url: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, SourceError> {
+        let invalid = |reason: String| SourceError::Invalid {
+            url: url.to_string(),
+            reason,
+        };
+        let env = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+        let rest = url
+            .strip_prefix("nacos://")
+            .ok_or_else(|| invalid("expected nacos://host:port".into()))?;
+        let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let hosts = hosts.trim_end_matches('/');
+        if hosts.contains('@') {
+            return Err(SourceError::Invalid {
+                url: "nacos://<redacted>".into(),
+                reason: format!("no credentials in the URL: set {ENV_USERNAME}/{ENV_PASSWORD}"),
+            });
+        }
+        let mut servers = Vec::new();
+        for h in hosts.split(',').filter(|h| !h.trim().is_empty()) {
+            servers.push(server_addr(h).map_err(invalid)?);
+        }
+        let mut namespace = String::new();
+        let mut group = "DEFAULT_GROUP".to_string();
+        let mut clusters = Vec::new();
+        let mut list_interval = DEFAULT_LIST_INTERVAL;
+        let mut grpc_port = None;
+        let mut cache_dir = std::env::temp_dir().join("edge-agent-nacos");
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            let value = value.trim().to_string();
+            match key.as_ref() {
+                "server" => servers.push(server_addr(&value).map_err(invalid)?),
+                "namespace" if value == "public" => namespace.clear(),
+                "namespace" => namespace = value,
+                "group" if value.is_empty() => return Err(invalid("group= needs a value".into())),
+                "group" => group = value,
+                "clusters" => {
+                    clusters = value
+                        .split(',')
+                        .map(|c| c.trim().to_string())
+                        .filter(|c| !c.is_empty())
+                        .collect()
+                }
+                "list_interval" => {
+                    list_interval = parse_duration(&value)
+                        .map_err(|e| invalid(format!("list_interval={value:?}: {e}")))?
+                }
+                "grpc_port" => {
+                    grpc_port = Some(
+                        value
+                            .parse::<u16>()
+                            .ok()
+                            .filter(|p| *p > 0)
+                            .ok_or_else(|| invalid(format!("grpc_port={value:?}")))?,
+                    )
+                }
+                "cache_dir" if !value.is_empty() => cache_dir = value.into(),
+                other => return Err(invalid(format!("unknown parameter {other:?}"))),
+            }
+        }
+        if servers.is_empty() {
+            servers.push(format!("127.0.0.1:{DEFAULT_PORT}"));
+        }
+        if env(ENV_ACCESS_KEY).is_some() {
+            return Err(invalid(format!(
+                "{ENV_ACCESS_KEY} is set, but access-key signing is not built in (nacos-sdk \
+                 feature auth-by-aliyun); use {ENV_USERNAME}/{ENV_PASSWORD}"
+            )));
+        }
+        let username = env(ENV_USERNAME);
+        let password = env(ENV_PASSWORD).map(Secret);
+        if username.is_some() != password.is_some() {
+            return Err(invalid(format!(
+                "set both {ENV_USERNAME} and {ENV_PASSWORD}, or neither"
+            )));
+        }
+        let (want_tx, want_rx) = mpsc::unbounded_channel();
+        Ok(NacosDiscovery {
+            servers,
+            namespace,
+            group,
+            clusters,
+            list_interval,
+            grpc_port,
+            cache_dir,
+            username,
+            password,
+            catalog: RwLock::new(None),
+            want_tx,
+            want_rx: Mutex::new(Some(want_rx)),
+        })
+    }
+
+    pub fn servers(&self) -> &[String] {
+        &self.servers
+    }
+
+    pub fn list_interval(&self) -> Duration {
+        self.list_interval
+    }
+
+    fn props(&self) -> ClientProps {
+        let mut p = ClientProps::new()
+            .env_first(false)
+            .server_addr(self.servers.join(","))
+            .namespace(self.namespace.clone())
+            .app_name("edge-agent")
+            .naming_push_empty_protection(false)
+            .naming_load_cache_at_start(false)
+            .cache_dir(self.cache_dir.clone());
+        if let Some(port) = self.grpc_port {
+            p = p.remote_grpc_port(port);
+        }
+        if let (Some(u), Some(pw)) = (&self.username, &self.password) {
+            p = p.auth_username(u.clone()).auth_password(pw.0.clone());
+        }
+        p
+    }
+
+    async fn client(&self) -> Result<NamingService, String> {
+        let mut b = NamingServiceBuilder::new(self.props());
+        if self.username.is_some() {
+            b = b.enable_auth_plugin_http();
+        }
+        match tokio::time::timeout(CALL_TIMEOUT, b.build()).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no connection within {CALL_TIMEOUT:?}")),
+        }
+    }
+
+    fn group(&self) -> Option<String> {
+        Some(self.group.clone())
+    }
+
+    async fn list(&self, naming: &NamingService) -> Result<Vec<String>, String> {
+        let mut names = Vec::new();
+        for page in 1..=MAX_PAGES {
+            let call = naming.get_service_list(page, LIST_PAGE, self.group());
+            let (got, count) = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+                Ok(r) => r.map_err(|e| e.to_string())?,
+                Err(_) => return Err(format!("service list: no answer within {CALL_TIMEOUT:?}")),
+            };
+            let n = got.len();
+            names.extend(got);
+            if n < LIST_PAGE as usize || names.len() >= count.max(0) as usize {
+                break;
+            }
+        }
+        Ok(names)
+    }
+
+    async fn query(&self, naming: &NamingService, name: &str) -> Result<Vec<Instance>, String> {
+        let call =
+            naming.get_all_instances(name.to_string(), self.group(), self.clusters.clone(), false);
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(set)) => Ok(self.map_set(&set)),
+            Ok(Err(e)) => Err(format!("query {name:?}: {e}")),
+            Err(_) => Err(format!("query {name:?}: no answer within {CALL_TIMEOUT:?}")),
+        }
+    }
+
+    fn map_set(&self, set: &[ServiceInstance]) -> Vec<Instance> {
+        set.iter()
+            .filter(|i| {
+                self.clusters.is_empty()
+                    || self
+                        .clusters
+                        .iter()
+                        .any(|c| Some(c) == i.cluster_name.as_ref())
+            })
+            .filter_map(|i| map_instance(i).ok())
+            .collect()
+    }
+}
+
+/// Nacos float weight → integer weight: `round(w × 100)`, 0 for negative or non-finite.
+pub fn weight_of(w: f64) -> u32 {
+    if w.is_finite() && w > 0.0 {
+        (w * 100.0).round().min(u32::MAX as f64) as u32
+    } else {
+        0
+    }
+}
+
+/// One Nacos instance → the agent's model (see the module doc's Mapping).
+pub fn map_instance(i: &ServiceInstance) -> Result<Instance, String> {
+    let port = u16::try_from(i.port)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("instance {}:{}: bad port", i.ip, i.port))?;
+    let cluster = i.cluster_name.clone().unwrap_or_default();
+    let mut metadata: BTreeMap<String, String> = i
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata.insert("cluster".into(), cluster.clone());
+    metadata.insert("ephemeral".into(), i.ephemeral.to_string());
+    let mut inst = Instance::new(i.ip.clone(), port);
+    inst.id = format!("{}#{cluster}", inst.authority());
+    inst.weight = weight_of(i.weight);
+    inst.healthy = i.healthy && i.enabled;
+    inst.zone = metadata.get("zone").cloned();
+    inst.metadata = metadata;
+    Ok(inst)
+}
+
+/// Forwards SDK change events to the run loop.
+struct Listener(mpsc::UnboundedSender<(String, Vec<ServiceInstance>)>);
+
+impl NamingEventListener for Listener {
+    fn event(&self, event: Arc<NamingChangeEvent>) {
+        let set = event.instances.clone().unwrap_or_default();
+        let _ = self.0.send((event.service_name.clone(), set));
+    }
+}
+
+fn kind_of(msg: &str) -> ErrorKind {
+    let m = msg.to_ascii_lowercase();
+    if m.contains("auth") || m.contains("403") || m.contains("401") || m.contains("login") {
+        ErrorKind::Auth
+    } else if m.contains("within") || m.contains("timeout") || m.contains("timed out") {
+        ErrorKind::Timeout
+    } else {
+        ErrorKind::Connect
+    }
+}
+
+impl NacosDiscovery {
+    async fn run_loop(self: Arc<Self>, sink: Sink) {
+        let Some(mut want_rx) = self.want_rx.lock().unwrap().take() else {
+            return;
+        };
+        let naming = loop {
+            match self.client().await {
+                Ok(c) => break c,
+                Err(e) => {
+                    let msg = format!("nacos {}: {e}", self.servers.join(","));
+                    if !sink.error(kind_of(&msg), msg).await {
+                        return;
+                    }
+                    tokio::time::sleep(BUILD_RETRY).await;
+                }
+            }
+        };
+        let (push_tx, mut push_rx) = mpsc::unbounded_channel();
+        let listener: Arc<dyn NamingEventListener> = Arc::new(Listener(push_tx));
+        // Lower-cased → Nacos name, for services with a subscription.
+        let mut subscribed: HashMap<String, String> = HashMap::new();
+        let mut failing = true;
+        let mut tick = tokio::time::interval(self.list_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_list = Instant::now() - MIN_LIST_GAP;
+        let mut list_now = false;
+        loop {
+            let mut do_list = false;
+            tokio::select! {
+                _ = tick.tick() => do_list = true,
+                _ = tokio::time::sleep(MIN_LIST_GAP.saturating_sub(last_list.elapsed())),
+                    if list_now => do_list = true,
+                Some(name) = want_rx.recv() => {
+                    if !subscribed.contains_key(&name) {
+                        list_now = true;
+                    }
+                }
+                Some((name, set)) = push_rx.recv() => {
+                    let service = name.to_ascii_lowercase();
+                    if subscribed.contains_key(&service) {
+                        let update = Update::Reset(self.map_set(&set));
+                        if !sink.send(Event::Service { service, update }).await {
+                            return;
+                        }
+                    }
+                }
+            }
+            if !do_list {
+                continue;
+            }
+            list_now = false;
+            last_list = Instant::now();
+            let names = match self.list(&naming).await {
+                Ok(n) => n,
+                Err(e) => {
+                    failing = true;
+                    let msg = format!("nacos service list: {e}");
+                    if !sink.error(kind_of(&msg), msg).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let map: HashMap<String, String> = names
+                .iter()
+                .map(|n| (n.to_ascii_lowercase(), n.clone()))
+                .collect();
+            *self.catalog.write().unwrap() = Some(map.clone());
+            let mut lower: Vec<String> = map.keys().cloned().collect();
+            lower.sort();
+            if !sink.send(Event::Catalog(lower)).await {
+                return;
+            }
+            let gone: Vec<String> = subscribed
+                .keys()
+                .filter(|k| !map.contains_key(*k))
+                .cloned()
+                .collect();
+            for service in gone {
+                let real = subscribed.remove(&service).unwrap_or_default();
+                let call =
+                    naming.unsubscribe(real, self.group(), self.clusters.clone(), listener.clone());
+                let _ = tokio::time::timeout(CALL_TIMEOUT, call).await;
+                let ev = Event::Service {
+                    service,
+                    update: Update::NotFound,
+                };
+                if !sink.send(ev).await {
+                    return;
+                }
+            }
+            // After a failure, every existing subscription gets a fresh full answer.
+            let resync: Vec<(String, String)> = if failing {
+                subscribed
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            failing = false;
+            let new: Vec<(String, String)> = map
+                .iter()
+                .filter(|(k, _)| !subscribed.contains_key(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let news: HashSet<String> = new.iter().map(|(k, _)| k.clone()).collect();
+            for (service, real) in resync.into_iter().chain(new) {
+                match self.query(&naming, &real).await {
+                    Ok(set) => {
+                        let ev = Event::Service {
+                            service: service.clone(),
+                            update: Update::Reset(set),
+                        };
+                        if !sink.send(ev).await {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        failing = true;
+                        if !sink.error(kind_of(&e), format!("nacos {e}")).await {
+                            return;
+                        }
+                    }
+                }
+                if news.contains(&service) {
+                    let call = naming.subscribe(
+                        real.clone(),
+                        self.group(),
+                        self.clusters.clone(),
+                        listener.clone(),
+                    );
+                    let _ = tokio::time::timeout(CALL_TIMEOUT, call).await;
+                    subscribed.insert(service, real);
+                }
+            }
+        }
+    }
+}
+
+impl Discovery for NacosDiscovery {
+    fn kind(&self) -> &'static str {
+        "nacos"
+    }
+
+    fn describe(&self) -> String {
+        let mut s = format!(
+            "nacos://{}?namespace={}&group={}",
+            self.servers.join(","),
+            if self.namespace.is_empty() {
+                "public"
+            } else {
+                &self.namespace
+            },
+            self.group
+        );
+        if !self.clusters.is_empty() {
+            s.push_str(&format!("&clusters={}", self.clusters.join(",")));
+        }
+        s.push_str(&format!("&list_interval={:?}", self.list_interval));
+        if let Some(u) = &self.username {
+            s.push_str(&format!(" (user {u})"));
+        }
+        s
+    }
+
+    fn run(self: Arc<Self>, sink: Sink) -> BoxFuture {
+        Box::pin(self.run_loop(sink))
+    }
+
+    fn on_demand(&self) -> bool {
+        true
+    }
+
+    fn watch(&self, service: &str) -> bool {
+        let name = service.trim().to_ascii_lowercase();
+        let known = self
+            .catalog
+            .read()
+            .unwrap()
+            .as_ref()
+            .map(|c| c.contains_key(&name));
+        match known {
+            Some(true) => true,
+            Some(false) => {
+                let _ = self.want_tx.send(name);
+                false
+            }
+            None => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src(url: &str, env: &[(&str, &str)]) -> Result<NacosDiscovery, SourceError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        NacosDiscovery::from_url_with_env(url, move |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn url_and_environment() {
+        let s = src(
+            "nacos://127.0.0.1:8848,10.0.0.2?namespace=dev&group=G&clusters=a,b&list_interval=2s",
+            &[("NACOS_USERNAME", "u"), ("NACOS_PASSWORD", "s3cret")],
+        )
+        .unwrap();
+        assert_eq!(s.servers(), ["127.0.0.1:8848", "10.0.0.2:8848"]);
+        assert_eq!(s.list_interval(), Duration::from_secs(2));
+        assert_eq!(s.clusters, ["a", "b"]);
+        let d = s.describe();
+        assert!(
+            !d.contains("s3cret") && !format!("{s:?}").contains("s3cret"),
+            "{d}"
+        );
+        assert!(d.starts_with("nacos://127.0.0.1:8848,10.0.0.2:8848?namespace=dev&group=G"));
+        let s = src("nacos://?server=h1:1&server=h2&namespace=public", &[]).unwrap();
+        assert_eq!(s.servers(), ["h1:1", "h2:8848"]);
+        assert_eq!(s.namespace, "");
+        assert_eq!(src("nacos://", &[]).unwrap().servers(), ["127.0.0.1:8848"]);
+        for bad in [
+            "nacos://h?bogus=1",
+            "nacos://h?list_interval=1x",
+            "nacos://h?grpc_port=0",
+            "nacos://h?group=",
+            "nacos://h/x",
+            "nacos://user:pw@h",
+        ] {
+            assert!(src(bad, &[]).is_err(), "{bad}");
+        }
+        assert!(!src("nacos://user:pw@h", &[])
+            .unwrap_err()
+            .to_string()
+            .contains("pw"));
+        assert!(src("nacos://h", &[("NACOS_USERNAME", "u")]).is_err());
+        assert!(src("nacos://h", &[("NACOS_ACCESS_KEY", "k")]).is_err());
+    }
+
+    #[test]
+    fn instance_mapping() {
+        let mut i = ServiceInstance {
+            ip: "10.0.0.1".into(),
+            port: 8080,
+            weight: 0.333,
+            cluster_name: Some("a".into()),
+            ..Default::default()
+        };
+        i.metadata.insert("zone".into(), "z1".into());
+        let m = map_instance(&i).unwrap();
+        assert_eq!(m.id, "10.0.0.1:8080#a");
+        assert_eq!((m.weight, m.healthy), (33, true));
+        assert_eq!(m.zone.as_deref(), Some("z1"));
+        assert_eq!(m.metadata["cluster"], "a");
+        assert_eq!(m.metadata["ephemeral"], "true");
+        i.enabled = false;
+        assert!(!map_instance(&i).unwrap().healthy);
+        i.port = 70000;
+        assert!(map_instance(&i).is_err());
+        assert_eq!(weight_of(1.0), 100);
+        assert_eq!(weight_of(0.0), 0);
+        assert_eq!(weight_of(-1.0), 0);
+        assert_eq!(weight_of(f64::NAN), 0);
+    }
+}
