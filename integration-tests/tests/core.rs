@@ -616,3 +616,45 @@ async fn the_removal_guard_keeps_a_service_when_the_registry_suddenly_forgets_it
         held_at.elapsed()
     );
 }
+
+#[tokio::test]
+async fn every_example_configuration_is_valid() {
+    let root = integration_tests::workspace_root();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root.join("config")).unwrap() {
+        let path = entry.unwrap().path();
+        let mut cmd = std::process::Command::new(integration_tests::agent_bin());
+        cmd.arg("check-config")
+            .current_dir(&root)
+            .env_remove("EDGE_AGENT_REGISTRY")
+            .env_remove("EDGE_AGENT_CONFIG");
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("env") => {
+                for line in std::fs::read_to_string(&path).unwrap().lines() {
+                    let line = line.trim();
+                    if let Some((k, v)) = line.split_once('=').filter(|_| !line.starts_with('#')) {
+                        cmd.env(k.trim(), v.trim());
+                    }
+                }
+            }
+            Some("toml") if path.file_name().unwrap() != "services.toml" => {
+                cmd.env("EDGE_AGENT_CONFIG", &path);
+            }
+            _ => continue,
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{} is not valid:\n{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 3, "checked {checked} example files");
+    // The default services file parses with every instance intact.
+    let text = std::fs::read_to_string(root.join("config/services.toml")).unwrap();
+    let parsed = discovery::file::parse(&text).unwrap();
+    assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
+    assert!(parsed.services.contains_key("hello"));
+}
