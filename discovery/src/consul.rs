@@ -201,30 +201,6 @@ fn truthy(v: &str) -> bool {
     )
 }
 
-/// `500ms`, `5s`, `1.5s`, `5m`, `1h`, or a bare number of seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| "expected a duration such as 500ms, 5s or 5m".to_string())?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        other => return Err(format!("unknown unit {other:?} (use ms, s, m or h)")),
-    };
-    let d = Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())?;
-    if d < MIN_DURATION {
-        return Err(format!("must be at least {MIN_DURATION:?}"));
-    }
-    Ok(d)
-}
-
 /// A service name as the agent routes it: trimmed and lower-cased; `None` when it cannot be a
 /// Consul service name.
 fn normalize(name: &str) -> Option<String> {
@@ -317,7 +293,7 @@ impl ConsulDiscovery {
                 "tag" => return Err(invalid("tag= needs a value".into())),
                 "near" => near = Some(value).filter(|v| !v.is_empty()),
                 "wait" => {
-                    wait = parse_duration(&value)
+                    wait = crate::parse_duration(&value, MIN_DURATION)
                         .map_err(|e| invalid(format!("wait={value:?}: {e}")))?;
                     if wait > MAX_WAIT {
                         return Err(invalid(format!(
@@ -326,7 +302,7 @@ impl ConsulDiscovery {
                     }
                 }
                 "idle_ttl" => {
-                    idle_ttl = parse_duration(&value)
+                    idle_ttl = crate::parse_duration(&value, MIN_DURATION)
                         .map_err(|e| invalid(format!("idle_ttl={value:?}: {e}")))?
                 }
                 "service" => {

@@ -190,11 +190,11 @@ impl EurekaDiscovery {
             match key.as_ref() {
                 "server" => servers.push(parse_server(&value, https).map_err(&invalid)?),
                 "interval" => {
-                    interval = parse_duration(&value)
+                    interval = crate::parse_duration(&value, MIN_INTERVAL)
                         .map_err(|e| invalid(format!("interval={value:?}: {e}")))?
                 }
                 "timeout" => {
-                    timeout = parse_duration(&value)
+                    timeout = crate::parse_duration(&value, MIN_INTERVAL)
                         .map_err(|e| invalid(format!("timeout={value:?}: {e}")))?
                 }
                 other => {
@@ -287,29 +287,6 @@ fn parse_server(value: &str, https: bool) -> Result<Server, String> {
         .filter(|h| !h.is_empty())
         .ok_or_else(|| format!("server={value:?}: no host"))?;
     Ok(server(host, u.port(), u.path(), https))
-}
-
-/// `500ms`, `5s`, `1.5s`, `2m`, or a bare number of seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| "expected a duration such as 500ms, 5s or 1m".to_string())?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        other => return Err(format!("unknown unit {other:?} (use ms, s or m)")),
-    };
-    let d = Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())?;
-    if d < MIN_INTERVAL {
-        return Err(format!("must be at least {MIN_INTERVAL:?}"));
-    }
-    Ok(d)
 }
 
 /// What an instance entry says it is in a delta.

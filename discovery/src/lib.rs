@@ -201,6 +201,31 @@ pub trait Discovery: Send + Sync + 'static {
     }
 }
 
+/// A duration in a registry URL's query: `500ms`, `5s`, `1.5s`, `5m`, `1h`, or a bare number of
+/// seconds; at least `min`. Shared by every adapter so the URLs read alike.
+pub fn parse_duration(s: &str, min: std::time::Duration) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| "expected a duration such as 500ms, 5s or 5m".to_string())?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("unknown unit {other:?} (use ms, s, m or h)")),
+    };
+    let d = std::time::Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())?;
+    if d < min {
+        return Err(format!("must be at least {min:?}"));
+    }
+    Ok(d)
+}
+
 /// Errors building a source from its URL.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SourceError {
@@ -238,6 +263,23 @@ mod tests {
     fn ipv6_authority_is_bracketed() {
         assert_eq!(Instance::new("::1", 80).authority(), "[::1]:80");
         assert_eq!(Instance::new("127.0.0.1", 80).authority(), "127.0.0.1:80");
+    }
+
+    #[test]
+    fn durations() {
+        let min = std::time::Duration::from_millis(100);
+        assert_eq!(parse_duration("500ms", min).unwrap().as_millis(), 500);
+        assert_eq!(parse_duration("1.5s", min).unwrap().as_millis(), 1500);
+        assert_eq!(parse_duration("2", min).unwrap().as_secs(), 2);
+        assert_eq!(parse_duration("5m", min).unwrap().as_secs(), 300);
+        assert_eq!(parse_duration("1h", min).unwrap().as_secs(), 3600);
+        assert!(parse_duration("10ms", min)
+            .unwrap_err()
+            .contains("at least"));
+        assert!(parse_duration("5 fortnights", min)
+            .unwrap_err()
+            .contains("fortnights"));
+        assert!(parse_duration("soon", min).is_err());
     }
 
     #[test]

@@ -134,28 +134,6 @@ impl fmt::Debug for NacosDiscovery {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| "expected a duration such as 500ms, 5s or 1m".to_string())?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        other => return Err(format!("unknown unit {other:?} (use ms, s or m)")),
-    };
-    let d = Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())?;
-    if d < MIN_LIST_INTERVAL {
-        return Err(format!("must be at least {MIN_LIST_INTERVAL:?}"));
-    }
-    Ok(d)
-}
-
 /// `host[:port]` → `host:port` (default port 8848), validated.
 fn server_addr(s: &str) -> Result<String, String> {
     let s = s.trim();
@@ -228,7 +206,7 @@ impl NacosDiscovery {
                         .collect()
                 }
                 "list_interval" => {
-                    list_interval = parse_duration(&value)
+                    list_interval = crate::parse_duration(&value, MIN_LIST_INTERVAL)
                         .map_err(|e| invalid(format!("list_interval={value:?}: {e}")))?
                 }
                 "grpc_port" => {
