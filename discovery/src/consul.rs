@@ -84,7 +84,6 @@
 //! token is set, or any answer with `X-Consul-Results-Filtered-By-ACLs: true`, is still used but
 //! also yields an `auth` error event saying why it is empty.
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::error::Error as _;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -99,6 +98,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use url::Url;
 
+use crate::http::Failure;
 use crate::{join_host_port, DEFAULT_WEIGHT};
 use crate::{BoxFuture, Discovery, ErrorKind, Event, Instance, Sink, SourceError, Update};
 
@@ -449,13 +449,6 @@ impl ConsulDiscovery {
     }
 }
 
-/// A failed call, classified.
-#[derive(Debug)]
-struct Failure {
-    kind: ErrorKind,
-    message: String,
-}
-
 /// One answer of a blocking query.
 #[derive(Debug)]
 struct Answer {
@@ -463,21 +456,6 @@ struct Answer {
     index: Option<u64>,
     /// Why the answer may be empty because of ACLs, if the headers say so.
     acl: Option<String>,
-}
-
-/// Flattens an error and its sources into one line.
-fn chain(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 /// The next index to send after an answer carrying `got`, following Consul's rules: backwards
@@ -548,36 +526,17 @@ impl ConsulDiscovery {
         if let Some(t) = &self.token {
             req = req.header(HEADER_TOKEN, t.0.clone());
         }
-        let fail = |e: reqwest::Error| Failure {
-            kind: if e.is_timeout() {
-                ErrorKind::Timeout
-            } else if e.is_decode() || e.is_body() {
-                ErrorKind::Parse
-            } else {
-                ErrorKind::Connect
-            },
-            message: format!("{shown}: {}", chain(&e.without_url())),
-        };
-        let resp = req.send().await.map_err(fail)?;
-        let status = resp.status();
-        if !status.is_success() {
-            let kind = match status.as_u16() {
-                401 | 403 => ErrorKind::Auth,
-                _ => ErrorKind::Status,
-            };
-            let body = resp.text().await.unwrap_or_default();
-            let body: String = body.chars().take(200).collect();
-            return Err(Failure {
-                kind,
-                message: format!("{shown}: status {status}: {}", body.trim()),
-            });
+        let what: &str = &shown;
+        let resp = req.send().await.map_err(|e| Failure::request(what, e))?;
+        if !resp.status().is_success() {
+            return Err(Failure::status(what, resp).await);
         }
         let headers = resp.headers().clone();
         let index = headers
             .get(HEADER_INDEX)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        let bytes = resp.bytes().await.map_err(fail)?;
+        let bytes = resp.bytes().await.map_err(|e| Failure::request(what, e))?;
         let body: Value = serde_json::from_slice(&bytes).map_err(|e| Failure {
             kind: ErrorKind::Parse,
             message: format!("{shown}: not JSON: {e}"),

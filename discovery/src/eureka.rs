@@ -78,7 +78,6 @@
 //! - The delta is catalog-wide, so the cost of a fetch does not grow with the services this host
 //!   calls; [`Discovery::watch`] is therefore ignored and every app is reported.
 use std::collections::BTreeMap;
-use std::error::Error as _;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,6 +86,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use serde_json::Value;
 use url::Url;
 
+use crate::http::Failure;
 use crate::{BoxFuture, Discovery, ErrorKind, Event, Instance, Sink, SourceError, DEFAULT_WEIGHT};
 
 /// Time between two fetches when the URL names none (Eureka's Java client uses 30 s).
@@ -625,28 +625,6 @@ impl Registry {
     }
 }
 
-/// A failed call, classified.
-#[derive(Debug)]
-struct Failure {
-    kind: ErrorKind,
-    message: String,
-}
-
-/// Flattens an error and its sources into one line.
-fn chain(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
-}
-
 /// What one successful round did, for the log.
 enum Round {
     Full { reason: &'static str, bytes: usize },
@@ -665,33 +643,12 @@ impl EurekaDiscovery {
         if let Some(c) = &self.credentials {
             req = req.basic_auth(&c.user, c.password.as_ref());
         }
-        let fail = |e: reqwest::Error| Failure {
-            kind: if e.is_timeout() {
-                ErrorKind::Timeout
-            } else if e.is_connect() {
-                ErrorKind::Connect
-            } else if e.is_decode() || e.is_body() {
-                ErrorKind::Parse
-            } else {
-                ErrorKind::Connect
-            },
-            message: format!("eureka GET {url}: {}", chain(&e.without_url())),
-        };
-        let resp = req.send().await.map_err(fail)?;
-        let status = resp.status();
-        if !status.is_success() {
-            let kind = match status.as_u16() {
-                401 | 403 => ErrorKind::Auth,
-                _ => ErrorKind::Status,
-            };
-            let body = resp.text().await.unwrap_or_default();
-            let body: String = body.chars().take(200).collect();
-            return Err(Failure {
-                kind,
-                message: format!("eureka GET {url}: status {status}: {}", body.trim()),
-            });
+        let what: &str = &format!("eureka GET {url}");
+        let resp = req.send().await.map_err(|e| Failure::request(what, e))?;
+        if !resp.status().is_success() {
+            return Err(Failure::status(what, resp).await);
         }
-        let body = resp.bytes().await.map_err(fail)?;
+        let body = resp.bytes().await.map_err(|e| Failure::request(what, e))?;
         let value = serde_json::from_slice(&body).map_err(|e| Failure {
             kind: ErrorKind::Parse,
             message: format!("eureka GET {url}: not JSON: {e}"),

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 pub mod consul;
 pub mod eureka;
 pub mod file;
+mod http;
 pub mod nacos;
 
 /// One instance of a service as a registry reports it.
