@@ -403,3 +403,94 @@ async fn propagation_lag_and_idle_traffic() {
     );
     assert!(u99 < Duration::from_secs(2) && d99 < Duration::from_secs(2));
 }
+
+/// `healthy=false` end to end. rnacos ignores `healthy` on the open API, so an unhealthy
+/// instance is made the way Nacos makes one: an ephemeral instance that stops beating, with
+/// rnacos's health timeout shortened to 3 s.
+#[tokio::test]
+async fn an_instance_that_turns_unhealthy_stops_receiving_traffic() {
+    let _g = SERIAL.lock().await;
+    let data = tempfile::tempdir().unwrap();
+    let port = port_pair();
+    let mut proc = ServerProcess::start(
+        "nacos",
+        &[
+            ("RNACOS_BIN", install("nacos").display().to_string()),
+            ("NACOS_HTTP_PORT", port.to_string()),
+            ("NACOS_GRPC_PORT", (port + 1000).to_string()),
+            ("NACOS_DATA_DIR", data.path().display().to_string()),
+            ("RNACOS_NAMING_HEALTH_TIMEOUT_SECOND", "3".to_string()),
+            ("RNACOS_NAMING_INSTANCE_TIMEOUT_SECOND", "120".to_string()),
+            ("RUST_LOG", "warn".to_string()),
+        ],
+    );
+    proc.wait_ready(
+        &format!("http://127.0.0.1:{port}/health"),
+        SERVER_START,
+        |_| true,
+    )
+    .await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let base = format!("http://127.0.0.1:{port}/nacos/v1/ns/instance");
+    let params = |be: &Backend| {
+        vec![
+            ("serviceName", "beats".to_string()),
+            ("ip", "127.0.0.1".to_string()),
+            ("port", be.addr.port().to_string()),
+            ("ephemeral", "true".to_string()),
+        ]
+    };
+    for be in [&a, &b] {
+        let q = params(be);
+        eventually(SERVER_START, "register an ephemeral instance", || {
+            let (q, base) = (q.clone(), base.clone());
+            async move {
+                let r = client().post(&base).query(&q).send().await.ok()?;
+                (r.status().is_success()).then_some(())
+            }
+        })
+        .await;
+    }
+    // Beat both every 500 ms; b's beats stop later. Bounded: at most 120 beats each.
+    let beating_b = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let beat = {
+        let (qa, qb, flag) = (params(&a), params(&b), beating_b.clone());
+        let url = format!("{base}/beat");
+        tokio::spawn(async move {
+            for _ in 0..120 {
+                let _ = client().put(&url).query(&qa).send().await;
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = client().put(&url).query(&qb).send().await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let url = format!(
+        "nacos://127.0.0.1:{port}?list_interval=1s&cache_dir={}",
+        data.path().join("sdk-cache").display()
+    );
+    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", url.as_str())]).await;
+    converges(&agent, "beats", &["a", "b"]).await;
+    beating_b.store(false, std::sync::atomic::Ordering::Relaxed);
+    let stopped = Instant::now();
+    converges(&agent, "beats", &["a"]).await;
+    eprintln!(
+        "b unhealthy → out of rotation after {:?}",
+        stopped.elapsed()
+    );
+    // Depending on what the push carries, b is gone from the set or listed as unhealthy;
+    // either way it is never healthy in the agent's view.
+    let up = agent.upstreams().await;
+    let b_addr = b.addr.to_string();
+    let listed: Vec<&serde_json::Value> = up["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|u| u["endpoints"].as_array().unwrap())
+        .filter(|e| e["address"] == b_addr.as_str())
+        .collect();
+    assert!(listed.iter().all(|e| e["healthy"] == false), "{listed:?}");
+    beat.abort();
+}
