@@ -26,8 +26,10 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Proxy side by side (nginx, HAProxy, edge-agent on loopback), criterion micro-benchmarks and
+# memory at scale; prints markdown tables (see BENCHMARKS.md). Not part of `make test`.
 bench:
-	$(CARGO) bench --workspace
+	bash bench/run.sh
 
 clean:
 	$(CARGO) clean

@@ -1,0 +1,163 @@
+"""Turns bench/run.sh's raw results into markdown tables (stdout)."""
+import json
+import os
+import statistics
+import sys
+
+out, crit, load_cpu, proxy_cpu, dur, rounds, conns, clk = sys.argv[1:9]
+clk = int(clk)
+
+LABEL = {
+    "direct": f"backend directly (nginx, CPU {load_cpu})",
+    "nginx": "nginx proxy, 1 worker, upstream keepalive",
+    "haproxy": "HAProxy, nbthread 1, http-reuse always",
+    "agent1": "edge-agent, TOKIO_WORKER_THREADS=1",
+    "agent2": "edge-agent, default threads (unpinned)",
+}
+ORDER = ["direct", "nginx", "haproxy", "agent1", "agent2"]
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def read_tsv(name):
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.rstrip("\n").split("\t") for line in f if line.strip()]
+
+
+def ok(flag):
+    return "met" if flag else "**missed**"
+
+
+print(f"### Proxy throughput (wrk -t1 -c{conns} -d{dur}s --latency, keep-alive; median of {rounds} interleaved rounds)\n")
+print(f"Proxy under test on CPU {proxy_cpu}; wrk and the backend on CPU {load_cpu} (taskset).\n")
+wrk = read_tsv("wrk.tsv")
+by = {}
+for name, _round, rps, p50, p99, reqs, ticks, errs in wrk:
+    d = by.setdefault(name, {"rps": [], "p50": [], "p99": [], "cpu": [], "errs": 0})
+    d["rps"].append(float(rps))
+    d["p50"].append(float(p50))
+    d["p99"].append(float(p99))
+    if int(reqs) > 0:
+        d["cpu"].append(int(ticks) / clk * 1e6 / int(reqs))
+    d["errs"] += int(errs)
+if by:
+    print("| target | req/s (median) | req/s (min–max) | p50 µs | p99 µs | CPU µs/request | errors |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    for name in ORDER:
+        if name not in by:
+            continue
+        d = by[name]
+        cpu = f"{med(d['cpu']):.1f}" if d["cpu"] else "–"
+        print(
+            f"| {LABEL[name]} | {med(d['rps']):,.0f} | {min(d['rps']):,.0f}–{max(d['rps']):,.0f} "
+            f"| {med(d['p50']):.0f} | {med(d['p99']):.0f} | {cpu} | {d['errs']} |"
+        )
+    print("\nCPU µs/request: utime+stime of the serving process(es) (nginx: master + worker; the "
+          "'directly' row is the backend's own cost) over the round ÷ requests.\n")
+    if all(k in by for k in ("nginx", "haproxy", "agent1")):
+        a, n, h = med(by["agent1"]["rps"]), med(by["nginx"]["rps"]), med(by["haproxy"]["rps"])
+        print("| ratio | value | target |")
+        print("| --- | ---: | --- |")
+        print(f"| edge-agent (1 worker) / nginx, req/s | {a / n:.2f} | ≥ 1.2: {ok(a / n >= 1.2)} |")
+        print(f"| edge-agent (1 worker) / HAProxy, req/s | {a / h:.2f} | ≥ 1.0: {ok(a / h >= 1.0)} |")
+        if "agent2" in by:
+            a2 = med(by["agent2"]["rps"])
+            print(f"| edge-agent (default threads) / nginx, req/s | {a2 / n:.2f} | – |")
+        ca, cn, ch = med(by["agent1"]["cpu"]), med(by["nginx"]["cpu"]), med(by["haproxy"]["cpu"])
+        print(f"| edge-agent / nginx, CPU per request | {ca / cn:.2f} | – |")
+        print(f"| edge-agent / HAProxy, CPU per request | {ca / ch:.2f} | – |")
+        print()
+
+fixed = read_tsv("fixed.tsv")
+rate = open(os.path.join(out, "rate")).read().strip() if os.path.exists(os.path.join(out, "rate")) else "?"
+if fixed:
+    print(f"### Added latency at a fixed rate ({rate} req/s = 50% of nginx's max; median of {rounds} rounds)\n")
+    print(f"Open-loop client (`benches/loadgen.rs fixed`): {conns} keep-alive connections, each on its own "
+          f"schedule, latency from the intended send time (coordinated-omission free), {dur} s per run, on CPU {load_cpu}.\n")
+    fb = {}
+    for name, _round, line in fixed:
+        kv = dict(p.split("=", 1) for p in line.split() if "=" in p)
+        d = fb.setdefault(name, {k: [] for k in ("rate", "p50_us", "p99_us", "p999_us", "errors")})
+        for k in d:
+            if k in kv:
+                d[k].append(float(kv[k]))
+    base = fb.get("direct")
+    print("| target | achieved req/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | errors |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in ORDER:
+        if name not in fb:
+            continue
+        d = fb[name]
+        add50 = med(d["p50_us"]) - med(base["p50_us"]) if base and name != "direct" else 0
+        add99 = med(d["p99_us"]) - med(base["p99_us"]) if base and name != "direct" else 0
+        print(
+            f"| {LABEL[name]} | {med(d['rate']):,.0f} | {med(d['p50_us']):.0f} | {med(d['p99_us']):.0f} "
+            f"| {med(d['p999_us']):.0f} | {'–' if name == 'direct' else f'{add50:+.0f}'} "
+            f"| {'–' if name == 'direct' else f'{add99:+.0f}'} | {sum(d['errors']):.0f} |"
+        )
+    if base and "agent1" in fb and "nginx" in fb:
+        a99 = med(fb["agent1"]["p99_us"]) - med(base["p99_us"])
+        n99 = med(fb["nginx"]["p99_us"]) - med(base["p99_us"])
+        print(f"\nAdded p99, edge-agent (1 worker) vs nginx: {a99:+.0f} µs vs {n99:+.0f} µs "
+              f"(target ≤ nginx's: {ok(a99 <= n99)}).\n")
+
+rss = read_tsv("rss.tsv")
+after = read_tsv("rss-after-load.tsv")
+if rss:
+    print("### Memory (VmRSS)\n")
+    print("| edge-agent | RSS MiB |")
+    print("| --- | ---: |")
+    for what, kb in rss:
+        print(f"| {what} | {int(kb) / 1024:.1f} |")
+    for name, kb in after:
+        print(f"| after the load rounds: {LABEL.get(name, name)} | {int(kb) / 1024:.1f} |")
+    idle = int(rss[0][1]) / 1024
+    print(f"\nIdle RSS {idle:.1f} MiB (target < 15 MB: {ok(idle * 1.048576 < 15)}).\n")
+
+# criterion: <crit>/<group>/<function>[/<param>]/new/{benchmark,estimates}.json
+rows = []
+if os.path.isdir(crit):
+    for dirpath, _dirs, files in os.walk(crit):
+        if os.path.basename(dirpath) == "new" and "estimates.json" in files and "benchmark.json" in files:
+            with open(os.path.join(dirpath, "benchmark.json")) as f:
+                b = json.load(f)
+            with open(os.path.join(dirpath, "estimates.json")) as f:
+                e = json.load(f)
+            rows.append((b["full_id"], e["median"]["point_estimate"]))
+if rows:
+    print("### Micro-benchmarks (criterion, median per iteration)\n")
+    print("| benchmark | median | target |")
+    print("| --- | ---: | --- |")
+
+    def fmt(ns):
+        if ns >= 1e6:
+            return f"{ns / 1e6:.2f} ms"
+        if ns >= 1e3:
+            return f"{ns / 1e3:.2f} µs"
+        return f"{ns:.1f} ns"
+
+    def key(r):
+        parts = r[0].split("/")
+        nums = [int(p.split("_")[0]) if p.split("_")[0].isdigit() else 0 for p in parts]
+        return (parts[0], parts[1], nums)
+
+    for full_id, ns in sorted(rows, key=key):
+        target = ""
+        if full_id.startswith("pick/") and full_id.endswith("/1000"):
+            target = f"< 100 ns: {ok(ns < 100)}"
+        if full_id.startswith("snapshot_one_endpoint_change/") and "/10000_endpoints" in full_id:
+            target = f"< 1 ms: {ok(ns < 1e6)}"
+        print(f"| {full_id} | {fmt(ns)} | {target} |")
+    print()
+
+perf = os.path.join(out, "perf-top.txt")
+if os.path.exists(perf) and os.path.getsize(perf) > 0:
+    print("### perf: top frames of edge-agent (1 worker) under wrk (self time)\n")
+    print("```")
+    print(open(perf).read().rstrip())
+    print("```")

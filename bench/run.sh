@@ -1,0 +1,385 @@
+#!/usr/bin/env bash
+# `make bench`: edge-agent side by side with nginx and HAProxy on loopback, criterion
+# micro-benchmarks, and memory at scale. Prints markdown tables (also kept in $BENCH_OUT).
+# See BENCHMARKS.md for what each figure means and the last recorded run.
+#
+# Knobs (environment): BENCH_DURATION (s per load run, 10), BENCH_ROUNDS (3), BENCH_CONNS (32),
+# BENCH_SKIP_MICRO=1, BENCH_SKIP_PROXY=1, BENCH_PERF=1 (perf profile of edge-agent, 1 worker),
+# BENCH_OUT (results folder, default a temp dir that is kept).
+#
+# Pinning: the proxy under test runs on CPU 1, the load generator and the backend on CPU 0
+# (`taskset`). The "edge-agent default threads" row is left unpinned (both CPUs, tokio's
+# default of one worker per CPU), so it competes with the load generator.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/edge-agent/target-bench}
+DUR=${BENCH_DURATION:-10}
+ROUNDS=${BENCH_ROUNDS:-3}
+CONNS=${BENCH_CONNS:-32}
+HOSTNAME_HDR=bench
+WORK=$(mktemp -d /tmp/edge-agent-bench.XXXXXX)
+OUT=${BENCH_OUT:-$WORK/out}
+mkdir -p "$OUT"
+PIDS=()
+T0=$(date +%s)
+
+log() { printf '[bench %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    rm -rf "$WORK/run"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- tools ----------------------------------------------------------------------------------
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v wrk >/dev/null || need+=(wrk)
+command -v taskset >/dev/null || need+=(util-linux)
+command -v python3 >/dev/null || need+=(python3)
+command -v curl >/dev/null || need+=(curl)
+command -v jq >/dev/null || need+=(jq)
+if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+export PATH=$PATH:/usr/sbin
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 8192 2>/dev/null || true
+
+NCPU=$(nproc)
+if [ "$NCPU" -ge 2 ]; then PROXY_CPU=1; LOAD_CPU=0; else PROXY_CPU=0; LOAD_CPU=0; fi
+ALL_CPUS=0-$((NCPU - 1))
+CLK_TCK=$(getconf CLK_TCK)
+
+# --- build (once; reused while sources are unchanged) -----------------------------------------
+# One build: `cargo bench --no-run` also builds the edge-agent binary (bench profile = release
+# settings, fat LTO) for the benches, so the release binary is not built a second time with
+# other feature unification.
+newest() { find "$CARGO_TARGET_DIR/release/deps" -maxdepth 1 -type f -perm -u+x -name "$1-*" ! -name '*.*' -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-; }
+if [ -n "${BENCH_NO_BUILD:-}" ]; then
+    log "BENCH_NO_BUILD: using the binaries already in $CARGO_TARGET_DIR"
+    AGENT=$CARGO_TARGET_DIR/release/edge-agent
+    LOADGEN=$(newest loadgen)
+    MICRO=$(newest micro)
+else
+    log "building edge-agent and the benches (bench profile = release, fat LTO; into $CARGO_TARGET_DIR)"
+    BUILD_JSON=$(cargo bench --no-run --bench loadgen --bench micro --message-format=json)
+    exe() { echo "$BUILD_JSON" | jq -r --arg n "$1" 'select(.executable != null and .target.name == $n) | .executable' | tail -1; }
+    LOADGEN=$(exe loadgen)
+    MICRO=$(exe micro)
+    AGENT=$(exe edge-agent)
+fi
+[ -x "$LOADGEN" ] || { echo "bench: loadgen not built" >&2; exit 1; }
+[ -x "$AGENT" ] || { echo "bench: edge-agent binary not built" >&2; exit 1; }
+[ -x "$MICRO" ] || { echo "bench: micro not built" >&2; exit 1; }
+
+# --- helpers --------------------------------------------------------------------------------
+free_ports() {
+    python3 - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+# start NAME CPUS CMD... : runs CMD in the background pinned to CPUS; sets STARTED_PID.
+start() {
+    local name=$1 cpus=$2
+    shift 2
+    taskset -c "$cpus" "$@" >"$WORK/$name.log" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
+
+stop() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+wait_http() { # PORT NAME
+    for _ in $(seq 150); do
+        if [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Host: $HOSTNAME_HDR" "http://127.0.0.1:$1/" || true)" = 200 ]; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "bench: $2 on port $1 did not answer 200; log:" >&2
+    tail -20 "$WORK/$2.log" >&2 || true
+    exit 1
+}
+
+# The process and its direct children (nginx master + worker).
+tree_pids() { echo "$1 $(ps -o pid= --ppid "$1" 2>/dev/null | tr '\n' ' ')"; }
+
+cpu_ticks() { # PIDS...
+    local t=0 p
+    for p in "$@"; do
+        [ -r "/proc/$p/stat" ] || continue
+        t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+    done
+    echo "$t"
+}
+
+rss_kb() { # PIDS... -> sum of VmRSS
+    local t=0 p v
+    for p in "$@"; do
+        v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+
+to_us() { # wrk latency (e.g. 512.00us 1.23ms 1.01s) -> microseconds
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
+        if (u == "us") f = 1; else if (u == "ms") f = 1000; else if (u == "s") f = 1000000; else f = 1;
+        printf "%.0f", n * f }'
+}
+
+mkdir -p "$WORK/run"
+R=$WORK/run
+
+# --- processes under test -------------------------------------------------------------------
+read -r BP NP HP EP1 EA1 EP2 EA2 SP SA <<<"$(free_ports 9)"
+BODY=$(printf 'x%.0s' $(seq 99))
+mkdir -p "$R/backend" "$R/nginx"
+for d in backend nginx; do mkdir -p "$R/$d/logs" "$R/$d/tmp"; done
+cat >"$R/backend/nginx.conf" <<EOF
+worker_processes 1;
+pid $R/backend/nginx.pid;
+error_log $R/backend/logs/error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $R/backend/tmp;
+    server {
+        listen 127.0.0.1:$BP backlog=4096;
+        location / { default_type text/plain; return 200 "$BODY"; }
+    }
+}
+EOF
+cat >"$R/nginx/nginx.conf" <<EOF
+worker_processes 1;
+pid $R/nginx/nginx.pid;
+error_log $R/nginx/logs/error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $R/nginx/tmp;
+    proxy_temp_path $R/nginx/tmp;
+    upstream bench {
+        server 127.0.0.1:$BP;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$NP backlog=4096;
+        location / {
+            proxy_pass http://bench;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+cat >"$R/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 2000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:$HP
+    default_backend be
+backend be
+    server s1 127.0.0.1:$BP
+EOF
+cat >"$R/services.toml" <<EOF
+[[service]]
+name = "$HOSTNAME_HDR"
+instances = [ { addr = "127.0.0.1:$BP" } ]
+EOF
+
+start backend "$LOAD_CPU" nginx -p "$R/backend" -c "$R/backend/nginx.conf" -g 'daemon off;'
+BACKEND_PID=$STARTED_PID
+start nginx "$PROXY_CPU" nginx -p "$R/nginx" -c "$R/nginx/nginx.conf" -g 'daemon off;'
+NGINX_PID=$STARTED_PID
+start haproxy "$PROXY_CPU" haproxy -db -f "$R/haproxy.cfg"
+HAPROXY_PID=$STARTED_PID
+
+agent_env() { # LISTEN ADMIN STATE REGISTRY
+    mkdir -p "$3"
+    echo "EDGE_AGENT_LISTEN=127.0.0.1:$1 EDGE_AGENT_ADMIN_LISTEN=127.0.0.1:$2 EDGE_AGENT_STATE_DIR=$3 EDGE_AGENT_REGISTRY=file://$4 RUST_LOG=warn EDGE_AGENT_LOG_FORMAT=text"
+}
+# shellcheck disable=SC2046
+start agent1 "$PROXY_CPU" env $(agent_env "$EP1" "$EA1" "$R/state1" "$R/services.toml") TOKIO_WORKER_THREADS=1 "$AGENT"
+AGENT1_PID=$STARTED_PID
+# shellcheck disable=SC2046
+start agent2 "$ALL_CPUS" env $(agent_env "$EP2" "$EA2" "$R/state2" "$R/services.toml") "$AGENT"
+AGENT2_PID=$STARTED_PID
+
+wait_http "$BP" backend
+wait_http "$NP" nginx
+wait_http "$HP" haproxy
+wait_http "$EP1" agent1
+wait_http "$EP2" agent2
+log "backend :$BP, nginx :$NP, haproxy :$HP, edge-agent 1 worker :$EP1, edge-agent default :$EP2"
+
+# name port pid(s) label
+TARGETS=(
+    "direct|$BP|$BACKEND_PID|backend directly (nginx, CPU $LOAD_CPU)"
+    "nginx|$NP|$NGINX_PID|nginx proxy, 1 worker"
+    "haproxy|$HP|$HAPROXY_PID|HAProxy, nbthread 1"
+    "agent1|$EP1|$AGENT1_PID|edge-agent, TOKIO_WORKER_THREADS=1"
+    "agent2|$EP2|$AGENT2_PID|edge-agent, default threads, unpinned"
+)
+
+run_wrk() { # NAME PORT PID DURATION ROUND
+    local name=$1 port=$2 pid=$3 d=$4 round=$5 pids before after out
+    pids=$(tree_pids "$pid")
+    # shellcheck disable=SC2086
+    before=$(cpu_ticks $pids)
+    out=$(taskset -c "$LOAD_CPU" timeout $((d + 30)) wrk -t1 -c"$CONNS" -d"${d}s" --timeout 5s --latency \
+        -H "Host: $HOSTNAME_HDR" "http://127.0.0.1:$port/" 2>&1 || true)
+    # shellcheck disable=SC2086
+    after=$(cpu_ticks $pids)
+    [ "$round" = warmup ] && return 0
+    echo "$out" >"$OUT/wrk-$name-$round.txt"
+    local rps p50 p99 reqs errs
+    rps=$(echo "$out" | awk '/^Requests\/sec:/ {print $2}')
+    p50=$(to_us "$(echo "$out" | awk '$1 == "50%" {print $2}')")
+    p99=$(to_us "$(echo "$out" | awk '$1 == "99%" {print $2}')")
+    reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+    errs=$(echo "$out" | awk '/Non-2xx/ {n += $NF} /Socket errors/ {n += 1} END {print n + 0}')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$round" "${rps:-0}" "${p50:-0}" "${p99:-0}" \
+        "${reqs:-0}" "$((after - before))" "$errs" >>"$OUT/wrk.tsv"
+}
+
+run_fixed() { # NAME PORT RATE ROUND
+    local line
+    line=$(taskset -c "$LOAD_CPU" timeout $((DUR + 60)) "$LOADGEN" fixed "127.0.0.1:$2" "$HOSTNAME_HDR" "$3" "$CONNS" "$DUR" || true)
+    printf '%s\t%s\t%s\n' "$1" "$4" "$line" >>"$OUT/fixed.tsv"
+}
+
+if [ -z "${BENCH_SKIP_PROXY:-}" ]; then
+    : >"$OUT/wrk.tsv"
+    : >"$OUT/fixed.tsv"
+    log "warm-up (2 s each)"
+    for t in "${TARGETS[@]}"; do
+        IFS='|' read -r name port pid _ <<<"$t"
+        run_wrk "$name" "$port" "$pid" 2 warmup
+    done
+    for round in $(seq "$ROUNDS"); do
+        for t in "${TARGETS[@]}"; do
+            IFS='|' read -r name port pid _ <<<"$t"
+            log "max throughput: round $round/$ROUNDS, $name"
+            run_wrk "$name" "$port" "$pid" "$DUR" "$round"
+        done
+    done
+    NGINX_RPS=$(awk -F'\t' '$1 == "nginx" {print $3}' "$OUT/wrk.tsv" | sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}')
+    RATE=$(awk -v r="$NGINX_RPS" 'BEGIN {printf "%d", r / 2}')
+    echo "$RATE" >"$OUT/rate"
+    for round in $(seq "$ROUNDS"); do
+        for t in "${TARGETS[@]:0:4}"; do
+            IFS='|' read -r name port pid _ <<<"$t"
+            log "fixed rate $RATE req/s: round $round/$ROUNDS, $name"
+            run_fixed "$name" "$port" "$RATE" "$round"
+        done
+    done
+    if [ -n "${BENCH_PERF:-}" ] && command -v perf >/dev/null; then
+        log "perf profile of edge-agent (1 worker) under wrk"
+        (taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DUR}s" -H "Host: $HOSTNAME_HDR" "http://127.0.0.1:$EP1/" >/dev/null 2>&1 &
+            timeout $((DUR + 5)) perf record -q -F 999 -g -p "$AGENT1_PID" -o "$OUT/perf.data" -- sleep "$((DUR - 2))" >/dev/null 2>&1 || true
+            wait) || true
+        perf report -i "$OUT/perf.data" --no-children --percent-limit 1.5 --stdio 2>/dev/null |
+            grep -E '^ +[0-9.]+%' | head -25 >"$OUT/perf-top.txt" || true
+    fi
+    # Memory of the processes after the load rounds.
+    {
+        printf 'nginx\t%s\n' "$(rss_kb $(tree_pids "$NGINX_PID"))"
+        printf 'haproxy\t%s\n' "$(rss_kb "$HAPROXY_PID")"
+        printf 'agent1\t%s\n' "$(rss_kb "$AGENT1_PID")"
+    } >"$OUT/rss-after-load.tsv"
+fi
+stop "$AGENT1_PID"
+stop "$AGENT2_PID"
+stop "$HAPROXY_PID"
+stop "$NGINX_PID"
+
+# --- scale: memory ----------------------------------------------------------------------------
+log "scale: RSS idle, with 1,000 services x 10 endpoints, with 1,000 client connections"
+python3 - "$R/big.toml" "$HOSTNAME_HDR" "$BP" <<'EOF'
+import sys
+path, host, bp = sys.argv[1:]
+with open(path, "w") as f:
+    f.write(f'[[service]]\nname = "{host}"\ninstances = [ {{ addr = "127.0.0.1:{bp}" }} ]\n')
+    for s in range(1000):
+        addrs = ", ".join(f'{{ addr = "127.0.{s // 250}.{s % 250 + 1}:{8000 + i}" }}' for i in range(10))
+        f.write(f'[[service]]\nname = "svc-{s:04d}"\ninstances = [ {addrs} ]\n')
+EOF
+: >"$OUT/rss.tsv"
+# shellcheck disable=SC2046
+start scale1 "$PROXY_CPU" env $(agent_env "$SP" "$SA" "$R/state3" "$R/services.toml") "$AGENT"
+S1=$STARTED_PID
+wait_http "$SP" scale1
+sleep 2
+printf 'idle, 1 service\t%s\n' "$(rss_kb "$S1")" >>"$OUT/rss.tsv"
+taskset -c "$LOAD_CPU" timeout 60 "$LOADGEN" hold "127.0.0.1:$SP" "$HOSTNAME_HDR" 1000 8 >"$WORK/hold.out" 2>&1 &
+HOLD=$!
+PIDS+=("$HOLD")
+for _ in $(seq 100); do grep -q '^held' "$WORK/hold.out" && break; sleep 0.1; done
+sleep 1
+printf '1,000 client connections held (%s)\t%s\n' "$(head -1 "$WORK/hold.out")" "$(rss_kb "$S1")" >>"$OUT/rss.tsv"
+wait "$HOLD" || true
+stop "$S1"
+# shellcheck disable=SC2046
+start scale2 "$PROXY_CPU" env $(agent_env "$SP" "$SA" "$R/state4" "$R/big.toml") "$AGENT"
+S2=$STARTED_PID
+wait_http "$SP" scale2
+for _ in $(seq 100); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: svc-0999' "http://127.0.0.1:$SP/")" != 404 ] && break
+    sleep 0.1
+done
+sleep 2
+printf '1,000 services x 10 endpoints (+1)\t%s\n' "$(rss_kb "$S2")" >>"$OUT/rss.tsv"
+stop "$S2"
+stop "$BACKEND_PID"
+
+# --- micro-benchmarks -------------------------------------------------------------------------
+if [ -z "${BENCH_SKIP_MICRO:-}" ]; then
+    log "criterion micro-benchmarks"
+    rm -rf "$CARGO_TARGET_DIR/criterion"
+    "$MICRO" --bench --noplot >"$OUT/criterion.txt" 2>&1 || {
+        tail -30 "$OUT/criterion.txt" >&2
+        exit 1
+    }
+fi
+
+# --- tables -----------------------------------------------------------------------------------
+python3 "$ROOT/bench/report.py" "$OUT" "$CARGO_TARGET_DIR/criterion" "$LOAD_CPU" "$PROXY_CPU" "$DUR" "$ROUNDS" "$CONNS" "$CLK_TCK" \
+    | tee "$OUT/report.md"
+log "done in $(($(date +%s) - T0)) s; raw results in $OUT"

@@ -1,0 +1,201 @@
+//! Micro-benchmarks of the agent's hot and warm paths (`make bench` runs them; see
+//! BENCHMARKS.md): balancer pick cost by size, consistent-hash lookup, metrics recording per
+//! request, and the snapshot build-and-swap that follows a one-endpoint registry change.
+//!
+//! Measurement is kept short (`sample_size(20)`, 2 s) so the whole `make bench` stays within
+//! its time budget; the figures are medians, good to a few percent on a quiet machine.
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use discovery::{Event, Instance, Update};
+use edge_agent::balancer::{self, chash, Candidates, PickContext};
+use edge_agent::cache::{Cache, Shared, SourceStatus};
+use edge_agent::config::{Dynamic, HashOn, UpstreamSettings};
+use edge_agent::metrics::UpstreamMetrics;
+use edge_agent::upstream::Endpoint;
+
+const SIZES: [usize; 3] = [3, 100, 1_000];
+const BALANCERS: [&str; 4] = ["roundrobin", "chash", "ewma", "least_conn"];
+
+fn endpoints(n: usize) -> Vec<Endpoint> {
+    (0..n)
+        .map(|i| {
+            let inst = Instance::new(format!("10.0.{}.{}", i / 250, i % 250 + 1), 8080);
+            Endpoint::from_instance(&inst, "file", Default::default())
+        })
+        .collect()
+}
+
+fn settings(name: &str) -> UpstreamSettings {
+    let mut s = UpstreamSettings::with_balancer(name);
+    if name == "chash" {
+        s.hash_on = Some(HashOn::Header(http::HeaderName::from_static("x-user")));
+    }
+    s
+}
+
+fn ctx() -> PickContext {
+    PickContext {
+        client_ip: IpAddr::from([127, 0, 0, 1]),
+        key: None,
+        now_ms: edge_agent::health::now_ms(),
+        panic: false,
+        slow_start: None,
+    }
+}
+
+/// A different key on every call, so chash does not hit one cached slot.
+fn next_key(counter: &AtomicU64) -> u64 {
+    let k = counter.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+    k ^ (k >> 29)
+}
+
+/// One pick: the first candidate of a request (what the proxy does before the first try).
+fn picks(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pick");
+    for name in BALANCERS {
+        let build = balancer::factory(name).expect("registered balancer");
+        for n in SIZES {
+            let eps = endpoints(n);
+            let b = build(&eps, &settings(name));
+            let base = ctx();
+            let counter = AtomicU64::new(1);
+            g.bench_with_input(BenchmarkId::new(name, n), &n, |bench, _| {
+                bench.iter(|| {
+                    let mut cx = base;
+                    if name == "chash" {
+                        cx.key = Some(next_key(&counter));
+                    }
+                    let mut cands = Candidates::new(b.as_ref(), &eps, cx);
+                    black_box(cands.next())
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+/// chash end to end on the request path: hash the header value, then look up the table.
+fn chash_lookup(c: &mut Criterion) {
+    let mut g = c.benchmark_group("chash_lookup");
+    let on = HashOn::Header(http::HeaderName::from_static("x-user"));
+    let uri: http::Uri = "/api/items?id=7".parse().expect("static uri");
+    let ip = IpAddr::from([127, 0, 0, 1]);
+    let mut headers = http::HeaderMap::new();
+    for n in [100, 1_000] {
+        let eps = endpoints(n);
+        let b = chash::build(&eps, &settings("chash"));
+        let base = ctx();
+        let mut user = 0u32;
+        g.bench_with_input(BenchmarkId::new("header_key+pick", n), &n, |bench, _| {
+            bench.iter(|| {
+                user = user.wrapping_add(1);
+                headers.insert(
+                    "x-user",
+                    http::HeaderValue::from(user % 100_000 + 1_000_000),
+                );
+                let mut cx = base;
+                cx.key = chash::request_key(&on, &headers, &uri, ip);
+                let mut cands = Candidates::new(b.as_ref(), &eps, cx);
+                black_box(cands.next())
+            })
+        });
+    }
+    g.finish();
+}
+
+/// What the proxy records per finished request (histogram + status counter), with the real
+/// Prometheus recorder installed.
+fn metrics_record(c: &mut Criterion) {
+    let _handle = edge_agent::metrics::install();
+    let m = UpstreamMetrics::new("bench");
+    let mut g = c.benchmark_group("metrics");
+    g.bench_function("request_200", |bench| {
+        bench.iter(|| m.request(black_box(200), black_box(Duration::from_micros(850))))
+    });
+    g.bench_function("request_503", |bench| {
+        bench.iter(|| m.request(black_box(503), black_box(Duration::from_micros(850))))
+    });
+    g.finish();
+}
+
+fn new_cache() -> Cache {
+    let shared = Shared::new(vec![SourceStatus::new("file", "file://bench".into())]);
+    Cache::new(
+        shared,
+        Dynamic {
+            default_balancer: "roundrobin".into(),
+            domain_suffix: None,
+            upstreams: vec![],
+            routes: vec![],
+            guard: Default::default(),
+        },
+    )
+}
+
+fn inst(svc: usize, i: usize) -> Instance {
+    Instance::new(
+        format!("10.{}.{}.{}", svc / 250, svc % 250, i % 250 + 1),
+        8000 + (i / 250) as u16,
+    )
+}
+
+/// A one-endpoint change in one service of a table holding `services × per_service`
+/// endpoints: the event applied to the cache, the changed upstream rebuilt (endpoint states
+/// carried over, balancer built) and the new table stored. The change flips one instance's
+/// weight (an `Update::Add` of the same id), so the mass-removal guard never holds it back.
+fn snapshot_swap(c: &mut Criterion) {
+    let _handle = edge_agent::metrics::install();
+    let mut g = c.benchmark_group("snapshot_one_endpoint_change");
+    for (services, per_service) in [(1_000usize, 1usize), (1_000, 10), (1, 10_000)] {
+        let mut cache = new_cache();
+        let all: BTreeMap<String, Vec<Instance>> = (0..services)
+            .map(|s| {
+                let set = (0..per_service).map(|i| inst(s, i)).collect();
+                (format!("svc-{s}"), set)
+            })
+            .collect();
+        let dirty = cache.apply(0, Event::Snapshot(all));
+        cache.rebuild(Some(&dirty));
+        let target = format!("svc-{}", services / 2);
+        let mut changed = inst(services / 2, 0);
+        let label = format!(
+            "{}_endpoints/{services}x{per_service}",
+            services * per_service
+        );
+        g.bench_function(BenchmarkId::new("apply+rebuild", label), |bench| {
+            bench.iter(|| {
+                changed.weight = if changed.weight == 1 { 2 } else { 1 };
+                let dirty = cache.apply(
+                    0,
+                    Event::Service {
+                        service: target.clone(),
+                        update: Update::Add(vec![changed.clone()]),
+                    },
+                );
+                assert_eq!(dirty.len(), 1, "the change reached the table");
+                cache.rebuild(Some(&dirty));
+                black_box(dirty.len())
+            })
+        });
+    }
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+}
+
+criterion_group! {
+    name = micro;
+    config = config();
+    targets = picks, chash_lookup, metrics_record, snapshot_swap
+}
+criterion_main!(micro);
