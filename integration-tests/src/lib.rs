@@ -23,6 +23,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+pub mod fake_registry;
 pub mod servers;
 
 /// Path of the built agent binary (`EDGE_AGENT_BIN`, else next to this test's target dir).
