@@ -31,5 +31,10 @@ lint:
 bench:
 	bash bench/run.sh
 
+# libFuzzer targets in fuzz/ (config file, file registry, registry URLs, Eureka/Consul/Nacos
+# answers), FUZZ_SECONDS (default 60) each; prints executions and findings. Not part of CI.
+fuzz:
+	bash fuzz/run.sh
+
 clean:
 	$(CARGO) clean
