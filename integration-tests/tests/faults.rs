@@ -227,6 +227,9 @@ where
     t
 }
 
+/// A change that breaks the file registry's file.
+type FileFault = Box<dyn Fn() + Send>;
+
 /// Rows of the printed table: (registry, fault, tally, expectation).
 type Rows = Vec<(String, String, Tally)>;
 
@@ -397,7 +400,7 @@ async fn file_registry_faults_cost_no_requests() {
     all_three_serve(&agent).await;
 
     let mut rows = Rows::new();
-    let cases: [(&str, Box<dyn Fn() + Send>); 3] = [
+    let cases: [(&str, FileFault); 3] = [
         (
             "garbage file",
             Box::new({
