@@ -362,13 +362,30 @@ async fn configured_routes_and_reload_keep_the_old_config_when_invalid() {
     // With routes configured, zero-config names do not route.
     assert_eq!(agent.get("svc", "/").await.0, 404);
 
-    // A valid change is applied on SIGHUP (and by the file watcher).
+    // A valid change is applied on SIGHUP (and by the file watcher), and the unchanged
+    // upstream keeps its per-endpoint state.
+    let requests_of_a = |up: serde_json::Value| {
+        up["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["id"] == "api")
+            .map(|u| u["endpoints"][0]["requests"].as_u64().unwrap())
+            .unwrap()
+    };
+    let before = requests_of_a(agent.upstreams().await);
+    assert!(before >= 1);
     std::fs::write(&cfg, good("/v2/")).unwrap();
     agent.signal(nix::sys::signal::Signal::SIGHUP);
     eventually(Duration::from_secs(5), "the new route", || async {
         (agent.get("127.0.0.1", "/v2/x").await.0 == 200).then_some(())
     })
     .await;
+    assert_eq!(
+        requests_of_a(agent.upstreams().await),
+        before,
+        "the api upstream's endpoint state survived the reload"
+    );
     // An invalid one is refused: the old config keeps serving.
     std::fs::write(&cfg, "[[route]]\nhost = \"x\"\nupstream = \"ghost\"\n").unwrap();
     agent.signal(nix::sys::signal::Signal::SIGHUP);
@@ -657,4 +674,48 @@ async fn every_example_configuration_is_valid() {
     let parsed = discovery::file::parse(&text).unwrap();
     assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
     assert!(parsed.services.contains_key("hello"));
+}
+
+#[tokio::test]
+async fn a_slow_client_cannot_pin_a_connection() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("svc", &[(a.addr, 1)])]);
+    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", &url)]).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Slowloris: a request head that never ends.
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(agent.proxy).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: svc\r\nX-Slow: 1\r\n")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    // Others are served meanwhile.
+    assert_eq!(agent.get("svc", "/").await.0, 200);
+    // The agent closes each slow connection after its header timeout (10 s).
+    let started = std::time::Instant::now();
+    for mut s in slow {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "a slow connection stayed open for 20 s");
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // A head over the size limit is refused.
+    let mut s = tokio::net::TcpStream::connect(agent.proxy).await.unwrap();
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: svc\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(1024 * 1024)
+    );
+    let _ = s.write_all(big.as_bytes()).await;
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp)).await;
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(
+        resp.is_empty() || resp.starts_with("HTTP/1.1 431"),
+        "{resp}"
+    );
+    assert_eq!(a.hits(), 1, "neither reached the backend");
 }
