@@ -28,7 +28,7 @@ if ! command -v cargo-fuzz >/dev/null; then
 fi
 TARGETS=${FUZZ_TARGETS:-$(cargo fuzz list)}
 
-cargo fuzz build --sanitizer "$SANITIZER" $TARGETS || exit 1
+for t in $TARGETS; do cargo fuzz build --sanitizer "$SANITIZER" "$t" || exit 1; done
 
 summary=()
 failed=0
