@@ -202,8 +202,13 @@ pub trait Discovery: Send + Sync + 'static {
     }
 }
 
+/// Longest duration a registry URL may give (intervals, waits, TTLs): a year. Longer values are
+/// typos, and some libraries panic on them (moka refuses a time-to-idle over 1,000 years).
+pub const MAX_URL_DURATION: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
 /// A duration in a registry URL's query: `500ms`, `5s`, `1.5s`, `5m`, `1h`, or a bare number of
-/// seconds; at least `min`. Shared by every adapter so the URLs read alike.
+/// seconds; at least `min`, at most [`MAX_URL_DURATION`]. Shared by every adapter so the URLs
+/// read alike.
 pub fn parse_duration(s: &str, min: std::time::Duration) -> Result<std::time::Duration, String> {
     let s = s.trim();
     let split = s
@@ -223,6 +228,9 @@ pub fn parse_duration(s: &str, min: std::time::Duration) -> Result<std::time::Du
     let d = std::time::Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())?;
     if d < min {
         return Err(format!("must be at least {min:?}"));
+    }
+    if d > MAX_URL_DURATION {
+        return Err("must be at most a year".into());
     }
     Ok(d)
 }
@@ -281,6 +289,14 @@ mod tests {
             .unwrap_err()
             .contains("fortnights"));
         assert!(parse_duration("soon", min).is_err());
+        // Found by the registry_url fuzz target: moka panicked on this idle_ttl.
+        assert!(parse_duration("600000000h", min)
+            .unwrap_err()
+            .contains("at most"));
+        let err = from_url("consul://127.0.0.1:8500?idle_ttl=600000000h")
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("idle_ttl"), "{err}");
     }
 
     #[test]
