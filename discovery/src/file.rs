@@ -207,7 +207,7 @@ impl FileDiscovery {
         };
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if let Ok(ev) = res {
-                if ev.paths.iter().any(|p| p.file_name() == Some(&name)) {
+                if is_change(&ev.kind) && ev.paths.iter().any(|p| p.file_name() == Some(&name)) {
                     let _ = tx.try_send(());
                 }
             }
@@ -219,6 +219,17 @@ impl FileDiscovery {
             return None;
         }
         Some(watcher)
+    }
+}
+
+/// Whether a notification may mean new contents. Opening and reading the file are not changes:
+/// counting them made every read trigger the next one (a re-read loop at the debounce rate).
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
     }
 }
 
@@ -352,6 +363,41 @@ instances = [{ addr = "127.0.0.1:8081" }, { addr = "not-an-address" }, { addr = 
         .unwrap();
         let second = next_snapshot(&mut rx).await;
         assert_eq!(second["a"][0].port, 2000);
+        task.abort();
+    }
+
+    #[test]
+    fn reads_are_not_changes() {
+        use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+        assert!(!is_change(&EventKind::Access(AccessKind::Open(AccessMode::Any))));
+        assert!(!is_change(&EventKind::Access(AccessKind::Close(AccessMode::Read))));
+        assert!(is_change(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert!(is_change(&EventKind::Modify(ModifyKind::Any)));
+        assert!(is_change(&EventKind::Create(CreateKind::File)));
+    }
+
+    /// The source's own reads must not wake it: an unchanged file is read once per poll
+    /// interval, not in a loop.
+    #[tokio::test]
+    async fn an_unchanged_file_is_not_reread_in_a_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("services.toml");
+        std::fs::write(
+            &path,
+            "[[service]]\nname = \"a\"\ninstances = [{ addr = \"127.0.0.1:1000\" }]\n",
+        )
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let task = tokio::spawn(Arc::new(FileDiscovery::new(&path)).run(Sink::new(0, tx)));
+        next_snapshot(&mut rx).await;
+        // Measurement window: a looping source answers every DEBOUNCE (50 ms), so 1 s would
+        // hold ~20 answers; a quiet one holds none (POLL_INTERVAL is 5 s).
+        let window = tokio::time::Instant::now() + Duration::from_secs(1);
+        let mut answers = 0;
+        while let Ok(Some(_)) = tokio::time::timeout_at(window, rx.recv()).await {
+            answers += 1;
+        }
+        assert!(answers <= 1, "{answers} answers in 1 s for an unchanged file");
         task.abort();
     }
 
