@@ -582,7 +582,6 @@ impl Cache {
             _ => {
                 let rt = Arc::new(UpstreamRuntime {
                     settings: settings.clone(),
-                    client: proxy::new_client(settings),
                     metrics: UpstreamMetrics::new(id),
                     panic: Default::default(),
                     requests: Default::default(),
@@ -737,7 +736,7 @@ mod tests {
         );
         assert!(
             Arc::ptr_eq(&t1.upstreams["a"].runtime, &a2.runtime),
-            "client pool kept"
+            "runtime (metrics, retry budget) kept"
         );
     }
 

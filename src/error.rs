@@ -25,14 +25,6 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub fn from_client(e: hyper_util::client::legacy::Error) -> Self {
-        if e.is_connect() {
-            ProxyError::Connect(source_chain(&e))
-        } else {
-            ProxyError::Upstream(source_chain(&e))
-        }
-    }
-
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -80,7 +72,8 @@ impl ProxyError {
     }
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources, `: `-separated.
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

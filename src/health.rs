@@ -297,12 +297,7 @@ async fn probe(up: &Upstream, ep: &Endpoint, cfg: &ActiveHealth) -> bool {
             Ok(Ok(_))
         );
     };
-    let uri = match Uri::builder()
-        .scheme("http")
-        .authority(ep.authority.clone())
-        .path_and_query(path.as_str())
-        .build()
-    {
+    let uri = match Uri::try_from(path.as_str()) {
         Ok(u) => u,
         Err(_) => return false,
     };
@@ -316,9 +311,23 @@ async fn probe(up: &Upstream, ep: &Endpoint, cfg: &ActiveHealth) -> bool {
         header::USER_AGENT,
         http::HeaderValue::from_static("edge-agent-health-check"),
     );
-    match tokio::time::timeout(cfg.timeout, up.runtime.client.request(req)).await {
-        Ok(Ok(resp)) => {
-            let s = resp.status().as_u16();
+    let probe = async {
+        let (resp, conn) = ep
+            .state
+            .pool
+            .send(&ep.authority, req, up.settings().connect_timeout)
+            .await
+            .ok()?;
+        let status = resp.status().as_u16();
+        // Read the (small) answer to the end so the connection can be reused.
+        let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+        if body.is_ok() {
+            ep.state.pool.put(conn);
+        }
+        Some(status)
+    };
+    match tokio::time::timeout(cfg.timeout, probe).await {
+        Ok(Some(s)) => {
             if cfg.expected_statuses.is_empty() {
                 (200..400).contains(&s)
             } else {

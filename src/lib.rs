@@ -3,7 +3,7 @@
 //! ```text
 //! registries ─► discovery adapters ─► cache (cache.rs) ─► Table snapshot (upstream.rs, ArcSwap)
 //!                                                              │
-//! request ─► server.rs ─► proxy.rs: route ─► balancer pick ─► pooled client ─► response
+//! request ─► server.rs ─► proxy.rs: route ─► balancer pick ─► endpoint's connection pool ─► response
 //! ```
 //!
 //! Data moves one way: sources push into the cache task, which publishes immutable snapshots;
@@ -18,6 +18,7 @@ pub mod error;
 pub mod guard;
 pub mod health;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod server;

@@ -1,6 +1,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+
+/// mimalloc: fewer cycles per request than glibc malloc for the proxy's many small, short-lived
+/// allocations (BENCHMARKS.md, #8).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use edge_agent::config::{Cli, Command, Config};
 
 fn main() -> ExitCode {
@@ -25,10 +30,16 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     edge_agent::init_logging(config.log_json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One worker (`TOKIO_WORKER_THREADS=1`): a current-thread runtime, which skips the
+    // work-stealing scheduler's cross-thread bookkeeping on every wake-up (BENCHMARKS.md, #8).
+    // Otherwise tokio's multi-thread runtime, one worker per CPU unless that variable says.
+    let one_worker = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1");
+    let mut builder = if one_worker {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("edge-agent: cannot start the runtime: {e}");

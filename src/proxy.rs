@@ -10,8 +10,10 @@
 //! idempotent methods, when the connection failed before a response or the answer was one of
 //! [`RETRY_STATUSES`] (500, 502, 503, 504). A request with a body is never retried (its body is streamed and cannot be
 //! replayed). A retry budget per upstream (20% of requests plus a small reserve) stops retry
-//! storms. To retry, the request head is cloned before the first try; hyper's pooled client
-//! consumes a request even when it never reached the wire.
+//! storms. A request that never reached the wire (refused connection, a pooled connection the
+//! peer had closed) comes back from the connection pool (`pool.rs`) and is resent as is; to
+//! retry after a response, the request head is cloned before a try that may not be the last
+//! (a few reference-count bumps: header values share the request's read buffer).
 //!
 //! Every try feeds back: latency into the endpoint's EWMA, success or failure into passive
 //! health (`health.rs`).
@@ -25,51 +27,27 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::balancer::{chash, PickContext};
 use crate::cache::Shared;
-use crate::config::UpstreamSettings;
 use crate::error::ProxyError;
 use crate::health::{self, Outcome};
 use crate::metrics as m;
+use crate::pool;
 use crate::upstream::{Endpoint, InFlight, NoRoute, Upstream, UpstreamRuntime};
 
 /// Request body sent upstream: the client's, or empty for a replayed body-less request.
 pub type ReqBody = Either<Incoming, Empty<Bytes>>;
 /// Response body sent to the client.
 pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
-/// The pooled HTTP/1 client, one per upstream.
-pub type HttpClient = Client<HttpConnector, ReqBody>;
-
 /// How long a request for a service not yet watched waits for an on-demand source's first
 /// answer.
 pub const DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle pooled connections are closed after this long.
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Idle pooled connections kept per endpoint.
-pub const POOL_MAX_IDLE_PER_HOST: usize = 256;
-
-/// A client for one upstream's settings.
-pub fn new_client(settings: &UpstreamSettings) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(settings.connect_timeout));
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
-}
 
 /// The proxy service shared by every connection.
 pub struct Proxy {
@@ -223,12 +201,16 @@ impl Proxy {
                 None => Either::Right(Empty::new()),
             });
             *out.method_mut() = parts.method.clone();
-            *out.uri_mut() = endpoint_uri(ep, &path_and_query)?;
+            *out.uri_mut() = Uri::from(path_and_query.clone());
             *out.headers_mut() = if last_try {
                 std::mem::take(&mut parts.headers)
             } else {
                 parts.headers.clone()
             };
+            if !out.headers().contains_key(header::HOST) {
+                out.headers_mut()
+                    .insert(header::HOST, authority_header(&ep.authority));
+            }
             let t0 = Instant::now();
             let result = self
                 .send(upstream, ep, out, remaining.min(settings.read_timeout))
@@ -290,9 +272,13 @@ impl Proxy {
         timeout: Duration,
     ) -> Result<Response<RespBody>, ProxyError> {
         let guard = InFlight::start(&ep.state);
-        let resp = match tokio::time::timeout(timeout, upstream.runtime.client.request(req)).await {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => return Err(ProxyError::from_client(e)),
+        let sent = ep
+            .state
+            .pool
+            .send(&ep.authority, req, upstream.settings().connect_timeout);
+        let (resp, conn) = match tokio::time::timeout(timeout, sent).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return Err(e),
             Err(_) => return Err(ProxyError::Timeout),
         };
         let (mut parts, body) = resp.into_parts();
@@ -301,7 +287,8 @@ impl Proxy {
             parts,
             Either::Left(UpstreamBody {
                 inner: body,
-                _in_flight: guard,
+                conn: Some(conn),
+                in_flight: guard,
             }),
         ))
     }
@@ -336,10 +323,22 @@ fn withdraw_retry_token(rt: &UpstreamRuntime) -> bool {
 }
 
 /// The upstream's response body; holds the endpoint's in-flight count until the body is done
-/// or dropped.
+/// or dropped, and gives the connection back to the endpoint's pool if the body was read to
+/// the end (a body dropped half-read leaves the connection unusable: it is closed).
 pub struct UpstreamBody {
     inner: Incoming,
-    _in_flight: InFlight,
+    conn: Option<pool::Conn>,
+    in_flight: InFlight,
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            if let Some(conn) = self.conn.take() {
+                self.in_flight.state().pool.put(conn);
+            }
+        }
+    }
 }
 
 impl Body for UpstreamBody {
@@ -362,13 +361,9 @@ impl Body for UpstreamBody {
     }
 }
 
-fn endpoint_uri(ep: &Endpoint, pq: &PathAndQuery) -> Result<Uri, ProxyError> {
-    Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(ep.authority.clone())
-        .path_and_query(pq.clone())
-        .build()
-        .map_err(|e| ProxyError::Internal(format!("building upstream URI: {e}")))
+/// A `Host` header naming the endpoint, for a request that came without one (HTTP/1.0).
+fn authority_header(a: &http::uri::Authority) -> HeaderValue {
+    HeaderValue::from_str(a.as_str()).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// The path (and query) to send: the request's, less `strip` leading bytes of the path.
@@ -406,24 +401,44 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
-    if headers.contains_key(header::CONNECTION) {
+    // One pass over the names finds what is there; a lookup per hop-by-hop name (nine hashes)
+    // cost more than the rest of the header handling together (callgrind, #8).
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        } else if name == header::TRANSFER_ENCODING {
+            // hyper frames bodies itself.
+            present |= 1 << HOP_BY_HOP.len();
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    // Headers named in Connection are hop-by-hop too (`keep-alive` and `close` name none
+    // beyond the list).
+    if present & 1 != 0 {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::try_from(t.trim()).ok())
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::try_from(t).ok())
             .collect();
         for n in named {
             headers.remove(n);
         }
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    for (i, h) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(h);
+        }
     }
-    // hyper frames bodies itself.
-    headers.remove(header::TRANSFER_ENCODING);
+    if present & (1 << HOP_BY_HOP.len()) != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -520,7 +535,6 @@ mod budget_tests {
     fn runtime() -> UpstreamRuntime {
         let settings = UpstreamSettings::with_balancer("roundrobin");
         UpstreamRuntime {
-            client: new_client(&settings),
             settings,
             metrics: UpstreamMetrics::new("t"),
             panic: Default::default(),

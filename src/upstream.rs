@@ -4,7 +4,7 @@
 //! an `ArcSwap`; a request loads it once, without a lock. Per-endpoint state
 //! ([`EndpointState`]: in-flight count and counters) lives behind an `Arc` keyed by endpoint
 //! identity and is handed from one snapshot to the next, so a registry change that adds one
-//! instance leaves the others' state, and their pooled connections, untouched.
+//! instance leaves the others' state, and their pooled connections (`pool.rs`), untouched.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use crate::balancer::{Balancer, Candidates, PickContext};
 use crate::config::UpstreamSettings;
 use crate::health::Health;
 use crate::metrics::UpstreamMetrics;
-use crate::proxy::HttpClient;
+use crate::pool::ConnPool;
 
 /// Identity of an endpoint: the registry's instance id and the address it is dialled at.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -37,6 +37,8 @@ pub struct EndpointState {
     pub ewma: PeakEwma,
     /// Passive and active health verdicts.
     pub health: Health,
+    /// Idle keep-alive connections to the endpoint.
+    pub pool: ConnPool,
 }
 
 impl EndpointState {
@@ -71,6 +73,11 @@ impl InFlight {
         state.in_flight.fetch_add(1, Ordering::Relaxed);
         state.requests.fetch_add(1, Ordering::Relaxed);
         InFlight(Arc::clone(state))
+    }
+
+    /// The endpoint's state.
+    pub fn state(&self) -> &EndpointState {
+        &self.0
     }
 }
 
@@ -142,11 +149,10 @@ impl Endpoint {
     }
 }
 
-/// What an upstream keeps across snapshots: its settings, HTTP client (and so its connection
-/// pool) and metric handles. Replaced only when its settings change.
+/// What an upstream keeps across snapshots: its settings, metric handles and counters.
+/// Replaced only when its settings change (connection pools live with the endpoints).
 pub struct UpstreamRuntime {
     pub settings: UpstreamSettings,
-    pub client: HttpClient,
     pub metrics: UpstreamMetrics,
     /// Panic mode (set by the health sweeper).
     pub panic: AtomicBool,

@@ -369,9 +369,15 @@ instances = [{ addr = "127.0.0.1:8081" }, { addr = "not-an-address" }, { addr = 
     #[test]
     fn reads_are_not_changes() {
         use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
-        assert!(!is_change(&EventKind::Access(AccessKind::Open(AccessMode::Any))));
-        assert!(!is_change(&EventKind::Access(AccessKind::Close(AccessMode::Read))));
-        assert!(is_change(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert!(!is_change(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!is_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(is_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
         assert!(is_change(&EventKind::Modify(ModifyKind::Any)));
         assert!(is_change(&EventKind::Create(CreateKind::File)));
     }
@@ -397,7 +403,10 @@ instances = [{ addr = "127.0.0.1:8081" }, { addr = "not-an-address" }, { addr = 
         while let Ok(Some(_)) = tokio::time::timeout_at(window, rx.recv()).await {
             answers += 1;
         }
-        assert!(answers <= 1, "{answers} answers in 1 s for an unchanged file");
+        assert!(
+            answers <= 1,
+            "{answers} answers in 1 s for an unchanged file"
+        );
         task.abort();
     }
 

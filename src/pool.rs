@@ -1,0 +1,267 @@
+//! Upstream connections: one HTTP/1 keep-alive pool per endpoint, on hyper's connection API.
+//!
+//! The pool lives in the endpoint's state ([`crate::upstream::EndpointState`]), so it is handed
+//! from snapshot to snapshot with the endpoint and closed when the endpoint leaves. A checkout
+//! is an uncontended lock and a pop (newest first, so the warmest connection is reused and the
+//! oldest ones age out); a connection goes back when its response body has been read to the end
+//! (see `proxy::UpstreamBody`), with no task spawned per request. hyper-util's pooled client,
+//! used before, keyed one shared pool by authority and spawned a task per request to return the
+//! connection; the bench profile showed that cost (issue #8, BENCHMARKS.md).
+//!
+//! A request is never lost to a stale keep-alive connection: hyper hands back a request it did
+//! not start writing (`try_send_request`), and it is sent on the next pooled connection or on a
+//! fresh one, without counting against the endpoint.
+use std::collections::VecDeque;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use http::uri::Authority;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::error::ProxyError;
+use crate::proxy::ReqBody;
+
+/// Idle connections older than this are closed when the pool is next used.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per endpoint; beyond that the oldest is closed.
+pub const POOL_MAX_IDLE: usize = 256;
+
+/// A connection that can carry one request at a time.
+pub type Conn = SendRequest<ReqBody>;
+
+/// Idle keep-alive connections to one endpoint.
+#[derive(Default)]
+pub struct ConnPool {
+    idle: Mutex<VecDeque<Idle>>,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+impl std::fmt::Debug for ConnPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnPool")
+            .field("idle", &self.idle_count())
+            .finish()
+    }
+}
+
+impl ConnPool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Idle connections held now.
+    pub fn idle_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The newest idle connection still open, if any.
+    fn take(&self) -> Option<Conn> {
+        let mut idle = self.lock();
+        while let Some(c) = idle.pop_back() {
+            if !c.conn.is_closed() {
+                return Some(c.conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose exchange is finished.
+    pub fn put(&self, conn: Conn) {
+        if conn.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.lock();
+        while idle
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) > POOL_IDLE_TIMEOUT || c.conn.is_closed())
+        {
+            idle.pop_front();
+        }
+        if idle.len() >= POOL_MAX_IDLE {
+            idle.pop_front();
+        }
+        idle.push_back(Idle { conn, since: now });
+    }
+
+    /// Sends `req` on a pooled connection, or on a new one to `authority`. Returns the response
+    /// and the connection, to be handed back with [`ConnPool::put`] once the response body is
+    /// finished.
+    ///
+    /// Errors: [`ProxyError::Connect`] when nothing was sent (the endpoint could not be
+    /// reached), [`ProxyError::Upstream`] when the exchange failed after the request may have
+    /// been written.
+    pub async fn send(
+        &self,
+        authority: &Authority,
+        mut req: Request<ReqBody>,
+        connect_timeout: Duration,
+    ) -> Result<(Response<Incoming>, Conn), ProxyError> {
+        while let Some(mut conn) = self.take() {
+            if !conn.is_ready() && conn.ready().await.is_err() {
+                continue;
+            }
+            match conn.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, conn)),
+                Err(mut e) => match e.take_message() {
+                    // Never written: the connection was closing. Try the next one.
+                    Some(r) => req = r,
+                    None => return Err(ProxyError::Upstream(crate::error::chain(e.error()))),
+                },
+            }
+        }
+        let mut conn = connect(authority, connect_timeout).await?;
+        match conn.try_send_request(req).await {
+            Ok(resp) => Ok((resp, conn)),
+            Err(e) if e.message().is_some() => {
+                Err(ProxyError::Connect(crate::error::chain(e.error())))
+            }
+            Err(e) => Err(ProxyError::Upstream(crate::error::chain(e.error()))),
+        }
+    }
+}
+
+/// Dials `authority` and starts an HTTP/1 connection on it; the connection's I/O runs in a task
+/// of its own until the peer closes it or every handle to it is dropped.
+async fn connect(authority: &Authority, timeout: Duration) -> Result<Conn, ProxyError> {
+    let stream = match authority.port_u16() {
+        Some(_) => tokio::time::timeout(timeout, TcpStream::connect(authority.as_str())).await,
+        None => tokio::time::timeout(timeout, TcpStream::connect((authority.host(), 80u16))).await,
+    };
+    let stream = match stream {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(ProxyError::Connect(format!("{authority}: {e}"))),
+        Err(_) => {
+            return Err(ProxyError::Connect(format!(
+                "{authority}: no connection within {timeout:?}"
+            )))
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let (conn, io) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ProxyError::Connect(format!("{authority}: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = io.await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Either, Empty};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    fn get(authority: &Authority) -> Request<ReqBody> {
+        let mut req = Request::new(Either::Right(Empty::<Bytes>::new()));
+        *req.uri_mut() = "/".parse().unwrap();
+        req.headers_mut()
+            .insert(http::header::HOST, authority.as_str().parse().unwrap());
+        req
+    }
+
+    /// A server that answers `per_conn` requests on each connection and then closes it, and
+    /// counts connections.
+    async fn server(per_conn: usize) -> (Authority, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = l.local_addr().unwrap().to_string().parse().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                tx.send(()).unwrap();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    for _ in 0..per_conn {
+                        let mut got = Vec::new();
+                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let n = s.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            got.extend_from_slice(&buf[..n]);
+                        }
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                });
+            }
+        });
+        (authority, rx)
+    }
+
+    #[tokio::test]
+    async fn a_finished_connection_is_reused() {
+        let (authority, mut conns) = server(100).await;
+        let pool = ConnPool::default();
+        for _ in 0..5 {
+            let (resp, conn) = pool
+                .send(&authority, get(&authority), Duration::from_secs(1))
+                .await
+                .unwrap();
+            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+            pool.put(conn);
+        }
+        assert_eq!(pool.idle_count(), 1);
+        let mut n = 0;
+        while conns.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 1, "five requests, one connection");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_not_a_failure() {
+        // One request per connection: every pooled connection is closed by the server after
+        // its answer, so each later request finds a dead one first.
+        let (authority, _conns) = server(1).await;
+        let pool = ConnPool::default();
+        for i in 0..5 {
+            let (resp, conn) = pool
+                .send(&authority, get(&authority), Duration::from_secs(1))
+                .await
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+            pool.put(conn);
+            // Wait (bounded) until hyper has seen the server close it, so the next request
+            // meets a dead pooled connection.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while pool.lock().back().is_some_and(|c| !c.conn.is_closed()) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the server's close was never seen"
+                );
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_is_a_connect_error() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let authority: Authority = format!("127.0.0.1:{port}").parse().unwrap();
+        let err = ConnPool::default()
+            .send(&authority, get(&authority), Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProxyError::Connect(_)), "{err}");
+    }
+}
