@@ -5,6 +5,7 @@
 #
 # Knobs (environment): BENCH_DURATION (s per load run, 10), BENCH_ROUNDS (3), BENCH_CONNS (32),
 # BENCH_SKIP_MICRO=1, BENCH_SKIP_PROXY=1, BENCH_PERF=1 (perf profile of edge-agent, 1 worker),
+# BENCH_CALLGRIND=1 (instructions per request, edge-agent vs nginx: bench/callgrind.sh),
 # BENCH_OUT (results folder, default a temp dir that is kept).
 #
 # Pinning: the proxy under test runs on CPU 1, the load generator and the backend on CPU 0
@@ -67,7 +68,7 @@ CLK_TCK=$(getconf CLK_TCK)
 
 # --- build (once; reused while sources are unchanged) -----------------------------------------
 # One build: `cargo bench --no-run` also builds the edge-agent binary (bench profile = release
-# settings, fat LTO) for the benches, so the release binary is not built a second time with
+# settings, thin LTO) for the benches, so the release binary is not built a second time with
 # other feature unification.
 newest() { find "$CARGO_TARGET_DIR/release/deps" -maxdepth 1 -type f -perm -u+x -name "$1-*" ! -name '*.*' -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-; }
 if [ -n "${BENCH_NO_BUILD:-}" ]; then
@@ -76,7 +77,7 @@ if [ -n "${BENCH_NO_BUILD:-}" ]; then
     LOADGEN=$(newest loadgen)
     MICRO=$(newest micro)
 else
-    log "building edge-agent and the benches (bench profile = release, fat LTO; into $CARGO_TARGET_DIR)"
+    log "building edge-agent and the benches (bench profile = release, thin LTO; into $CARGO_TARGET_DIR)"
     BUILD_JSON=$(cargo bench --no-run --bench loadgen --bench micro --message-format=json)
     exe() { echo "$BUILD_JSON" | jq -r --arg n "$1" 'select(.executable != null and .target.name == $n) | .executable' | tail -1; }
     LOADGEN=$(exe loadgen)
@@ -379,7 +380,20 @@ if [ -z "${BENCH_SKIP_MICRO:-}" ]; then
     }
 fi
 
+# --- instructions per request (optional) -----------------------------------------------------
+if [ -n "${BENCH_CALLGRIND:-}" ]; then
+    log "callgrind: user-space instructions per request, edge-agent vs nginx"
+    bash "$ROOT/bench/callgrind.sh" "$AGENT" "$OUT/callgrind" >"$OUT/callgrind.md" 2>"$OUT/callgrind.log" || {
+        tail -20 "$OUT/callgrind.log" >&2
+        exit 1
+    }
+fi
+
 # --- tables -----------------------------------------------------------------------------------
 python3 "$ROOT/bench/report.py" "$OUT" "$CARGO_TARGET_DIR/criterion" "$LOAD_CPU" "$PROXY_CPU" "$DUR" "$ROUNDS" "$CONNS" "$CLK_TCK" \
     | tee "$OUT/report.md"
+if [ -s "$OUT/callgrind.md" ]; then
+    printf '\n### Instructions per request (callgrind)\n\n' | tee -a "$OUT/report.md"
+    tee -a "$OUT/report.md" <"$OUT/callgrind.md"
+fi
 log "done in $(($(date +%s) - T0)) s; raw results in $OUT"

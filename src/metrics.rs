@@ -36,6 +36,11 @@ const COMMON: [u16; 16] = [
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// How often histogram samples are folded into their buckets. The recorder keeps every sample
+/// until then: without upkeep an agent nobody scrapes grows by 8 bytes per request (found in #8:
+/// RSS 14.9 → 26.6 MiB over a one-minute load run) and the first scrape stalls on the backlog.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Installs the global recorder once and returns the handle that renders `/metrics`.
 pub fn install() -> PrometheusHandle {
     HANDLE
@@ -48,6 +53,18 @@ pub fn install() -> PrometheusHandle {
             // Another recorder may already be installed (tests); then ours only renders.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            // A plain thread, not a task: draining a second of samples must not hold up a
+            // worker that is serving requests.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the metrics upkeep thread");
+            }
             handle
         })
         .clone()
