@@ -90,11 +90,12 @@ Environment (each also a flag; flags and variables override the config file):
   EDGE_AGENT_BALANCER        default balancer: roundrobin      [default: roundrobin]
   EDGE_AGENT_DOMAIN_SUFFIX   suffix ignored in Host headers, e.g. .svc.local
   EDGE_AGENT_SHUTDOWN_GRACE  drain time after SIGTERM          [default: 10s]
-  EDGE_AGENT_STATE_DIR       directory for state snapshots     [default: none]
+  EDGE_AGENT_STATE_DIR       directory for state snapshots     [default: /var/lib/edge-agent as root, else ~/.local/state/edge-agent]
   EDGE_AGENT_ADMIN_TOKEN     bearer token required by the admin API (except /healthz) [default: none]
   EDGE_AGENT_REMOVAL_GUARD   hold updates that remove most of a service: on/off [default: on]
   EDGE_AGENT_LOG_FORMAT      text or json                      [default: text]
-  RUST_LOG                   log filter, e.g. info,edge_agent=debug [default: info]";
+  RUST_LOG                   log filter, e.g. info,edge_agent=debug [default: info]
+  TOKIO_WORKER_THREADS       proxy worker threads; 1 runs everything on one thread [default: one per CPU]";
 
 #[derive(Debug, Parser, Clone, Default)]
 #[command(
