@@ -382,4 +382,12 @@ fi
 # --- tables -----------------------------------------------------------------------------------
 python3 "$ROOT/bench/report.py" "$OUT" "$CARGO_TARGET_DIR/criterion" "$LOAD_CPU" "$PROXY_CPU" "$DUR" "$ROUNDS" "$CONNS" "$CLK_TCK" \
     | tee "$OUT/report.md"
+
+# --- fleet simulation (bench/fleet.sh; BENCH_SKIP_FLEET=1 skips, BENCH_FLEET_AGENTS=N) -------
+FLEET_RC=0
+if [ -z "${BENCH_SKIP_FLEET:-}" ]; then
+    log "fleet simulation (bench/fleet.sh)"
+    EDGE_AGENT_BIN=$AGENT BENCH_OUT=$OUT bash "$ROOT/bench/fleet.sh" || FLEET_RC=$?
+fi
 log "done in $(($(date +%s) - T0)) s; raw results in $OUT"
+exit "$FLEET_RC"
