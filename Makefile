@@ -26,8 +26,9 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Proxy side by side (nginx, HAProxy, edge-agent on loopback), criterion micro-benchmarks and
-# memory at scale; prints markdown tables (see BENCHMARKS.md). Not part of `make test`.
+# Proxy side by side (nginx, HAProxy, edge-agent on loopback), criterion micro-benchmarks,
+# memory at scale, and the fleet simulation (N agents against each installed registry server,
+# bench/fleet.sh); prints markdown tables (see BENCHMARKS.md). Not part of `make test`.
 bench:
 	bash bench/run.sh
 

@@ -396,4 +396,12 @@ if [ -s "$OUT/callgrind.md" ]; then
     printf '\n### Instructions per request (callgrind)\n\n' | tee -a "$OUT/report.md"
     tee -a "$OUT/report.md" <"$OUT/callgrind.md"
 fi
+
+# --- fleet simulation (bench/fleet.sh; BENCH_SKIP_FLEET=1 skips, BENCH_FLEET_AGENTS=N) -------
+FLEET_RC=0
+if [ -z "${BENCH_SKIP_FLEET:-}" ]; then
+    log "fleet simulation (bench/fleet.sh)"
+    EDGE_AGENT_BIN=$AGENT BENCH_OUT=$OUT bash "$ROOT/bench/fleet.sh" || FLEET_RC=$?
+fi
 log "done in $(($(date +%s) - T0)) s; raw results in $OUT"
+exit "$FLEET_RC"

@@ -553,12 +553,22 @@ impl Cache {
                 upstream: r.upstream.as_str().into(),
             })
             .collect();
-        self.shared.table.store(Arc::new(Table {
+        let table = Arc::new(Table {
             upstreams,
             routes,
             domain_suffix: self.dynamic.domain_suffix.as_deref().map(Into::into),
-        }));
+        });
+        self.shared.table.store(table.clone());
         self.shared.version.send_modify(|v| *v += 1);
+        // When each change took effect (zero-config upstreams are named by their service; the
+        // fleet benchmark, bench/fleet.sh, reads these timestamps).
+        for svc in dirty.into_iter().flatten() {
+            let endpoints = table
+                .upstreams
+                .get(svc.as_str())
+                .map_or(0, |u| u.endpoints.len());
+            tracing::debug!(service = %svc, endpoints, "upstream applied");
+        }
     }
 
     fn forget(&mut self, id: &str) {

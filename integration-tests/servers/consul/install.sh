@@ -9,6 +9,8 @@
 #   consul          the binary (only ever put there by an atomic mv)
 #   consul-build/   throwaway Go module used to build it (written by this script)
 #
+# `install.sh --check` only reports (exit 0 and the path when installed, exit 1 when not).
+#
 # Consul v1.14.11 is the newest v1.14 patch served by the Go module proxy and
 # is MPL-2.0. (1.15/1.16 need submodules that are not served; 1.17+ is BUSL.)
 set -euo pipefail
@@ -41,6 +43,8 @@ if [[ "$bin" == /* ]] && binary_ok; then
     printf '%s\n' "$bin"
     exit 0
 fi
+# `install.sh --check`: exit 1 when not installed, without building.
+[[ "${1:-}" != --check ]] || { log "not installed: $bin"; exit 1; }
 
 mkdir -p "$install_dir" || die "step 'create cache dir': cannot create $install_dir"
 install_dir="$(cd "$install_dir" && pwd -P)"

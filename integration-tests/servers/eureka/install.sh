@@ -7,7 +7,7 @@
 # <hash> covers pom.xml and everything under src/, so editing either triggers a
 # rebuild. If the jar for the current hash already exists, exit immediately.
 # Maven output goes to <cache>/eureka/<hash>.build.log; its tail is printed to
-# stderr on failure. Env: MVN (default "mvn"), EUREKA_MVN_ARGS (extra args).
+# stderr on failure. `install.sh --check` only reports (exit 1 when not built). Env: MVN (default "mvn"), EUREKA_MVN_ARGS (extra args).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,6 +24,8 @@ if [[ -s "$jar" ]]; then
   printf '%s\n' "$jar"
   exit 0
 fi
+# `install.sh --check`: exit 1 when not built, without building.
+[[ "${1:-}" != --check ]] || { echo "eureka install.sh: not built: $jar" >&2; exit 1; }
 
 mkdir -p "$cache_root"
 cache_root="$(cd "$cache_root" && pwd)"   # make absolute

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install (build once per machine) the rnacos server used by the Nacos integration tests.
 #
-# Prints exactly one line on stdout: the absolute path of the rnacos binary.
+# Prints exactly one line on stdout: the absolute path of the rnacos binary. `install.sh --check`
+# only reports (exit 1 when not installed, without building).
 # All progress goes to stderr. Idempotent and safe to run concurrently (flock).
 #
 # Env:
@@ -33,6 +34,8 @@ if is_installed; then
   printf '%s\n' "$BIN"
   exit 0
 fi
+# `install.sh --check`: exit 1 when not installed, without building.
+[[ "${1:-}" != --check ]] || { log "not installed: $BIN"; exit 1; }
 
 command -v cargo >/dev/null 2>&1 || die "cargo not found on PATH (install a Rust toolchain first)"
 
