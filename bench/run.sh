@@ -3,7 +3,7 @@
 # micro-benchmarks, and memory at scale. Prints markdown tables (also kept in $BENCH_OUT).
 # See BENCHMARKS.md for what each figure means and the last recorded run.
 #
-# Knobs (environment): BENCH_DURATION (s per load run, 10), BENCH_ROUNDS (3), BENCH_CONNS (32),
+# Knobs (environment): BENCH_DURATION (s per load run, 8), BENCH_ROUNDS (3), BENCH_CONNS (32),
 # BENCH_SKIP_MICRO=1, BENCH_SKIP_PROXY=1, BENCH_PERF=1 (perf profile of edge-agent, 1 worker),
 # BENCH_CALLGRIND=1 (instructions per request, edge-agent vs nginx: bench/callgrind.sh),
 # BENCH_OUT (results folder, default a temp dir that is kept).
@@ -16,7 +16,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/edge-agent/target-bench}
-DUR=${BENCH_DURATION:-10}
+DUR=${BENCH_DURATION:-8}
 ROUNDS=${BENCH_ROUNDS:-3}
 CONNS=${BENCH_CONNS:-32}
 HOSTNAME_HDR=bench
