@@ -20,13 +20,6 @@ use crate::health::Health;
 use crate::metrics::UpstreamMetrics;
 use crate::pool::ConnPool;
 
-/// Identity of an endpoint: the registry's instance id and the address it is dialled at.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EndpointKey {
-    pub id: String,
-    pub authority: String,
-}
-
 /// State of one endpoint that outlives snapshots.
 #[derive(Debug, Default)]
 pub struct EndpointState {
@@ -116,11 +109,23 @@ impl Endpoint {
         }
     }
 
-    pub fn key(&self) -> EndpointKey {
-        EndpointKey {
-            id: self.id.to_string(),
-            authority: self.authority.to_string(),
+    /// Whether this endpoint is the instance's: same id and address (its state belongs to it).
+    pub fn is(&self, inst: &Instance) -> bool {
+        fn bare(h: &str) -> &str {
+            h.trim_start_matches('[').trim_end_matches(']')
         }
+        *self.id == *inst.id
+            && self.authority.port_u16() == Some(inst.port)
+            && bare(self.authority.host()) == bare(&inst.addr)
+    }
+
+    /// Whether `from_instance(inst, source, _)` would build this very endpoint.
+    pub fn built_from(&self, inst: &Instance, source: &'static str) -> bool {
+        self.is(inst)
+            && self.source == source
+            && self.weight == inst.weight
+            && self.healthy == inst.healthy
+            && self.zone.as_deref() == inst.zone.as_deref()
     }
 
     /// Whether the endpoint may take traffic as far as the registry and the agent's health
