@@ -62,12 +62,18 @@ impl ConnPool {
         self.lock().len()
     }
 
-    /// The newest idle connection still open, if any.
+    /// The newest idle connection ready for a request, if any. Closed ones are dropped; one
+    /// still finishing its last exchange (a request body still streaming after an early
+    /// answer) is left in place rather than waited for.
     fn take(&self) -> Option<Conn> {
         let mut idle = self.lock();
-        while let Some(c) = idle.pop_back() {
-            if !c.conn.is_closed() {
-                return Some(c.conn);
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            if idle[i].conn.is_closed() {
+                idle.remove(i);
+            } else if idle[i].conn.is_ready() {
+                return idle.remove(i).map(|c| c.conn);
             }
         }
         None
@@ -106,9 +112,6 @@ impl ConnPool {
         connect_timeout: Duration,
     ) -> Result<(Response<Incoming>, Conn), ProxyError> {
         while let Some(mut conn) = self.take() {
-            if !conn.is_ready() && conn.ready().await.is_err() {
-                continue;
-            }
             match conn.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, conn)),
                 Err(mut e) => match e.take_message() {
