@@ -329,8 +329,15 @@ instances = [{ addr = "127.0.0.1:8081" }, { addr = "not-an-address" }, { addr = 
         assert!(err.contains("\"a b\""), "{err}");
     }
 
-    #[tokio::test]
-    async fn an_edit_is_picked_up_and_garbage_keeps_nothing_new() {
+    /// A file registry of one service `a` on port 1000, watched by a running source.
+    struct Watched {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        rx: mpsc::Receiver<(usize, Event)>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn watch_one_service() -> Watched {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("services.toml");
         std::fs::write(
@@ -338,9 +345,24 @@ instances = [{ addr = "127.0.0.1:8081" }, { addr = "not-an-address" }, { addr = 
             "[[service]]\nname = \"a\"\ninstances = [{ addr = \"127.0.0.1:1000\" }]\n",
         )
         .unwrap();
-        let (tx, mut rx) = mpsc::channel(16);
-        let src = Arc::new(FileDiscovery::new(&path));
-        let task = tokio::spawn(src.run(Sink::new(0, tx)));
+        let (tx, rx) = mpsc::channel(64);
+        let task = tokio::spawn(Arc::new(FileDiscovery::new(&path)).run(Sink::new(0, tx)));
+        Watched {
+            _dir: dir,
+            path,
+            rx,
+            task,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_edit_is_picked_up_and_garbage_keeps_nothing_new() {
+        let Watched {
+            _dir,
+            path,
+            mut rx,
+            task,
+        } = watch_one_service();
         let first = next_snapshot(&mut rx).await;
         assert_eq!(first["a"][0].port, 1000);
 
@@ -386,15 +408,9 @@ instances = [{ addr = "127.0.0.1:8081" }, { addr = "not-an-address" }, { addr = 
     /// interval, not in a loop.
     #[tokio::test]
     async fn an_unchanged_file_is_not_reread_in_a_loop() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("services.toml");
-        std::fs::write(
-            &path,
-            "[[service]]\nname = \"a\"\ninstances = [{ addr = \"127.0.0.1:1000\" }]\n",
-        )
-        .unwrap();
-        let (tx, mut rx) = mpsc::channel(64);
-        let task = tokio::spawn(Arc::new(FileDiscovery::new(&path)).run(Sink::new(0, tx)));
+        let Watched {
+            _dir, mut rx, task, ..
+        } = watch_one_service();
         next_snapshot(&mut rx).await;
         // Measurement window: a looping source answers every DEBOUNCE (50 ms), so 1 s would
         // hold ~20 answers; a quiet one holds none (POLL_INTERVAL is 5 s).
