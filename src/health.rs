@@ -288,6 +288,9 @@ pub async fn probe_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Most of a probe's answer read to keep its connection for the next probe.
+pub const PROBE_BODY_LIMIT: usize = 64 * 1024;
+
 /// One probe: TCP connect, or HTTP GET expecting a listed status (default 200–399).
 async fn probe(up: &Upstream, ep: &Endpoint, cfg: &ActiveHealth) -> bool {
     let Some(path) = &cfg.http_path else {
@@ -319,8 +322,13 @@ async fn probe(up: &Upstream, ep: &Endpoint, cfg: &ActiveHealth) -> bool {
             .await
             .ok()?;
         let status = resp.status().as_u16();
-        // Read the (small) answer to the end so the connection can be reused.
-        let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+        // Read the answer to the end so the connection can be reused; a health page larger
+        // than PROBE_BODY_LIMIT is not buffered, its connection is dropped instead.
+        let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(
+            resp.into_body(),
+            PROBE_BODY_LIMIT,
+        ))
+        .await;
         if body.is_ok() {
             ep.state.pool.put(conn);
         }
