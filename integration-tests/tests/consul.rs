@@ -432,6 +432,34 @@ impl Drop for CountingProxy {
     }
 }
 
+/// One registration change as the test saw it through the agent.
+#[derive(Default)]
+struct Change {
+    lag: Duration,
+    requests: u32,
+    slowest_request: Duration,
+}
+
+impl Change {
+    async fn get(&mut self, agent: &Agent) -> (u16, String, String) {
+        let t = Instant::now();
+        let answer = agent.get("lag", "/").await;
+        self.requests += 1;
+        self.slowest_request = self.slowest_request.max(t.elapsed());
+        answer
+    }
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:?} over {} requests, the slowest request {:?}",
+            self.lag, self.requests, self.slowest_request
+        )
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -452,57 +480,78 @@ async fn propagation_lag_and_idle_request_rate() {
     let agent = start_agent(&agent_env(&registry)).await;
     assert_eq!(agent.get("lag", "/").await.1, "a");
 
-    let mut up_lag = Vec::with_capacity(CHANGES);
-    let mut down_lag = Vec::with_capacity(CHANGES);
+    // Consul's agent API syncs a registration to the catalog before it answers
+    // (`AgentRegisterService` ends in a synchronous `syncChanges`), so the time from the call's
+    // return to the first answer from `b` is the push path: Consul's blocking answer, the agent's
+    // apply, and the polling requests below. Each change also keeps how many requests it took and
+    // the slowest one, so an outlier shows whether it was propagation or one stalled request.
+    let mut up: Vec<Change> = Vec::with_capacity(CHANGES);
+    let mut down: Vec<Change> = Vec::with_capacity(CHANGES);
     for i in 0..CHANGES {
         consul.register("lag", "lag-b", b.addr, 1).await;
+        let mut c = Change::default();
         let t = Instant::now();
         loop {
-            let (status, backend, body) = agent.get("lag", "/").await;
+            let (status, backend, body) = c.get(&agent).await;
             assert_eq!(status, 200, "{body}");
             if backend == "b" {
-                up_lag.push(t.elapsed());
+                c.lag = t.elapsed();
                 break;
             }
             assert!(t.elapsed() < PROPAGATION, "change {i}: b never served");
         }
+        up.push(c);
         consul.deregister("lag-b").await;
+        let mut c = Change::default();
         let t = Instant::now();
-        let mut last_b = Duration::ZERO;
         let mut without_b = 0;
         while without_b < 40 {
-            let (status, backend, body) = agent.get("lag", "/").await;
+            let (status, backend, body) = c.get(&agent).await;
             assert_eq!(status, 200, "{body}");
             if backend == "b" {
-                last_b = t.elapsed();
+                c.lag = t.elapsed();
                 without_b = 0;
             } else {
                 without_b += 1;
             }
             assert!(t.elapsed() < PROPAGATION, "change {i}: b still served");
         }
-        down_lag.push(last_b);
+        down.push(c);
     }
-    up_lag.sort();
-    down_lag.sort();
+    up.sort_by_key(|c| c.lag);
+    down.sort_by_key(|c| c.lag);
+    let up_lag: Vec<Duration> = up.iter().map(|c| c.lag).collect();
+    let down_lag: Vec<Duration> = down.iter().map(|c| c.lag).collect();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
         "consul propagation over {CHANGES} changes each way: register→first served p50 {:.1} ms \
-         p99 {:.1} ms max {:.1} ms; deregister→last served p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+         p95 {:.1} ms max {:.1} ms; deregister→last served p50 {:.1} ms p95 {:.1} ms max {:.1} ms",
         ms(percentile(&up_lag, 0.5)),
-        ms(percentile(&up_lag, 0.99)),
+        ms(percentile(&up_lag, 0.95)),
         ms(*up_lag.last().unwrap()),
         ms(percentile(&down_lag, 0.5)),
-        ms(percentile(&down_lag, 0.99)),
+        ms(percentile(&down_lag, 0.95)),
         ms(*down_lag.last().unwrap()),
     );
+    let worst = format!(
+        "slowest register: {}; slowest deregister: {}",
+        up.last().unwrap(),
+        down.last().unwrap()
+    );
+    println!("{worst}");
+    // A push path answers in milliseconds; a poller (even at 1 s) would put the median in the
+    // hundreds. The median and p95 are asserted, not the maximum: with 50 samples the maximum is
+    // one request, and a host stall of a few hundred ms on a shared CI machine is not a
+    // propagation fault (every change is still bounded by `PROPAGATION` above).
     assert!(
-        percentile(&up_lag, 0.99) < Duration::from_millis(500),
-        "{up_lag:?}"
+        percentile(&up_lag, 0.5) < Duration::from_millis(100)
+            && percentile(&up_lag, 0.95) < Duration::from_millis(500),
+        "register lag {up_lag:?}; {worst}"
     );
     assert!(
-        percentile(&down_lag, 0.99) < Duration::from_millis(500),
-        "{down_lag:?}"
+        percentile(&down_lag, 0.5) < Duration::from_millis(100)
+            && percentile(&down_lag, 0.95) < Duration::from_millis(500),
+        "deregister lag {down_lag:?}; {worst}"
     );
 
     // Idle: one watched service plus the catalog, both blocked in Consul for up to 5 m.
