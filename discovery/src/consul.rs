@@ -705,12 +705,54 @@ fn backoff() -> impl Iterator<Item = Duration> {
 struct Watch {
     /// Generation of the cache entry (0 for `service=` names, which never idle out).
     generation: u64,
-    task: Option<AbortHandle>,
+    task: Option<Running>,
+}
+
+/// A running health watch: its task, and the gate its answers pass through.
+///
+/// The run loop stops a watch (its service left the catalog, or it idled out) and then reports
+/// the service gone. Aborting alone cannot order the two: a task on another worker thread may be
+/// in the middle of sending its last answer, which would land after `NotFound` and bring the
+/// service back with whatever that answer held (seen: an empty set that answered 503 instead of
+/// 404, for good). The task sends while holding the gate, and the run loop closes the gate
+/// before it aborts, so nothing from a stopped watch follows the stop.
+struct Running {
+    abort: AbortHandle,
+    gate: Gate,
+}
+
+impl Running {
+    /// Closes the gate (waiting out a send in progress) and aborts the task.
+    async fn stop(&self) {
+        self.gate.close().await;
+        self.abort.abort();
+    }
+}
+
+/// Lets a watch's answers through until closed; see [`Running`].
+#[derive(Clone)]
+struct Gate(Arc<tokio::sync::Mutex<bool>>);
+
+impl Gate {
+    fn new() -> Gate {
+        Gate(Arc::new(tokio::sync::Mutex::new(true)))
+    }
+
+    /// Sends `event` unless the gate is closed; `false` when closed or the agent is gone.
+    async fn send(&self, sink: &Sink, event: Event) -> bool {
+        let open = self.0.lock().await;
+        *open && sink.send(event).await
+    }
+
+    /// Closes the gate; returns once a send in progress has finished.
+    async fn close(&self) {
+        *self.0.lock().await = false;
+    }
 }
 
 impl ConsulDiscovery {
     /// Watches one service's passing instances until aborted or the sink closes.
-    async fn watch_service(self: Arc<Self>, name: String, sink: Sink) {
+    async fn watch_service(self: Arc<Self>, name: String, sink: Sink, gate: Gate) {
         let mut index = 0u64;
         let mut delays = backoff();
         let mut failing = false;
@@ -734,7 +776,7 @@ impl ConsulDiscovery {
                                 service: name.clone(),
                                 update: Update::Reset(instances),
                             };
-                            if !sink.send(ev).await {
+                            if !gate.send(&sink, ev).await {
                                 return;
                             }
                             for p in problems {
@@ -787,14 +829,15 @@ impl ConsulDiscovery {
         self.get(&["v1", "catalog", "services"], index, false).await
     }
 
-    fn start_task(
-        self: &Arc<Self>,
-        tasks: &mut JoinSet<()>,
-        name: &str,
-        sink: &Sink,
-    ) -> AbortHandle {
+    fn start_task(self: &Arc<Self>, tasks: &mut JoinSet<()>, name: &str, sink: &Sink) -> Running {
         tracing::info!(service = %name, "consul: watching service");
-        tasks.spawn(self.clone().watch_service(name.to_string(), sink.clone()))
+        let gate = Gate::new();
+        let abort = tasks.spawn(self.clone().watch_service(
+            name.to_string(),
+            sink.clone(),
+            gate.clone(),
+        ));
+        Running { abort, gate }
     }
 
     async fn run_loop(self: Arc<Self>, sink: Sink) {
@@ -849,7 +892,7 @@ impl ConsulDiscovery {
                                 match (set.contains(name), &w.task) {
                                     (true, None) => w.task = Some(self.start_task(&mut tasks, name, &sink)),
                                     (false, Some(t)) => {
-                                        t.abort();
+                                        t.stop().await;
                                         w.task = None;
                                         tracing::info!(service = %name, "consul: service left the catalog");
                                         sink.send(Event::Service { service: name.clone(), update: Update::NotFound }).await;
@@ -889,7 +932,7 @@ impl ConsulDiscovery {
                             if w.generation == generation && generation != 0 {
                                 let had_task = w.task.is_some();
                                 if let Some(t) = &w.task {
-                                    t.abort();
+                                    t.stop().await;
                                 }
                                 watches.remove(&name);
                                 if had_task {
@@ -990,6 +1033,90 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         ConsulDiscovery::from_url_with_env(url, move |k| env.get(k).cloned())
+    }
+
+    fn answer(service: &str, n: usize) -> Event {
+        let instances = (0..n)
+            .map(|i| Instance::new("127.0.0.1", 9000 + i as u16))
+            .collect();
+        Event::Service {
+            service: service.to_string(),
+            update: Update::Reset(instances),
+        }
+    }
+
+    /// The stop of a watch orders against its answers: an answer being sent when the watch is
+    /// stopped arrives before the stop's `NotFound`, and nothing the watch sends afterwards
+    /// arrives at all (CI once saw an empty answer land after `NotFound`: 503 for good where
+    /// the service had gone and 404 was due).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_watch_sends_nothing_after_the_stop() {
+        fn label(ev: Event) -> String {
+            match ev {
+                Event::Catalog(_) => "catalog".to_string(),
+                Event::Service {
+                    update: Update::Reset(v),
+                    ..
+                } => format!("reset {}", v.len()),
+                Event::Service {
+                    update: Update::NotFound,
+                    ..
+                } => "not found".to_string(),
+                _ => "other".to_string(),
+            }
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let sink = Sink::new(0, tx);
+        // A full channel, so the watch's first send blocks while it holds the gate.
+        assert!(sink.send(Event::Catalog(vec![])).await);
+        let gate = Gate::new();
+        let (go, next_answer) = tokio::sync::oneshot::channel::<()>();
+        let (watch_gate, watch_sink) = (gate.clone(), sink.clone());
+        let watch = tokio::spawn(async move {
+            let first = watch_gate.send(&watch_sink, answer("web", 0)).await;
+            next_answer.await.unwrap();
+            let second = watch_gate.send(&watch_sink, answer("web", 1)).await;
+            (first, second)
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while gate.0.try_lock().is_ok() {
+            assert!(Instant::now() < deadline, "the watch never took the gate");
+            tokio::task::yield_now().await;
+        }
+        let mut closing = tokio::spawn(async move { gate.close().await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut closing)
+                .await
+                .is_err(),
+            "close waits for the send in progress"
+        );
+        let mut recv = async || {
+            let (_, ev) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("an event within 5 s")
+                .expect("channel open");
+            label(ev)
+        };
+        assert_eq!(recv().await, "catalog");
+        assert_eq!(recv().await, "reset 0");
+        tokio::time::timeout(Duration::from_secs(5), closing)
+            .await
+            .expect("close returns once the send is done")
+            .unwrap();
+        let gone = Event::Service {
+            service: "web".into(),
+            update: Update::NotFound,
+        };
+        assert!(sink.send(gone).await);
+        go.send(()).unwrap();
+        assert_eq!(
+            watch.await.unwrap(),
+            (true, false),
+            "the later answer is refused"
+        );
+        assert_eq!(recv().await, "not found");
+        drop(sink);
+        assert!(rx.recv().await.is_none(), "nothing after the stop");
     }
 
     #[test]
