@@ -38,16 +38,17 @@ print(f"Proxy under test on CPU {proxy_cpu}; wrk and the backend on CPU {load_cp
 wrk = read_tsv("wrk.tsv")
 by = {}
 for name, _round, rps, p50, p99, reqs, ticks, errs in wrk:
-    d = by.setdefault(name, {"rps": [], "p50": [], "p99": [], "cpu": [], "errs": 0})
+    d = by.setdefault(name, {"rps": [], "p50": [], "p99": [], "cpu": [], "busy": [], "errs": 0})
     d["rps"].append(float(rps))
     d["p50"].append(float(p50))
     d["p99"].append(float(p99))
     if int(reqs) > 0:
         d["cpu"].append(int(ticks) / clk * 1e6 / int(reqs))
+    d["busy"].append(int(ticks) / clk / float(dur) * 100)
     d["errs"] += int(errs)
 if by:
-    print("| target | req/s (median) | req/s (min–max) | p50 µs | p99 µs | CPU µs/request | errors |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| target | req/s (median) | req/s (min–max) | p50 µs | p99 µs | CPU µs/request | CPU busy % | errors |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for name in ORDER:
         if name not in by:
             continue
@@ -55,10 +56,13 @@ if by:
         cpu = f"{med(d['cpu']):.1f}" if d["cpu"] else "–"
         print(
             f"| {LABEL[name]} | {med(d['rps']):,.0f} | {min(d['rps']):,.0f}–{max(d['rps']):,.0f} "
-            f"| {med(d['p50']):.0f} | {med(d['p99']):.0f} | {cpu} | {d['errs']} |"
+            f"| {med(d['p50']):.0f} | {med(d['p99']):.0f} | {cpu} | {med(d['busy']):.0f} | {d['errs']} |"
         )
     print("\nCPU µs/request: utime+stime of the serving process(es) (nginx: master + worker; the "
-          "'directly' row is the backend's own cost) over the round ÷ requests.\n")
+          "'directly' row is the backend's own cost) over the round ÷ requests. CPU busy %: the same "
+          "time ÷ the run's length, where 100 is one core. A pinned proxy well under ~95% busy was "
+          "not the bottleneck of its run (wrk and the backend share the other core), so its req/s "
+          "says less about the proxy than its CPU per request does.\n")
     if all(k in by for k in ("nginx", "haproxy", "agent1")):
         a, n, h = med(by["agent1"]["rps"]), med(by["nginx"]["rps"]), med(by["haproxy"]["rps"])
         print("| ratio | value | target |")
