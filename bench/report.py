@@ -104,6 +104,15 @@ if fixed:
             f"| {med(d['p999_us']):.0f} | {'–' if name == 'direct' else f'{add50:+.0f}'} "
             f"| {'–' if name == 'direct' else f'{add99:+.0f}'} | {sum(d['errors']):.0f} |"
         )
+    # For bench/plot.gp: short name, max req/s (median), added p99 at the fixed rate (ms).
+    short = {"nginx": "nginx", "haproxy": "HAProxy", "agent1": "edge-agent\\n1 worker",
+             "agent2": "edge-agent\\ndefault"}
+    with open(os.path.join(out, "plot.tsv"), "w") as f:
+        for name in ORDER:
+            if name == "direct" or name not in fb or name not in by or not base:
+                continue
+            add99 = med(fb[name]["p99_us"]) - med(base["p99_us"])
+            f.write(f'"{short[name]}"\t{med(by[name]["rps"]):.0f}\t{add99 / 1000:.3f}\n')
     if base and "agent1" in fb and "nginx" in fb:
         a99 = med(fb["agent1"]["p99_us"]) - med(base["p99_us"])
         n99 = med(fb["nginx"]["p99_us"]) - med(base["p99_us"])

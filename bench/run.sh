@@ -53,6 +53,7 @@ command -v taskset >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
 command -v curl >/dev/null || need+=(curl)
 command -v jq >/dev/null || need+=(jq)
+command -v gnuplot >/dev/null || need+=(gnuplot-nox)
 if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]}"
     $SUDO apt-get update -qq
@@ -392,6 +393,10 @@ fi
 # --- tables -----------------------------------------------------------------------------------
 python3 "$ROOT/bench/report.py" "$OUT" "$CARGO_TARGET_DIR/criterion" "$LOAD_CPU" "$PROXY_CPU" "$DUR" "$ROUNDS" "$CONNS" "$CLK_TCK" \
     | tee "$OUT/report.md"
+if [ -s "$OUT/plot.tsv" ]; then
+    gnuplot -e "data='$OUT/plot.tsv'; out='$OUT/bench.png'" "$ROOT/bench/plot.gp" 2>"$OUT/plot.log" &&
+        log "plot of throughput and added p99: $OUT/bench.png" || log "no plot: see $OUT/plot.log"
+fi
 if [ -s "$OUT/callgrind.md" ]; then
     printf '\n### Instructions per request (callgrind)\n\n' | tee -a "$OUT/report.md"
     tee -a "$OUT/report.md" <"$OUT/callgrind.md"
