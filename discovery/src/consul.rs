@@ -54,7 +54,12 @@
 //!   `run_pending_tasks` every [`HOUSEKEEPING_TICK`]. A name asked for while absent from the
 //!   catalog is remembered (same cache, same TTL, no query) and its watch starts as soon as the
 //!   catalog lists it; a watched service that leaves the catalog has its watch paused and a
-//!   `NotFound` sent. The cache holds at most [`MAX_WATCHED`] names.
+//!   `NotFound` sent. The cache holds at most [`MAX_WATCHED`] names. A stopped watch sends
+//!   nothing after its stop (see `Running`: its answers pass a gate the run loop closes first).
+//! - Connections: each running watch holds one HTTP/1.1 connection while it blocks, plus one for
+//!   the catalog. Consul caps connections per client IP (`limits.http_max_conns_per_client`, 200
+//!   by default) and answers 429 beyond it; the error then says so, with the number of watches
+//!   held, since an agent watching about 200 services through one address meets the cap.
 //! - Blocking queries follow Consul's rules: send `index` and `wait`, read `X-Consul-Index`; an
 //!   index that goes backwards resets to 0, and an index of 0 is raised to 1 (Consul's docs:
 //!   "sanitize index values to be at least 1"), so a buggy answer cannot make a busy loop. An
@@ -85,7 +90,7 @@
 //! also yields an `auth` error event saying why it is empty.
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -178,6 +183,8 @@ pub struct ConsulDiscovery {
     client: reqwest::Client,
     /// Lower-cased catalog names once the catalog has answered.
     catalog: RwLock<Option<HashSet<String>>>,
+    /// Health watches running now (each holds one connection to Consul while it blocks).
+    watching: AtomicUsize,
     /// Names asked for on demand → entry generation.
     wanted: moka::sync::Cache<String, u64>,
     generation: AtomicU64,
@@ -411,6 +418,7 @@ impl ConsulDiscovery {
             pinned,
             client,
             catalog: RwLock::new(None),
+            watching: AtomicUsize::new(0),
             wanted,
             generation: AtomicU64::new(1),
             cmd_tx,
@@ -529,7 +537,19 @@ impl ConsulDiscovery {
         let what: &str = &shown;
         let resp = req.send().await.map_err(|e| Failure::request(what, e))?;
         if !resp.status().is_success() {
-            return Err(Failure::status(what, resp).await);
+            let too_many = resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS;
+            let mut failure = Failure::status(what, resp).await;
+            if too_many {
+                // Consul's answer when one client IP holds too many connections: every watched
+                // service holds one while it blocks (HTTP/1.1), plus one for the catalog.
+                failure.message.push_str(&format!(
+                    " (Consul's limits.http_max_conns_per_client, 200 by default, counts this \
+                     host's connections: this agent blocks on {} service watches plus the \
+                     catalog; raise the limit, or lower idle_ttl so unused watches stop sooner)",
+                    self.watching.load(Ordering::Relaxed)
+                ));
+            }
+            return Err(failure);
         }
         let headers = resp.headers().clone();
         let index = headers
@@ -753,6 +773,15 @@ impl Gate {
 impl ConsulDiscovery {
     /// Watches one service's passing instances until aborted or the sink closes.
     async fn watch_service(self: Arc<Self>, name: String, sink: Sink, gate: Gate) {
+        /// Counts the watch in `watching` for as long as it runs (abort included).
+        struct Counted<'a>(&'a AtomicUsize);
+        impl Drop for Counted<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.watching.fetch_add(1, Ordering::Relaxed);
+        let _counted = Counted(&self.watching);
         let mut index = 0u64;
         let mut delays = backoff();
         let mut failing = false;

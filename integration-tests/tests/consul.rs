@@ -40,6 +40,10 @@ impl Consul {
     }
 
     async fn start_on(port: u16, token: Option<&'static str>) -> Consul {
+        Self::start_with(port, token, None).await
+    }
+
+    async fn start_with(port: u16, token: Option<&'static str>, hcl: Option<&str>) -> Consul {
         let bin = install("consul");
         let mut env = vec![
             ("CONSUL_BIN", bin.display().to_string()),
@@ -47,6 +51,9 @@ impl Consul {
         ];
         if let Some(t) = token {
             env.push(("CONSUL_ACL_TOKEN", t.to_string()));
+        }
+        if let Some(h) = hcl {
+            env.push(("CONSUL_EXTRA_HCL", h.to_string()));
         }
         let mut proc = ServerProcess::start("consul", &env);
         proc.wait_ready(
@@ -581,4 +588,50 @@ async fn propagation_lag_and_idle_request_rate() {
         idle <= 2 * (window / 300 + 1),
         "{idle} requests in {window} s"
     );
+}
+
+/// Consul refuses a client IP more than `limits.http_max_conns_per_client` connections (200 by
+/// default) with 429, and every watched service holds one while it blocks. The agent's error
+/// names the limit and how many watches it holds, so the operator knows what to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_connections_is_named_in_the_error() {
+    let _serial = SERIAL.lock().await;
+    let consul = Consul::start_with(
+        free_port(),
+        None,
+        Some("limits { http_max_conns_per_client = 4 }"),
+    )
+    .await;
+    let backend = Backend::start("a").await;
+    let names: Vec<String> = (0..6).map(|i| format!("svc{i}")).collect();
+    for n in &names {
+        consul.register(n, &format!("{n}-1"), backend.addr, 1).await;
+    }
+    let agent = Arc::new(start_agent(&agent_env(&consul.url())).await);
+    // Each first request starts a watch; over the limit, Consul answers 429. The requests go
+    // together: one whose watch fails waits out the agent's first-answer timeout.
+    let mut requests = tokio::task::JoinSet::new();
+    for n in names.clone() {
+        let agent = agent.clone();
+        requests.spawn(async move { agent.get(&n, "/").await });
+    }
+    while requests.join_next().await.is_some() {}
+    eventually(
+        PROPAGATION,
+        "the 429 explained in the agent's log",
+        || async {
+            let log = agent.log_text();
+            log.lines()
+                .find(|l| l.contains("429") && l.contains("http_max_conns_per_client"))
+                .map(|l| l.to_string())
+        },
+    )
+    .await;
+    let log = agent.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("http_max_conns_per_client"))
+        .unwrap();
+    println!("{line}");
+    assert!(line.contains("service watches"), "{line}");
 }

@@ -15,6 +15,7 @@
 #   CONSUL_SERF_WAN_PORT  optional: serf WAN port, tcp+udp (default: picked free)
 #   CONSUL_NODE_NAME      optional: node name (default: edge-agent-consul)
 #   CONSUL_LOG_LEVEL      optional: trace|debug|info|warn|error (default: warn)
+#   CONSUL_EXTRA_HCL      optional: one more -hcl snippet (e.g. a `limits { ... }` block)
 # Extra command-line arguments are appended to `consul agent`.
 #
 # DNS, gRPC and gRPC-TLS are disabled (-1). Ready when
@@ -97,6 +98,10 @@ args=(
     # No outbound call to HashiCorp's update-check service.
     -hcl 'disable_update_check = true'
 )
+
+if [[ -n "${CONSUL_EXTRA_HCL:-}" ]]; then
+    args+=(-hcl "$CONSUL_EXTRA_HCL")
+fi
 
 if [[ -n "${CONSUL_DATA_DIR:-}" ]]; then
     mkdir -p "$CONSUL_DATA_DIR" || die "cannot create CONSUL_DATA_DIR $CONSUL_DATA_DIR"
