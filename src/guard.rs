@@ -56,19 +56,28 @@ impl GuardConfig {
         current: &[Instance],
         next: Option<&[Instance]>,
     ) -> bool {
-        if !self.enabled || current.is_empty() || self.opt_out.iter().any(|s| s == service) {
+        let next = next.unwrap_or(&[]);
+        if !self.applies(service, current.len()) {
             return false;
         }
-        let next = match next {
-            None | Some([]) => return true,
-            Some(n) => n,
-        };
         let kept: HashSet<&str> = next.iter().map(|i| i.id.as_str()).collect();
         let removed = current
             .iter()
             .filter(|i| !kept.contains(i.id.as_str()))
             .count();
-        removed * 100 > self.max_removal_percent as usize * current.len()
+        self.holds(service, current.len(), removed, next.len())
+    }
+
+    /// Whether an update that takes a service of `len` instances to `left`, `removed` of the
+    /// old ids gone, is suspicious: it empties the service or removes more than
+    /// `max_removal_percent` of it.
+    pub fn holds(&self, service: &str, len: usize, removed: usize, left: usize) -> bool {
+        self.applies(service, len)
+            && (left == 0 || removed * 100 > self.max_removal_percent as usize * len)
+    }
+
+    fn applies(&self, service: &str, len: usize) -> bool {
+        self.enabled && len > 0 && !self.opt_out.iter().any(|s| s == service)
     }
 }
 

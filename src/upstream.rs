@@ -119,10 +119,10 @@ impl Endpoint {
             && bare(self.authority.host()) == bare(&inst.addr)
     }
 
-    /// Whether `from_instance(inst, source, _)` would build this very endpoint.
-    pub fn built_from(&self, inst: &Instance, source: &'static str) -> bool {
-        self.is(inst)
-            && self.source == source
+    /// Whether source, weight, health and zone are the instance's: with [`Endpoint::is`],
+    /// whether `from_instance(inst, source, _)` would build this very endpoint.
+    pub fn has_attributes_of(&self, inst: &Instance, source: &'static str) -> bool {
+        self.source == source
             && self.weight == inst.weight
             && self.healthy == inst.healthy
             && self.zone.as_deref() == inst.zone.as_deref()
