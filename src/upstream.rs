@@ -92,13 +92,21 @@ pub struct Endpoint {
     /// Kind of the source it came from (`file`, `consul`, … or `static`).
     pub source: &'static str,
     pub state: Arc<EndpointState>,
+    /// The authority's port, and the length of its host part, kept so [`Endpoint::is`] does
+    /// not parse the authority (it runs for every endpoint of a changed upstream).
+    port: u16,
+    host_len: usize,
 }
 
 impl Endpoint {
     pub fn from_instance(inst: &Instance, source: &'static str, state: Arc<EndpointState>) -> Self {
         let authority = Authority::try_from(inst.authority().as_str())
             .unwrap_or_else(|_| Authority::from_static("invalid.invalid:1"));
+        let port = authority.port_u16().unwrap_or(0);
+        let host_len = authority.host().len();
         Endpoint {
+            port,
+            host_len,
             id: inst.id.as_str().into(),
             authority,
             weight: inst.weight,
@@ -112,11 +120,13 @@ impl Endpoint {
     /// Whether this endpoint is the instance's: same id and address (its state belongs to it).
     pub fn is(&self, inst: &Instance) -> bool {
         fn bare(h: &str) -> &str {
-            h.trim_start_matches('[').trim_end_matches(']')
+            h.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(h)
         }
-        *self.id == *inst.id
-            && self.authority.port_u16() == Some(inst.port)
-            && bare(self.authority.host()) == bare(&inst.addr)
+        self.port == inst.port
+            && *self.id == *inst.id
+            && bare(&self.authority.as_str()[..self.host_len]) == bare(&inst.addr)
     }
 
     /// Whether source, weight, health and zone are the instance's: with [`Endpoint::is`],
@@ -319,4 +329,36 @@ fn strip_port(host: &str) -> &str {
 pub fn count_states(endpoints: &[Endpoint]) -> (usize, usize) {
     let healthy = endpoints.iter().filter(|e| e.available()).count();
     (healthy, endpoints.len() - healthy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(inst: &Instance) -> Endpoint {
+        let state = Arc::new(EndpointState::new(crate::health::Health::new(false, 0)));
+        Endpoint::from_instance(inst, "file", state)
+    }
+
+    #[test]
+    fn identity_is_id_host_and_port_with_or_without_ipv6_brackets() {
+        let v4 = Instance::new("127.0.0.1", 8080);
+        let ep = endpoint(&v4);
+        assert!(ep.is(&v4));
+        assert!(!ep.is(&Instance::new("127.0.0.1", 8081)), "port");
+        let mut other_host = Instance::new("127.0.0.2", 8080);
+        other_host.id = v4.id.clone();
+        assert!(!ep.is(&other_host), "host");
+        let mut other_id = v4.clone();
+        other_id.id = "x".into();
+        assert!(!ep.is(&other_id), "id");
+
+        let v6 = Instance::new("::1", 9000);
+        let ep6 = endpoint(&v6);
+        assert_eq!(ep6.authority.as_str(), "[::1]:9000");
+        assert!(ep6.is(&v6));
+        let mut bracketed = v6.clone();
+        bracketed.addr = "[::1]".into();
+        assert!(ep6.is(&bracketed), "the same address written with brackets");
+    }
 }
