@@ -95,7 +95,7 @@ pub struct Endpoint {
     /// The authority's port, and the length of its host part, kept so [`Endpoint::is`] does
     /// not parse the authority (it runs for every endpoint of a changed upstream).
     port: u16,
-    host_len: usize,
+    host_len: u16,
 }
 
 impl Endpoint {
@@ -103,7 +103,8 @@ impl Endpoint {
         let authority = Authority::try_from(inst.authority().as_str())
             .unwrap_or_else(|_| Authority::from_static("invalid.invalid:1"));
         let port = authority.port_u16().unwrap_or(0);
-        let host_len = authority.host().len();
+        // A host longer than u16 (no DNS name is) reads as empty: never the same endpoint.
+        let host_len = u16::try_from(authority.host().len()).unwrap_or(0);
         Endpoint {
             port,
             host_len,
@@ -126,7 +127,7 @@ impl Endpoint {
         }
         self.port == inst.port
             && *self.id == *inst.id
-            && bare(&self.authority.as_str()[..self.host_len]) == bare(&inst.addr)
+            && bare(&self.authority.as_str()[..usize::from(self.host_len)]) == bare(&inst.addr)
     }
 
     /// Whether source, weight, health and zone are the instance's: with [`Endpoint::is`],
