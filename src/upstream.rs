@@ -92,10 +92,10 @@ pub struct Endpoint {
     /// Kind of the source it came from (`file`, `consul`, … or `static`).
     pub source: &'static str,
     pub state: Arc<EndpointState>,
-    /// The authority's port, and the length of its host part, kept so [`Endpoint::is`] does
+    /// The authority's port, and where its host part lies in it, kept so [`Endpoint::is`] does
     /// not parse the authority (it runs for every endpoint of a changed upstream).
     port: u16,
-    host_len: u16,
+    host_at: (u16, u16),
 }
 
 impl Endpoint {
@@ -103,11 +103,17 @@ impl Endpoint {
         let authority = Authority::try_from(inst.authority().as_str())
             .unwrap_or_else(|_| Authority::from_static("invalid.invalid:1"));
         let port = authority.port_u16().unwrap_or(0);
-        // A host longer than u16 (no DNS name is) reads as empty: never the same endpoint.
-        let host_len = u16::try_from(authority.host().len()).unwrap_or(0);
+        // `host()` is a slice of `as_str()` (after any user info). An authority longer than u16
+        // (no DNS name is) reads as an empty host: never the same endpoint.
+        let (all, host) = (authority.as_str(), authority.host());
+        let start = host.as_ptr() as usize - all.as_ptr() as usize;
+        let host_at = match (u16::try_from(start), u16::try_from(start + host.len())) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => (0, 0),
+        };
         Endpoint {
             port,
-            host_len,
+            host_at,
             id: inst.id.as_str().into(),
             authority,
             weight: inst.weight,
@@ -118,6 +124,15 @@ impl Endpoint {
         }
     }
 
+    /// The authority's host part (`[…]` kept for IPv6), as `Authority::host` gives it.
+    fn host(&self) -> &str {
+        let (a, b) = self.host_at;
+        self.authority
+            .as_str()
+            .get(usize::from(a)..usize::from(b))
+            .unwrap_or("")
+    }
+
     /// Whether this endpoint is the instance's: same id and address (its state belongs to it).
     pub fn is(&self, inst: &Instance) -> bool {
         fn bare(h: &str) -> &str {
@@ -125,9 +140,7 @@ impl Endpoint {
                 .and_then(|h| h.strip_suffix(']'))
                 .unwrap_or(h)
         }
-        self.port == inst.port
-            && *self.id == *inst.id
-            && bare(&self.authority.as_str()[..usize::from(self.host_len)]) == bare(&inst.addr)
+        self.port == inst.port && *self.id == *inst.id && bare(self.host()) == bare(&inst.addr)
     }
 
     /// Whether source, weight, health and zone are the instance's: with [`Endpoint::is`],
@@ -361,5 +374,8 @@ mod tests {
         let mut bracketed = v6.clone();
         bracketed.addr = "[::1]".into();
         assert!(ep6.is(&bracketed), "the same address written with brackets");
+        for (e, i) in [(&ep, &v4), (&ep6, &v6)] {
+            assert_eq!(e.host(), e.authority.host(), "{i:?}");
+        }
     }
 }
