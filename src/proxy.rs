@@ -415,8 +415,8 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    // Headers named in Connection are hop-by-hop too (`keep-alive` and `close` name none
-    // beyond the list).
+    // Headers named in Connection (bit 0: HOP_BY_HOP[0]) are hop-by-hop too (`keep-alive`
+    // and `close` name none beyond the list).
     if present & 1 != 0 {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
