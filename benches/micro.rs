@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use discovery::{Event, Instance, Update};
-use edge_agent::balancer::{self, chash, Candidates, PickContext};
-use edge_agent::cache::{Cache, Shared, SourceStatus};
-use edge_agent::config::{Dynamic, HashOn, UpstreamSettings};
+use edge_agent::balancer::chash::{self, HashOn};
+use edge_agent::balancer::{Candidates, Options, PickContext, Rng, Spec};
+use edge_agent::cache::Cache;
+use edge_agent::endpoint::Endpoint;
 use edge_agent::metrics::UpstreamMetrics;
-use edge_agent::upstream::Endpoint;
+use edge_agent::state::{SourceStatus, State};
+use edge_agent::table::Dynamic;
 
 const SIZES: [usize; 3] = [3, 100, 1_000];
 const BALANCERS: [&str; 4] = ["roundrobin", "chash", "ewma", "least_conn"];
@@ -25,26 +27,29 @@ fn endpoints(n: usize) -> Vec<Endpoint> {
     (0..n)
         .map(|i| {
             let inst = Instance::new(format!("10.0.{}.{}", i / 250, i % 250 + 1), 8080);
-            Endpoint::from_instance(&inst, "file", Default::default())
+            Endpoint::from_instance(&inst, "file", Default::default()).expect("valid address")
         })
         .collect()
 }
 
-fn settings(name: &str) -> UpstreamSettings {
-    let mut s = UpstreamSettings::with_balancer(name);
-    if name == "chash" {
-        s.hash_on = Some(HashOn::Header(http::HeaderName::from_static("x-user")));
-    }
-    s
+fn spec(name: &str) -> Spec {
+    let options = Options {
+        hash_on: (name == "chash").then_some("header:x-user"),
+        ewma_decay: edge_agent::load::DEFAULT_DECAY,
+    };
+    Spec::new(name, &options).expect("registered balancer")
 }
 
-fn ctx() -> PickContext {
+static RNG: Rng = Rng::new(1);
+
+fn ctx() -> PickContext<'static> {
     PickContext {
         client_ip: IpAddr::from([127, 0, 0, 1]),
         key: None,
-        now_ms: edge_agent::health::now_ms(),
+        now_ms: edge_agent::clock::now_ms(),
         panic: false,
         slow_start: None,
+        rng: &RNG,
     }
 }
 
@@ -58,10 +63,10 @@ fn next_key(counter: &AtomicU64) -> u64 {
 fn picks(c: &mut Criterion) {
     let mut g = c.benchmark_group("pick");
     for name in BALANCERS {
-        let build = balancer::factory(name).expect("registered balancer");
+        let spec = spec(name);
         for n in SIZES {
             let eps = endpoints(n);
-            let b = build(&eps, &settings(name));
+            let b = spec.build(&eps);
             let base = ctx();
             let counter = AtomicU64::new(1);
             g.bench_with_input(BenchmarkId::new(name, n), &n, |bench, _| {
@@ -88,7 +93,7 @@ fn chash_lookup(c: &mut Criterion) {
     let mut headers = http::HeaderMap::new();
     for n in [100, 1_000] {
         let eps = endpoints(n);
-        let b = chash::build(&eps, &settings("chash"));
+        let b = spec("chash").build(&eps);
         let base = ctx();
         let mut user = 0u32;
         g.bench_with_input(BenchmarkId::new("header_key+pick", n), &n, |bench, _| {
@@ -124,17 +129,8 @@ fn metrics_record(c: &mut Criterion) {
 }
 
 fn new_cache() -> Cache {
-    let shared = Shared::new(vec![SourceStatus::new("file", "file://bench".into())]);
-    Cache::new(
-        shared,
-        Dynamic {
-            default_balancer: "roundrobin".into(),
-            domain_suffix: None,
-            upstreams: vec![],
-            routes: vec![],
-            guard: Default::default(),
-        },
-    )
+    let state = State::new(vec![SourceStatus::new("file", "file://bench".into())]);
+    Cache::new(state, Dynamic::default())
 }
 
 fn inst(svc: usize, i: usize) -> Instance {

@@ -1,5 +1,9 @@
 //! The admin API: `/healthz`, `/ready`, `/upstreams` (JSON) and `/metrics` (Prometheus).
 //!
+//! In `/upstreams`, an endpoint's `available` says whether it may take traffic now (registry
+//! healthy, a weight, not ejected, passing active checks); `registry_healthy` is what the
+//! registry says alone. `last_update_unix` is when the upstream's endpoint set last changed.
+//!
 //! It listens on loopback by default. With `EDGE_AGENT_ADMIN_TOKEN` set, every path but
 //! `/healthz` needs `Authorization: Bearer <token>` (compared in constant time).
 use std::convert::Infallible;
@@ -12,18 +16,19 @@ use http_body_util::Full;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{json, Value};
 
-use crate::cache::Shared;
+use crate::clock;
+use crate::state::State;
 
 pub struct Admin {
-    shared: Arc<Shared>,
+    state: Arc<State>,
     metrics: PrometheusHandle,
     token: Option<String>,
 }
 
 impl Admin {
-    pub fn new(shared: Arc<Shared>, metrics: PrometheusHandle, token: Option<String>) -> Arc<Self> {
+    pub fn new(state: Arc<State>, metrics: PrometheusHandle, token: Option<String>) -> Arc<Self> {
         Arc::new(Admin {
-            shared,
+            state,
             metrics,
             token,
         })
@@ -51,7 +56,7 @@ impl Admin {
         Ok(match path {
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
             "/ready" => {
-                if self.shared.ready() {
+                if self.state.ready() {
                     reply(StatusCode::OK, "text/plain", "ready\n".into())
                 } else {
                     reply(
@@ -90,11 +95,11 @@ impl Admin {
 
     /// The `/upstreams` document.
     pub fn upstreams(&self) -> Value {
-        let table = self.shared.table.load();
-        let started = self.shared.started;
-        let now = crate::health::now_ms();
+        let table = self.state.table.load();
+        let started = self.state.started;
+        let now = clock::now_ms();
         let sources: Vec<Value> = self
-            .shared
+            .state
             .sources
             .iter()
             .map(|s| {
@@ -103,7 +108,7 @@ impl Admin {
                     "url": s.describe,
                     "answered": s.answered(),
                     "staleness_seconds": round3(s.staleness(started)),
-                    "last_error": *s.last_error.lock().unwrap_or_else(|e| e.into_inner()),
+                    "last_error": s.last_error(),
                 })
             })
             .collect();
@@ -114,7 +119,7 @@ impl Admin {
                 let kinds: std::collections::BTreeSet<&str> =
                     u.endpoints.iter().map(|e| e.source).collect();
                 let staleness = self
-                    .shared
+                    .state
                     .sources
                     .iter()
                     .filter(|s| kinds.contains(s.kind))
@@ -124,7 +129,7 @@ impl Admin {
                     "id": &*u.id,
                     "service": u.service.as_deref(),
                     "source": kinds.into_iter().collect::<Vec<_>>(),
-                    "balancer": u.settings().balancer,
+                    "balancer": u.settings().balancer.name(),
                     "panic": u.runtime.panic.load(std::sync::atomic::Ordering::Relaxed),
                     "retries": u.settings().retries,
                     "connect_timeout_ms": u.settings().connect_timeout.as_millis() as u64,
@@ -135,7 +140,7 @@ impl Admin {
                         "id": &*e.id,
                         "address": e.authority.as_str(),
                         "weight": e.weight,
-                        "healthy": e.available(),
+                        "available": e.available(),
                         "registry_healthy": e.healthy,
                         "zone": e.zone.as_deref(),
                         "in_flight": e.state.in_flight(),
@@ -153,7 +158,7 @@ impl Admin {
             })
             .collect();
         ups.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
-        json!({ "ready": self.shared.ready(), "sources": sources, "upstreams": ups })
+        json!({ "ready": self.state.ready(), "sources": sources, "upstreams": ups })
     }
 }
 

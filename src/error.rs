@@ -1,7 +1,20 @@
 //! Proxy errors, classified by origin so the status code and the retry decision follow from the
 //! type: client mistakes are 4xx and never retried; upstream failures are 502/504 and retried
-//! where that is safe; internal errors are 500.
-use http::{Method, StatusCode};
+//! where that is safe (`retry.rs` decides). Each keeps its cause as a `#[source]`.
+use http::StatusCode;
+
+/// A boxed error cause.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Whether a failed exchange's request may have reached the upstream (Pingora's `RetryType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Never written to the wire: the connection gave the request back untouched (a fresh
+    /// connection closed before it was used). Safe to send anywhere, whatever the method.
+    No,
+    /// Written, in whole or in part: only an idempotent request may be sent again.
+    Maybe,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -12,16 +25,22 @@ pub enum ProxyError {
     #[error("no available endpoint")]
     NoEndpoint,
     /// The endpoint could not be connected to; nothing was sent.
-    #[error("connect failed: {0}")]
-    Connect(String),
+    #[error("connect to {authority} failed")]
+    Connect {
+        authority: String,
+        #[source]
+        source: BoxError,
+    },
     /// The endpoint took longer than `read_timeout` to answer.
     #[error("upstream timed out")]
     Timeout,
-    /// The connection failed after the request may have been sent.
-    #[error("upstream failed: {0}")]
-    Upstream(String),
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// The exchange failed on an open connection.
+    #[error("upstream exchange failed")]
+    Upstream {
+        sent: Sent,
+        #[source]
+        source: hyper::Error,
+    },
 }
 
 impl ProxyError {
@@ -29,29 +48,29 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    /// Whether another endpoint may be tried.
-    pub fn retryable(&self, method: &Method) -> bool {
-        match self {
-            ProxyError::Connect(_) => true,
-            ProxyError::Upstream(_) => crate::proxy::idempotent(method),
-            _ => false,
-        }
+    /// Whether nothing of the request reached the upstream.
+    pub fn unsent(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Connect { .. } | ProxyError::Upstream { sent: Sent::No, .. }
+        )
     }
 
     /// The `kind` label of `edge_agent_upstream_errors_total`, for upstream-caused errors.
     pub fn upstream_kind(&self) -> Option<&'static str> {
         match self {
-            ProxyError::Connect(_) => Some("connect"),
+            ProxyError::Connect { .. } | ProxyError::Upstream { sent: Sent::No, .. } => {
+                Some("connect")
+            }
             ProxyError::Timeout => Some("timeout"),
-            ProxyError::Upstream(_) => Some("reset"),
+            ProxyError::Upstream { .. } => Some("reset"),
             ProxyError::NoEndpoint => Some("no_endpoint"),
-            _ => None,
+            ProxyError::BadRequest(_) => None,
         }
     }
 
@@ -61,18 +80,17 @@ impl ProxyError {
             ProxyError::NoEndpoint => {
                 format!("edge-agent: no available endpoint for upstream {upstream:?}\n")
             }
-            ProxyError::Connect(_) => {
+            ProxyError::Connect { .. } | ProxyError::Upstream { sent: Sent::No, .. } => {
                 format!("edge-agent: could not connect to upstream {upstream:?}\n")
             }
             ProxyError::Timeout => format!("edge-agent: upstream {upstream:?} timed out\n"),
-            ProxyError::Upstream(_) => format!("edge-agent: upstream {upstream:?} failed\n"),
+            ProxyError::Upstream { .. } => format!("edge-agent: upstream {upstream:?} failed\n"),
             ProxyError::BadRequest(why) => format!("edge-agent: bad request: {why}\n"),
-            ProxyError::Internal(_) => "edge-agent: internal error\n".to_string(),
         }
     }
 }
 
-/// An error and its sources, `: `-separated.
+/// An error and its sources, `: `-separated, for log lines.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -88,14 +106,25 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
+    fn connect() -> ProxyError {
+        ProxyError::Connect {
+            authority: "127.0.0.1:1".into(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into(),
+        }
+    }
+
     #[test]
-    fn status_follows_type() {
+    fn status_follows_type_and_the_cause_is_kept() {
         assert_eq!(ProxyError::NoEndpoint.status(), 503);
-        assert_eq!(ProxyError::Connect("x".into()).status(), 502);
+        assert_eq!(connect().status(), 502);
         assert_eq!(ProxyError::Timeout.status(), 504);
-        assert!(ProxyError::Connect("x".into()).retryable(&Method::POST));
-        assert!(!ProxyError::Upstream("x".into()).retryable(&Method::POST));
-        assert!(ProxyError::Upstream("x".into()).retryable(&Method::GET));
-        assert!(!ProxyError::Timeout.retryable(&Method::GET));
+        assert!(connect().unsent());
+        assert!(!ProxyError::Timeout.unsent());
+        let line = chain(&connect());
+        assert!(
+            line.starts_with("connect to 127.0.0.1:1 failed: "),
+            "{line}"
+        );
+        assert!(line.contains("refused"), "{line}");
     }
 }

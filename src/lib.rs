@@ -1,36 +1,61 @@
 //! edge-agent: a per-host service-discovery edge agent.
 //!
 //! ```text
-//! registries ─► discovery adapters ─► cache (cache.rs) ─► Table snapshot (upstream.rs, ArcSwap)
-//!                                                              │
-//! request ─► server.rs ─► proxy.rs: route ─► balancer pick ─► endpoint's connection pool ─► response
+//! registries ─► discovery adapters ─► cache.rs ─► table.rs builds a RoutingTable ─► state.rs (ArcSwap)
+//!                                                                                     │
+//! request ─► server.rs ─► proxy.rs: route.rs ─► balancer pick ─► endpoint's pool ─► response
+//!                                   feedback through endpoint::Attempt ─► load.rs, health/
 //! ```
 //!
-//! Data moves one way: sources push into the cache task, which publishes immutable snapshots;
-//! the request path only reads them.
+//! Layers, bottom to top; a file imports only from its own layer's earlier files or from
+//! layers below (checked by `tests/layers.rs`):
+//!
+//! ```text
+//! 1  clock  rng  error  metrics  guard  state_file     leaves
+//! 2  load  pool  health/{passive,active}              per-endpoint measures and connections
+//! 3  endpoint                                         Endpoint, EndpointState, Attempt
+//! 4  balancer/{roundrobin,chash,ewma,least_conn}      Spec, Kind, REGISTRY, Candidates
+//! 5  retry  upstream  route                           an upstream and its settings; routing
+//! 6  state  table  cache  checks  proxy  admin        shared state; tasks; the request path
+//! 7  config/{env,file,validate}                       parses into the types above
+//! 8  server  reload  lib                              listeners, reloads, start-up
+//! ```
+//!
+//! Data moves one way: sources push into the cache task, which publishes immutable routing
+//! tables; the request path only reads them.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod balancer;
 pub mod cache;
+pub mod checks;
+pub mod clock;
 pub mod config;
+pub mod endpoint;
 pub mod error;
 pub mod guard;
 pub mod health;
+pub mod load;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod reload;
+pub mod retry;
+pub mod rng;
+pub mod route;
 pub mod server;
-pub mod snapshot;
+pub mod state;
+pub mod state_file;
+pub mod table;
 pub mod upstream;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::cache::{Cache, Shared, SourceStatus};
+use crate::cache::Cache;
 use crate::config::{Cli, Config};
+use crate::state::{SourceStatus, State};
 
 /// Capacity of the discovery event channel; adapters wait when the cache falls behind.
 pub const EVENT_QUEUE: usize = 1024;
@@ -53,9 +78,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         );
     }
     let on_demand = sources.iter().filter(|s| s.on_demand()).cloned().collect();
-    let shared = Shared::with_on_demand(statuses, on_demand);
-    let mut cache = Cache::new(shared.clone(), config.dynamic.clone());
-    match config.state_dir.clone().or_else(snapshot::default_dir) {
+    let state = State::with_on_demand(statuses, on_demand);
+    let mut cache = Cache::new(state.clone(), config.dynamic.clone());
+    match config.state_dir.clone().or_else(state_file::default_dir) {
         Some(dir) => cache = cache.with_state_dir(dir),
         None => tracing::warn!("no state directory: the view is not saved across restarts"),
     }
@@ -82,16 +107,16 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     // Services named in the configuration are watched from the start.
     for u in &config.dynamic.upstreams {
         if let Some(svc) = &u.service {
-            shared.demand(svc);
+            state.demand(svc);
         }
     }
     tokio::spawn(cache.run(event_rx, control_rx));
-    tokio::spawn(health::sweep_loop(shared.clone()));
-    tokio::spawn(health::probe_loop(shared.clone()));
+    tokio::spawn(checks::sweep_loop(state.clone()));
+    tokio::spawn(checks::probe_loop(state.clone()));
     tokio::spawn(reload::run(cli, config.clone(), control_tx));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let admin = admin::Admin::new(shared.clone(), prometheus, config.admin_token.clone());
+    let admin = admin::Admin::new(state.clone(), prometheus, config.admin_token.clone());
     tokio::spawn(server::serve_admin(
         admin_listener,
         admin,
@@ -103,7 +128,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         registries = config.registries.len(),
         "edge-agent started"
     );
-    let proxy = proxy::Proxy::new(shared);
+    let proxy = proxy::Proxy::new(state);
     let serving = tokio::spawn(server::serve_proxy(
         proxy_listener,
         proxy,
@@ -113,8 +138,8 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     wait_for_shutdown_signal().await;
     tracing::info!("shutdown signal received: no longer accepting connections");
     let _ = shutdown_tx.send(true);
-    let _left = serving.await;
-    tracing::info!("edge-agent stopped");
+    let left = serving.await.unwrap_or(0);
+    tracing::info!(connections_cut = left, "edge-agent stopped");
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! Upstream connections: one HTTP/1 keep-alive pool per endpoint, on hyper's connection API.
 //!
-//! The pool lives in the endpoint's state ([`crate::upstream::EndpointState`]), so it is handed
+//! The pool lives in the endpoint's state (`endpoint::EndpointState`), so it is handed
 //! from snapshot to snapshot with the endpoint and closed when the endpoint leaves. A checkout
 //! is an uncontended lock and a pop (newest first, so the warmest connection is reused and the
 //! oldest ones age out); a connection goes back when its response body has been read to the end
@@ -22,8 +22,14 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::error::ProxyError;
-use crate::proxy::ReqBody;
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
+
+use crate::error::{ProxyError, Sent};
+
+/// Request body sent upstream: the client's, or empty for a replayed body-less request or a
+/// probe.
+pub type ReqBody = Either<Incoming, Empty<Bytes>>;
 
 /// Idle connections older than this are closed when the pool is next used.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -102,9 +108,9 @@ impl ConnPool {
     /// and the connection, to be handed back with [`ConnPool::put`] once the response body is
     /// finished.
     ///
-    /// Errors: [`ProxyError::Connect`] when nothing was sent (the endpoint could not be
-    /// reached), [`ProxyError::Upstream`] when the exchange failed after the request may have
-    /// been written.
+    /// Errors: [`ProxyError::Connect`] when the endpoint could not be reached,
+    /// [`ProxyError::Upstream`] when the exchange failed on a connection; its [`Sent`] says
+    /// whether the request may have been written.
     pub async fn send(
         &self,
         authority: &Authority,
@@ -117,17 +123,29 @@ impl ConnPool {
                 Err(mut e) => match e.take_message() {
                     // Never written: the connection was closing. Try the next one.
                     Some(r) => req = r,
-                    None => return Err(ProxyError::Upstream(crate::error::chain(e.error()))),
+                    None => {
+                        return Err(ProxyError::Upstream {
+                            sent: Sent::Maybe,
+                            source: e.into_error(),
+                        })
+                    }
                 },
             }
         }
         let mut conn = connect(authority, connect_timeout).await?;
         match conn.try_send_request(req).await {
             Ok(resp) => Ok((resp, conn)),
-            Err(e) if e.message().is_some() => {
-                Err(ProxyError::Connect(crate::error::chain(e.error())))
+            Err(e) => {
+                let sent = if e.message().is_some() {
+                    Sent::No
+                } else {
+                    Sent::Maybe
+                };
+                Err(ProxyError::Upstream {
+                    sent,
+                    source: e.into_error(),
+                })
             }
-            Err(e) => Err(ProxyError::Upstream(crate::error::chain(e.error()))),
         }
     }
 }
@@ -139,20 +157,20 @@ async fn connect(authority: &Authority, timeout: Duration) -> Result<Conn, Proxy
         Some(_) => tokio::time::timeout(timeout, TcpStream::connect(authority.as_str())).await,
         None => tokio::time::timeout(timeout, TcpStream::connect((authority.host(), 80u16))).await,
     };
+    let failed = |source: crate::error::BoxError| ProxyError::Connect {
+        authority: authority.to_string(),
+        source,
+    };
     let stream = match stream {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(ProxyError::Connect(format!("{authority}: {e}"))),
-        Err(_) => {
-            return Err(ProxyError::Connect(format!(
-                "{authority}: no connection within {timeout:?}"
-            )))
-        }
+        Ok(Err(e)) => return Err(failed(e.into())),
+        Err(_) => return Err(failed(format!("no connection within {timeout:?}").into())),
     };
     let _ = stream.set_nodelay(true);
     let (conn, io) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| ProxyError::Connect(format!("{authority}: {e}")))?;
+        .map_err(|e| failed(e.into()))?;
     tokio::spawn(async move {
         if let Err(e) = io.await {
             tracing::debug!(error = %e, "upstream connection ended with an error");
@@ -265,6 +283,6 @@ mod tests {
             .send(&authority, get(&authority), Duration::from_secs(1))
             .await
             .unwrap_err();
-        assert!(matches!(err, ProxyError::Connect(_)), "{err}");
+        assert!(matches!(err, ProxyError::Connect { .. }), "{err}");
     }
 }

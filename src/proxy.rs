@@ -1,22 +1,22 @@
 //! The reverse proxy: route, pick, forward, stream back.
 //!
 //! The request path loads the routing table once (an `ArcSwap` load: no lock), resolves the
-//! upstream, and walks the balancer's candidates. Bodies are streamed both ways, never buffered.
-//! Only endpoints that discovery produced are ever dialled: the Host header and an absolute URI
-//! only *name* a service, they are never a destination.
+//! upstream, and walks the balancer's candidates. Bodies are streamed both ways, never buffered
+//! (but for a small error answer that is about to be retried, below). Only endpoints that
+//! discovery produced are ever dialled: the Host header and an absolute URI only *name* a
+//! service, they are never a destination.
 //!
-//! Retries: a request without a body is retried on another endpoint, up to the upstream's
-//! `retries` and within `retry_timeout`, when the connection could not be made and, for
-//! idempotent methods, when the connection failed before a response or the answer was one of
-//! [`RETRY_STATUSES`] (500, 502, 503, 504). A request with a body is never retried (its body is streamed and cannot be
-//! replayed). A retry budget per upstream (20% of requests plus a small reserve) stops retry
-//! storms. A request that never reached the wire (refused connection, a pooled connection the
-//! peer had closed) comes back from the connection pool (`pool.rs`) and is resent as is; to
-//! retry after a response, the request head is cloned before a try that may not be the last
-//! (a few reference-count bumps: header values share the request's read buffer).
+//! Retries follow `retry.rs`. A request that never reached the wire (refused connection, a
+//! pooled connection the peer had closed) comes back from the connection pool (`pool.rs`) and
+//! is resent as is; to retry after a response, the request head is cloned before a try that may
+//! not be the last (a few reference-count bumps: header values share the request's read
+//! buffer). An error answer that will be retried is read first when its length is known and at
+//! most [`RETRY_BODY_LIMIT`], so its connection goes back to the pool and its endpoint's
+//! in-flight count ends before the next try; it is kept, whole, for the client in case no
+//! other try answers.
 //!
-//! Every try feeds back: latency into the endpoint's EWMA, success or failure into passive
-//! health (`health.rs`).
+//! Every try reports through an [`Attempt`] (`endpoint.rs`): latency into the endpoint's EWMA,
+//! success or failure into passive health. The proxy never writes that state itself.
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -28,21 +28,23 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Empty, Full};
+use http_body_util::{BodyExt, Either, Empty, Full};
 use hyper::body::Incoming;
 
-use crate::balancer::{chash, PickContext};
-use crate::cache::Shared;
-use crate::error::ProxyError;
-use crate::health::{self, Outcome};
+use crate::balancer::PickContext;
+use crate::clock;
+use crate::endpoint::{Attempt, Endpoint, InFlight};
+use crate::error::{ProxyError, Sent};
+use crate::health::Outcome;
 use crate::metrics as m;
-use crate::pool;
-use crate::upstream::{Endpoint, InFlight, NoRoute, Upstream, UpstreamRuntime};
+use crate::pool::{self, ReqBody};
+use crate::retry::{self, RETRY_BODY_LIMIT};
+use crate::route::NoRoute;
+use crate::state::State;
+use crate::upstream::Upstream;
 
-/// Request body sent upstream: the client's, or empty for a replayed body-less request.
-pub type ReqBody = Either<Incoming, Empty<Bytes>>;
 /// Response body sent to the client.
 pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
 /// How long a request for a service not yet watched waits for an on-demand source's first
@@ -51,7 +53,7 @@ pub const DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The proxy service shared by every connection.
 pub struct Proxy {
-    shared: Arc<Shared>,
+    state: Arc<State>,
 }
 
 /// Per-connection facts the handler needs.
@@ -73,8 +75,8 @@ impl Peer {
 }
 
 impl Proxy {
-    pub fn new(shared: Arc<Shared>) -> Arc<Self> {
-        Arc::new(Proxy { shared })
+    pub fn new(state: Arc<State>) -> Arc<Self> {
+        Arc::new(Proxy { state })
     }
 
     /// Handles one request. Never fails: errors become responses.
@@ -98,7 +100,7 @@ impl Proxy {
                 if matches!(e, ProxyError::NoEndpoint) {
                     upstream.runtime.metrics.upstream_error("no_endpoint");
                 }
-                tracing::debug!(upstream = %upstream.id, error = %e, "request failed");
+                tracing::debug!(upstream = %upstream.id, error = %crate::error::chain(&e), "request failed");
                 text(e.status(), e.body(&upstream.id))
             }
         };
@@ -120,23 +122,23 @@ impl Proxy {
             .or_else(|| req.uri().authority().map(|a| a.as_str()));
         let path = req.uri().path();
         let missing = {
-            let table = self.shared.table.load();
+            let table = self.state.table.load();
             match table.resolve(host, path) {
                 Ok(r) => return Ok((r.upstream.clone(), r.strip)),
                 Err(NoRoute::Service(name))
-                    if table.routes.is_empty() && !self.shared.on_demand.is_empty() =>
+                    if table.routes.is_empty() && !self.state.on_demand.is_empty() =>
                 {
                     name.to_ascii_lowercase()
                 }
                 Err(no) => return Err(no.to_string()),
             }
         };
-        let mut version = self.shared.version.subscribe();
-        if self.shared.demand(&missing) {
+        let mut version = self.state.version.subscribe();
+        if self.state.demand(&missing) {
             let deadline = tokio::time::sleep(DEMAND_TIMEOUT);
             tokio::pin!(deadline);
             loop {
-                if let Ok(r) = self.shared.table.load().resolve(host, path) {
+                if let Ok(r) = self.state.table.load().resolve(host, path) {
                     return Ok((r.upstream.clone(), r.strip));
                 }
                 tokio::select! {
@@ -158,33 +160,31 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let settings = upstream.settings();
         let runtime = &upstream.runtime;
-        let started = Instant::now();
-        let deadline = started + settings.retry_timeout;
-        let key = settings
-            .hash_on
-            .as_ref()
-            .map(|h| chash::request_key(h, &parts.headers, &parts.uri, peer.ip));
+        let deadline = Instant::now() + settings.retry_timeout;
+        let key = settings.balancer.key(&parts.headers, &parts.uri, peer.ip);
         if key == Some(None) {
             runtime.metrics.chash_fallback();
         }
         let ctx = PickContext {
             client_ip: peer.ip,
             key: key.flatten(),
-            now_ms: health::now_ms(),
+            now_ms: clock::now_ms(),
             panic: runtime.panic.load(Ordering::Relaxed),
             slow_start: settings.slow_start,
+            rng: &runtime.rng,
         };
         let path_and_query = rewrite_path(&parts.uri, strip)?;
         prepare_request_headers(&mut parts.headers, peer);
-        deposit_retry_token(runtime);
+        runtime.retry_budget.deposit();
         let replayable = body.is_end_stream();
         let max_tries = if replayable { 1 + settings.retries } else { 1 };
         let mut body = if replayable { None } else { Some(body) };
+        let feedback = upstream.feedback();
         let mut last = ProxyError::NoEndpoint;
         let mut last_response = None;
         for (attempt, ep) in (1..=max_tries).zip(upstream.candidates(ctx)) {
             if attempt > 1 {
-                if !withdraw_retry_token(runtime) {
+                if !runtime.retry_budget.withdraw() {
                     runtime.metrics.retry_budget_exhausted();
                     break;
                 }
@@ -211,46 +211,38 @@ impl Proxy {
                 out.headers_mut()
                     .insert(header::HOST, authority_header(&ep.authority));
             }
-            let t0 = Instant::now();
-            let result = self
-                .send(upstream, ep, out, remaining.min(settings.read_timeout))
-                .await;
-            let now = health::now_ms();
-            match result {
-                Ok(resp) => {
+            let try_ = Attempt::start(ep, &feedback);
+            let timeout = remaining.min(settings.read_timeout);
+            match send(ep, out, settings.connect_timeout, timeout).await {
+                Ok((resp, conn)) => {
                     let status = resp.status().as_u16();
-                    let failed = health::failed_status(&settings.passive, status);
-                    if failed {
-                        ep.state.record_failure();
-                        ep.state
-                            .ewma
-                            .failure(t0.elapsed(), now, settings.ewma_decay);
-                        health::record(upstream, ep, Outcome::Failure, now);
+                    let outcome = if settings.passive.failed_status(status) {
+                        Outcome::Failure
                     } else {
-                        ep.state
-                            .ewma
-                            .observe(t0.elapsed(), now, settings.ewma_decay);
-                        health::record(upstream, ep, Outcome::Success, now);
-                    }
+                        Outcome::Success
+                    };
+                    let resp = into_client_response(resp, conn, try_.finish(outcome));
                     // A server error on an idempotent request is worth another endpoint.
-                    if !last_try && RETRY_STATUSES.contains(&status) && idempotent(&parts.method) {
+                    if !last_try && retry::retry_status(status, &parts.method) {
                         tracing::debug!(upstream = %upstream.id, endpoint = %ep.authority, status, attempt, "retrying after gateway error");
-                        last_response = Some(resp);
+                        match settled(resp, deadline).await {
+                            Ok(resp) => last_response = Some(resp),
+                            Err(e) => {
+                                last_response = None;
+                                last = e;
+                            }
+                        }
                         continue;
                     }
                     return Ok(resp);
                 }
                 Err(e) => {
-                    ep.state.record_failure();
-                    ep.state
-                        .ewma
-                        .failure(t0.elapsed(), now, settings.ewma_decay);
-                    health::record(upstream, ep, Outcome::Failure, now);
+                    drop(try_.finish(Outcome::Failure));
                     if let Some(kind) = e.upstream_kind() {
                         runtime.metrics.upstream_error(kind);
                     }
-                    tracing::debug!(upstream = %upstream.id, endpoint = %ep.authority, error = %e, attempt, "upstream attempt failed");
-                    let retry = e.retryable(&parts.method);
+                    tracing::debug!(upstream = %upstream.id, endpoint = %ep.authority, error = %crate::error::chain(&e), attempt, "upstream attempt failed");
+                    let retry = retry::may_retry(&e, &parts.method);
                     last = e;
                     if !retry {
                         break;
@@ -263,62 +255,73 @@ impl Proxy {
             None => Err(last),
         }
     }
+}
 
-    async fn send(
-        &self,
-        upstream: &Upstream,
-        ep: &Endpoint,
-        req: Request<ReqBody>,
-        timeout: Duration,
-    ) -> Result<Response<RespBody>, ProxyError> {
-        let guard = InFlight::start(&ep.state);
-        let sent = ep
-            .state
-            .pool
-            .send(&ep.authority, req, upstream.settings().connect_timeout);
-        let (resp, conn) = match tokio::time::timeout(timeout, sent).await {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(ProxyError::Timeout),
-        };
-        let (mut parts, body) = resp.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(
+/// Sends `req` to `ep` on its pool, waiting at most `timeout` for the response head.
+async fn send(
+    ep: &Endpoint,
+    req: Request<ReqBody>,
+    connect_timeout: Duration,
+    timeout: Duration,
+) -> Result<(Response<Incoming>, pool::Conn), ProxyError> {
+    let sent = ep.state.pool.send(&ep.authority, req, connect_timeout);
+    match tokio::time::timeout(timeout, sent).await {
+        Ok(result) => result,
+        Err(_) => Err(ProxyError::Timeout),
+    }
+}
+
+/// The upstream's response as the client gets it: hop-by-hop headers removed, the body holding
+/// the endpoint's in-flight count and its connection.
+fn into_client_response(
+    resp: Response<Incoming>,
+    conn: pool::Conn,
+    in_flight: InFlight,
+) -> Response<RespBody> {
+    let (mut parts, body) = resp.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    Response::from_parts(
+        parts,
+        Either::Left(UpstreamBody {
+            inner: body,
+            conn: Some(conn),
+            in_flight,
+        }),
+    )
+}
+
+/// An error answer about to be retried, read to its end when that is cheap (a known length of
+/// at most [`RETRY_BODY_LIMIT`], within the request's deadline), so its connection returns to
+/// the pool and its in-flight count ends now rather than after the next try. Any other answer
+/// is kept as it is (its connection is then closed if it is not the one the client gets).
+async fn settled(
+    resp: Response<RespBody>,
+    deadline: Instant,
+) -> Result<Response<RespBody>, ProxyError> {
+    let small = resp
+        .body()
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= RETRY_BODY_LIMIT as u64);
+    if !small {
+        return Ok(resp);
+    }
+    let (parts, body) = resp.into_parts();
+    let body = match body {
+        Either::Left(upstream) => upstream,
+        other => return Ok(Response::from_parts(parts, other)),
+    };
+    let read = tokio::time::timeout_at(deadline.into(), body.collect()).await;
+    match read {
+        Ok(Ok(collected)) => Ok(Response::from_parts(
             parts,
-            Either::Left(UpstreamBody {
-                inner: body,
-                conn: Some(conn),
-                in_flight: guard,
-            }),
-        ))
-    }
-}
-
-/// Statuses after which an idempotent, body-less request is tried on another endpoint. 500 is
-/// included so a broken instance costs no client-visible error while passive health ejects it.
-pub const RETRY_STATUSES: [u16; 4] = [500, 502, 503, 504];
-
-/// Each request adds this many hundredths of a retry to its upstream's budget: retries may be
-/// at most 20% of requests (plus the reserve), so a failing upstream cannot triple its load.
-pub const RETRY_BUDGET_RATIO: i64 = 20;
-/// The budget a new upstream starts with, in hundredths of a retry (10 retries).
-pub const RETRY_BUDGET_RESERVE: i64 = 1_000;
-/// Most the budget can hold (100 retries), so a long quiet spell does not bank a storm.
-pub const RETRY_BUDGET_MAX: i64 = 10_000;
-
-fn deposit_retry_token(rt: &UpstreamRuntime) {
-    if rt.retry_tokens.load(Ordering::Relaxed) < RETRY_BUDGET_MAX {
-        rt.retry_tokens
-            .fetch_add(RETRY_BUDGET_RATIO, Ordering::Relaxed);
-    }
-}
-
-fn withdraw_retry_token(rt: &UpstreamRuntime) -> bool {
-    if rt.retry_tokens.fetch_sub(100, Ordering::Relaxed) >= 100 {
-        true
-    } else {
-        rt.retry_tokens.fetch_add(100, Ordering::Relaxed);
-        false
+            Either::Right(Full::new(collected.to_bytes())),
+        )),
+        Ok(Err(source)) => Err(ProxyError::Upstream {
+            sent: Sent::Maybe,
+            source,
+        }),
+        Err(_) => Err(ProxyError::Timeout),
     }
 }
 
@@ -476,14 +479,6 @@ pub fn text(status: StatusCode, body: String) -> Response<RespBody> {
     resp
 }
 
-/// Methods safe to retry after the request may have reached the upstream.
-pub fn idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,47 +518,5 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-kept"], "yes");
-    }
-}
-
-#[cfg(test)]
-mod budget_tests {
-    use super::*;
-    use crate::config::UpstreamSettings;
-    use crate::metrics::UpstreamMetrics;
-
-    fn runtime() -> UpstreamRuntime {
-        let settings = UpstreamSettings::with_balancer("roundrobin");
-        UpstreamRuntime {
-            settings,
-            metrics: UpstreamMetrics::new("t"),
-            panic: Default::default(),
-            requests: Default::default(),
-            retry_tokens: RETRY_BUDGET_RESERVE.into(),
-        }
-    }
-
-    #[test]
-    fn the_reserve_allows_ten_retries_then_one_per_five_requests() {
-        let rt = runtime();
-        assert_eq!((0..20).filter(|_| withdraw_retry_token(&rt)).count(), 10);
-        for _ in 0..50 {
-            deposit_retry_token(&rt);
-        }
-        assert_eq!((0..20).filter(|_| withdraw_retry_token(&rt)).count(), 10);
-        assert!(
-            rt.retry_tokens.load(Ordering::Relaxed) >= 0,
-            "never overdrawn"
-        );
-    }
-
-    #[test]
-    fn a_quiet_spell_does_not_bank_a_storm() {
-        let rt = runtime();
-        for _ in 0..100_000 {
-            deposit_retry_token(&rt);
-        }
-        let n = (0..1000).filter(|_| withdraw_retry_token(&rt)).count();
-        assert_eq!(n as i64, RETRY_BUDGET_MAX / 100);
     }
 }

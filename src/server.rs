@@ -2,6 +2,7 @@
 //! clients and a graceful drain on shutdown.
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::admin::Admin;
@@ -32,8 +33,25 @@ fn builder() -> http1::Builder {
     b
 }
 
+/// Pause after a failed accept (EMFILE and the like), so a listener that keeps failing does
+/// not spin a core.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// Accepts one connection; on an error, logs it, backs off [`ACCEPT_BACKOFF`] and says `None`.
+async fn accept(listener: &TcpListener, which: &'static str) -> Option<(TcpStream, SocketAddr)> {
+    match listener.accept().await {
+        Ok(x) => Some(x),
+        Err(e) => {
+            tracing::warn!(listener = which, error = %e, "accept failed");
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
+            None
+        }
+    }
+}
+
 /// Serves the proxy until `shutdown` turns true, then drains open connections for up to
-/// `grace`. Returns the number of connections still open when the grace ran out.
+/// `grace`. Returns the number of connections still open when the grace ran out (0 when all
+/// finished).
 pub async fn serve_proxy(
     listener: TcpListener,
     proxy: Arc<Proxy>,
@@ -41,17 +59,11 @@ pub async fn serve_proxy(
     grace: Duration,
 ) -> usize {
     let graceful = GracefulShutdown::new();
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, remote) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
+            accepted = accept(&listener, "proxy") => {
+                let Some((stream, remote)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
                 let peer = Peer::new(remote);
                 let proxy = proxy.clone();
@@ -61,30 +73,41 @@ pub async fn serve_proxy(
                     async move { proxy.handle(req, &peer).await }
                 });
                 let conn = builder().serve_connection(TokioIo::new(stream), svc);
-                spawn_conn(graceful.watch(conn), remote);
+                spawn_conn(graceful.watch(conn), remote, Some(open.clone()));
             }
             _ = shutdown.changed() => break,
         }
     }
     drop(listener);
-    tracing::info!(grace = ?grace, "draining in-flight requests");
+    tracing::info!(grace = ?grace, connections = open.load(Ordering::Relaxed), "draining in-flight requests");
     match tokio::time::timeout(grace, graceful.shutdown()).await {
         Ok(()) => 0,
         Err(_) => {
-            tracing::warn!("grace period over with requests still in flight");
-            1
+            let left = open.load(Ordering::Relaxed);
+            tracing::warn!(
+                connections = left,
+                "grace period over with requests still in flight"
+            );
+            left
         }
     }
 }
 
-fn spawn_conn<F, E>(conn: F, remote: SocketAddr)
+/// Runs one connection on its own task; `open` counts it while it runs.
+fn spawn_conn<F, E>(conn: F, remote: SocketAddr, open: Option<Arc<AtomicUsize>>)
 where
     F: Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display,
 {
+    if let Some(o) = &open {
+        o.fetch_add(1, Ordering::Relaxed);
+    }
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(%remote, error = %e, "connection ended with an error");
+        }
+        if let Some(o) = open {
+            o.fetch_sub(1, Ordering::Relaxed);
         }
     });
 }
@@ -97,14 +120,14 @@ pub async fn serve_admin(
 ) {
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, remote)) = accepted else { continue };
+            accepted = accept(&listener, "admin") => {
+                let Some((stream, remote)) = accepted else { continue };
                 let admin = admin.clone();
                 let svc = service_fn(move |req| {
                     let admin = admin.clone();
                     async move { admin.handle(req).await }
                 });
-                spawn_conn(builder().serve_connection(TokioIo::new(stream), svc), remote);
+                spawn_conn(builder().serve_connection(TokioIo::new(stream), svc), remote, None);
             }
             _ = shutdown.changed() => return,
         }

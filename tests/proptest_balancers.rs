@@ -9,9 +9,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use discovery::Instance;
-use edge_agent::balancer::{roundrobin, Candidates, PickContext, REGISTRY};
-use edge_agent::config::{HashOn, UpstreamSettings};
-use edge_agent::upstream::Endpoint;
+use edge_agent::balancer::{roundrobin, Candidates, Options, PickContext, Rng, Spec, REGISTRY};
+use edge_agent::endpoint::Endpoint;
 use proptest::prelude::*;
 
 const CASES: u32 = 64;
@@ -24,18 +23,21 @@ fn endpoints(spec: &[(u32, bool)]) -> Vec<Endpoint> {
             let mut inst = Instance::new("127.0.0.1", 10_000 + i as u16);
             inst.weight = *w;
             inst.healthy = *healthy;
-            Endpoint::from_instance(&inst, "file", Default::default())
+            Endpoint::from_instance(&inst, "file", Default::default()).unwrap()
         })
         .collect()
 }
 
-fn ctx(key: Option<u64>, octet: u8) -> PickContext {
+static RNG: Rng = Rng::new(1);
+
+fn ctx(key: Option<u64>, octet: u8) -> PickContext<'static> {
     PickContext {
         client_ip: IpAddr::from([10, 0, 0, octet]),
         key,
         now_ms: 0,
         panic: false,
         slow_start: None,
+        rng: &RNG,
     }
 }
 
@@ -66,10 +68,12 @@ proptest! {
         let usable: Vec<usize> = (0..eps.len())
             .filter(|&i| spec[i].0 > 0 && spec[i].1)
             .collect();
-        for (name, build) in REGISTRY {
-            let mut settings = UpstreamSettings::with_balancer(name);
-            settings.hash_on = Some(HashOn::Ip);
-            let b = build(&eps, &settings);
+        for kind in REGISTRY {
+            let name = kind.name;
+            // `hash_on = "ip"` for the balancers that read it.
+            let hash_on = kind.options.contains(&"hash_on").then_some("ip");
+            let options = Options { hash_on, ewma_decay: edge_agent::load::DEFAULT_DECAY };
+            let b = Spec::new(name, &options).unwrap().build(&eps);
             for &key in &keys {
                 // Several requests on the same balancer, so stateful ones (round robin's
                 // cursor) are checked from different positions.
@@ -122,7 +126,7 @@ proptest! {
     ) {
         let spec: Vec<(u32, bool)> = weights.iter().map(|w| (*w, true)).collect();
         let eps = endpoints(&spec);
-        let b = roundrobin::build(&eps, &UpstreamSettings::with_balancer("roundrobin"));
+        let b = roundrobin::build(&eps);
         let period = roundrobin::schedule(&weights).len();
         let mut counts = vec![0usize; eps.len()];
         for _ in 0..period * cycles {

@@ -264,6 +264,16 @@ pub fn from_url(url: &str) -> Result<Arc<dyn Discovery>, SourceError> {
     }
 }
 
+/// Kinds of registry (temporary; replaced by the schemes table).
+pub fn kinds() -> Vec<&'static str> {
+    vec!["file", "eureka", "consul", "nacos"]
+}
+
+/// Whether `name` is a registry kind.
+pub fn is_kind(name: &str) -> bool {
+    kinds().contains(&name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -367,7 +367,7 @@ impl Agent {
             .flatten()
             .filter(|x| x["id"] == id)
             .flat_map(|x| x["endpoints"].as_array().cloned().unwrap_or_default())
-            .filter(|e| e["healthy"] == true)
+            .filter(|e| e["available"] == true)
             .filter_map(|e| e["address"].as_str().map(String::from))
             .collect();
         out.sort();

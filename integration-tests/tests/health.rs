@@ -50,7 +50,7 @@ async fn a_backend_returning_500s_is_ejected_with_no_client_visible_error() {
     let up = agent.upstreams().await;
     let e = endpoint(&up, "svc", &bad.addr.to_string());
     assert_eq!(e["ejected"], true, "{e}");
-    assert_eq!(e["healthy"], false, "{e}");
+    assert_eq!(e["available"], false, "{e}");
     assert!(e["ejected_for_ms"].as_u64().unwrap() > 0, "{e}");
     let m = agent.metrics().await;
     assert!(

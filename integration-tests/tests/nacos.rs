@@ -491,6 +491,6 @@ async fn an_instance_that_turns_unhealthy_stops_receiving_traffic() {
         .flat_map(|u| u["endpoints"].as_array().unwrap())
         .filter(|e| e["address"] == b_addr.as_str())
         .collect();
-    assert!(listed.iter().all(|e| e["healthy"] == false), "{listed:?}");
+    assert!(listed.iter().all(|e| e["available"] == false), "{listed:?}");
     beat.abort();
 }

@@ -32,9 +32,68 @@ use std::net::IpAddr;
 use http::{header, HeaderMap, Uri};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::{mix64, roundrobin, Balancer, PickContext, Tried};
-use crate::config::{HashOn, UpstreamSettings};
-use crate::upstream::Endpoint;
+use super::{mix64, roundrobin, Balancer, Kind, Options, PickContext, Settings, Tried};
+use crate::endpoint::Endpoint;
+
+/// `balancer = "chash"`: reads `hash_on` (default `ip`).
+pub const KIND: Kind = Kind {
+    name: "chash",
+    options: &["hash_on"],
+    settings: |o: &Options| {
+        let hash_on = match o.hash_on {
+            Some(h) => HashOn::parse(h).map_err(|e| format!("hash_on = {h:?}: {e}"))?,
+            None => HashOn::Ip,
+        };
+        Ok(std::sync::Arc::new(ChashSettings { hash_on }))
+    },
+};
+
+/// The `chash` balancer's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChashSettings {
+    pub hash_on: HashOn,
+}
+
+impl Settings for ChashSettings {
+    fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Balancer> {
+        Box::new(ConsistentHash::new(endpoints))
+    }
+
+    fn key(&self, headers: &HeaderMap, uri: &Uri, ip: IpAddr) -> Option<Option<u64>> {
+        Some(request_key(&self.hash_on, headers, uri, ip))
+    }
+}
+
+/// Where `chash` takes its key from (APISIX's `hash_on` choices).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HashOn {
+    Header(http::HeaderName),
+    Cookie(String),
+    Arg(String),
+    Ip,
+    Path,
+}
+
+impl HashOn {
+    /// `header:<name>`, `cookie:<name>`, `arg:<name>`, `ip` or `path`.
+    pub fn parse(s: &str) -> Result<HashOn, String> {
+        let s = s.trim();
+        let (kind, name) = match s.split_once(':') {
+            Some((k, n)) => (k, Some(n.trim())),
+            None => (s, None),
+        };
+        match (kind, name) {
+            ("ip", None) => Ok(HashOn::Ip),
+            ("path", None) => Ok(HashOn::Path),
+            ("header", Some(n)) if !n.is_empty() => http::HeaderName::try_from(n)
+                .map(HashOn::Header)
+                .map_err(|_| format!("{n:?} is not a header name")),
+            ("cookie", Some(n)) if !n.is_empty() => Ok(HashOn::Cookie(n.to_string())),
+            ("arg", Some(n)) if !n.is_empty() => Ok(HashOn::Arg(n.to_string())),
+            _ => Err("expected header:<name>, cookie:<name>, arg:<name>, ip or path".into()),
+        }
+    }
+}
 
 /// Seed of the request-key hash. Fixed, so every agent (and every restart) maps a key alike.
 pub const KEY_SEED: u64 = 0x6564_6765_2d6b_6579;
@@ -122,12 +181,8 @@ pub struct ConsistentHash {
     fallback: Box<dyn Balancer>,
 }
 
-pub fn build(endpoints: &[Endpoint], settings: &UpstreamSettings) -> Box<dyn Balancer> {
-    Box::new(ConsistentHash::new(endpoints, settings))
-}
-
 impl ConsistentHash {
-    pub fn new(endpoints: &[Endpoint], settings: &UpstreamSettings) -> Self {
+    pub fn new(endpoints: &[Endpoint]) -> Self {
         let wide = maglev(endpoints);
         let table = if endpoints.len() <= usize::from(u16::MAX) {
             Table::Narrow(wide.iter().map(|&i| i as u16).collect())
@@ -136,7 +191,7 @@ impl ConsistentHash {
         };
         ConsistentHash {
             table,
-            fallback: roundrobin::build(endpoints, settings),
+            fallback: roundrobin::build(endpoints),
         }
     }
 
@@ -219,7 +274,7 @@ impl Balancer for ConsistentHash {
         let Some(key) = ctx.key else {
             return self.fallback.next(endpoints, ctx, tried);
         };
-        let ok = |i: usize| !tried.contains(i) && endpoints.get(i).is_some_and(|e| e.usable(ctx));
+        let ok = |i: usize| !tried.contains(i) && endpoints.get(i).is_some_and(|e| ctx.usable(e));
         let m = self.table.len() as u64;
         if m == 0 {
             return None;
@@ -250,13 +305,7 @@ mod tests {
     use super::super::Candidates;
     use super::*;
 
-    fn settings() -> UpstreamSettings {
-        let mut s = UpstreamSettings::with_balancer("chash");
-        s.hash_on = Some(HashOn::Header(http::HeaderName::from_static("x-user")));
-        s
-    }
-
-    fn keyed(key: u64) -> PickContext {
+    fn keyed(key: u64) -> PickContext<'static> {
         PickContext {
             key: Some(key),
             ..ctx()
@@ -269,7 +318,7 @@ mod tests {
 
     /// Key → address of the endpoint it lands on.
     fn assignment(eps: &[Endpoint], nkeys: u64) -> HashMap<u64, String> {
-        let b = ConsistentHash::new(eps, &settings());
+        let b = ConsistentHash::new(eps);
         keys(nkeys)
             .map(|k| {
                 let i = b.next(eps, &keyed(k), &Tried::default()).unwrap();
@@ -331,7 +380,7 @@ mod tests {
     #[test]
     fn a_health_flap_moves_only_that_endpoints_keys() {
         let mut eps = endpoints(&[1; 10]);
-        let b = ConsistentHash::new(&eps, &settings());
+        let b = ConsistentHash::new(&eps);
         let pick = |eps: &[Endpoint], k| b.next(eps, &keyed(k), &Tried::default()).unwrap();
         let before: Vec<usize> = keys(10_000).map(|k| pick(&eps, k)).collect();
         eps[3].healthy = false;
@@ -360,7 +409,7 @@ mod tests {
     #[test]
     fn shares_follow_weights() {
         let eps = endpoints(&[1, 2, 3]);
-        let b = ConsistentHash::new(&eps, &settings());
+        let b = ConsistentHash::new(&eps);
         let mut counts = [0usize; 3];
         for k in keys(60_000) {
             counts[b.next(&eps, &keyed(k), &Tried::default()).unwrap()] += 1;
@@ -400,11 +449,11 @@ mod tests {
                 let mut inst =
                     discovery::Instance::new(format!("10.0.{}.{}", i / 250, i % 250), 8080);
                 inst.weight = 1 + (i % 7) * 100;
-                Endpoint::from_instance(&inst, "file", Default::default())
+                Endpoint::from_instance(&inst, "file", Default::default()).unwrap()
             })
             .collect();
         let t = Instant::now();
-        let b = ConsistentHash::new(&eps, &settings());
+        let b = ConsistentHash::new(&eps);
         let took = t.elapsed();
         let t = Instant::now();
         let table = maglev(&eps);
@@ -423,12 +472,12 @@ mod tests {
     #[test]
     fn zero_weight_and_no_key() {
         let eps = endpoints(&[0, 0]);
-        let b = ConsistentHash::new(&eps, &settings());
+        let b = ConsistentHash::new(&eps);
         assert_eq!(b.next(&eps, &keyed(1), &Tried::default()), None);
         assert_eq!(b.next(&eps, &ctx(), &Tried::default()), None);
         // Without a key: round robin by weight.
         let eps = endpoints(&[1, 0, 2]);
-        let b = ConsistentHash::new(&eps, &settings());
+        let b = ConsistentHash::new(&eps);
         let p: Vec<usize> = (0..6)
             .map(|_| b.next(&eps, &ctx(), &Tried::default()).unwrap())
             .collect();
@@ -440,7 +489,7 @@ mod tests {
     fn retries_walk_on_and_cover_each_usable_once() {
         let mut eps = endpoints(&[1, 2, 3, 1, 1, 1]);
         eps[4].healthy = false;
-        let b = ConsistentHash::new(&eps, &settings());
+        let b = ConsistentHash::new(&eps);
         for k in keys(200) {
             let order: Vec<usize> = Candidates::new(&b, &eps, keyed(k))
                 .map(|e| eps.iter().position(|x| x.id == e.id).unwrap())
@@ -464,7 +513,7 @@ mod tests {
         for e in eps.iter_mut().skip(1) {
             e.healthy = false;
         }
-        let b = ConsistentHash::new(&eps, &settings());
+        let b = ConsistentHash::new(&eps);
         for k in keys(100) {
             assert_eq!(b.next(&eps, &keyed(k), &Tried::default()), Some(0));
         }

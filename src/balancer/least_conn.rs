@@ -2,7 +2,7 @@
 //! two drawn at random (power of two choices, as Envoy's least-request balancer does).
 //!
 //! In-flight counts are the RAII guards the proxy holds per attempt
-//! ([`crate::upstream::InFlight`]), so a cancelled request cannot leave a count behind. A pick
+//! ([`crate::endpoint::InFlight`]), so a cancelled request cannot leave a count behind. A pick
 //! reads two atomics; the comparison is exact (cross-multiplied integers, no floats). Sampling
 //! two instead of scanning all keeps a pick O(1) with a thousand endpoints and avoids the herd
 //! effect of every concurrent picker choosing the same least-loaded endpoint from counts that
@@ -13,25 +13,35 @@
 //! wins over an idle weight-1 one, and it keeps winning until it holds three times as many. So
 //! the weight ratio shows in the shares under concurrency; with strictly sequential traffic
 //! (never more than one request in flight) the heavier of the two drawn endpoints always wins.
-use super::{two_choices, Balancer, PickContext, Rng, Tried};
-use crate::config::UpstreamSettings;
-use crate::upstream::Endpoint;
+use std::sync::Arc;
+
+use super::{two_choices, Balancer, Kind, Options, PickContext, Rng, Settings, Tried};
+use crate::endpoint::Endpoint;
+
+/// `balancer = "least_conn"`: no options.
+pub const KIND: Kind = Kind {
+    name: "least_conn",
+    options: &[],
+    settings: |_: &Options| Ok(Arc::new(LeastConnSettings)),
+};
+
+/// Least connections has no settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeastConnSettings;
+
+impl Settings for LeastConnSettings {
+    fn build(&self, _endpoints: &[Endpoint]) -> Box<dyn Balancer> {
+        Box::new(LeastConn::with_rng(Rng::from_entropy()))
+    }
+}
 
 pub struct LeastConn {
     rng: Rng,
 }
 
-pub fn build(endpoints: &[Endpoint], settings: &UpstreamSettings) -> Box<dyn Balancer> {
-    Box::new(LeastConn::with_rng(
-        endpoints,
-        settings,
-        Rng::from_entropy(),
-    ))
-}
-
 impl LeastConn {
     /// A balancer drawing from `rng` (seed it for reproducible tests).
-    pub fn with_rng(_endpoints: &[Endpoint], _settings: &UpstreamSettings, rng: Rng) -> Self {
+    pub fn with_rng(rng: Rng) -> Self {
         LeastConn { rng }
     }
 }
@@ -46,7 +56,7 @@ fn cheaper(a: &Endpoint, b: &Endpoint) -> bool {
 impl Balancer for LeastConn {
     fn next(&self, endpoints: &[Endpoint], ctx: &PickContext, tried: &Tried) -> Option<usize> {
         let (a, b) = two_choices(endpoints.len(), &self.rng, |i| {
-            !tried.contains(i) && endpoints[i].usable(ctx)
+            !tried.contains(i) && ctx.usable(&endpoints[i])
         })?;
         match b {
             Some(b) if cheaper(&endpoints[b], &endpoints[a]) => Some(b),
@@ -62,14 +72,10 @@ mod tests {
     use super::super::testing::{ctx, endpoints};
     use super::super::Candidates;
     use super::*;
-    use crate::upstream::InFlight;
+    use crate::endpoint::InFlight;
 
-    fn balancer(eps: &[Endpoint], seed: u64) -> LeastConn {
-        LeastConn::with_rng(
-            eps,
-            &UpstreamSettings::with_balancer("least_conn"),
-            Rng::new(seed),
-        )
+    fn balancer(_eps: &[Endpoint], seed: u64) -> LeastConn {
+        LeastConn::with_rng(Rng::new(seed))
     }
 
     /// Closed loop: `concurrency` requests in flight; each pick holds a guard, and when the

@@ -1,18 +1,28 @@
 //! Load balancers.
 //!
 //! A balancer is built off the request path from an upstream's endpoint list (it is part of the
-//! upstream snapshot and is rebuilt with it) and answers one question on the request path: which
+//! routing table and is rebuilt with it) and answers one question on the request path: which
 //! endpoint to try next, skipping those already tried. [`Candidates`] turns that into an
 //! iterator, so retries and "skip the one that just failed" compose without special cases.
 //!
-//! Adding a balancer: one file implementing [`Balancer`] and one line in [`REGISTRY`].
+//! Each balancer owns its settings (Pingora's `BackendSelection::Config`): a file defines a
+//! [`Settings`] type and a [`Kind`] that builds it from the upstream's [`Options`], and a
+//! [`Spec`] (the kind with its settings) is what an upstream's settings hold. Adding a balancer:
+//! one file and one line in [`REGISTRY`]. Options a balancer does not read (`hash_on` for
+//! anything but `chash`) are refused when the configuration is validated.
+//!
 //! Upstreams hold a `Box<dyn Balancer>`: one indirect call per pick, a few nanoseconds, bought for
 //! a plugin boundary that stays this simple.
+use std::any::Any;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::config::UpstreamSettings;
-use crate::upstream::Endpoint;
+use http::{HeaderMap, Uri};
+
+use crate::endpoint::Endpoint;
+use crate::rng::mix64;
+pub use crate::rng::Rng;
 
 pub mod chash;
 #[cfg(test)]
@@ -23,48 +33,211 @@ pub mod roundrobin;
 
 /// Picks endpoints for one upstream.
 pub trait Balancer: Send + Sync {
-    /// The index (into `endpoints`) of the next endpoint to try: an available one not in
-    /// `tried`. `None` when there is none left.
+    /// The index (into `endpoints`) of the next endpoint to try: a usable one not in `tried`.
+    /// `None` when there is none left.
     fn next(&self, endpoints: &[Endpoint], ctx: &PickContext, tried: &Tried) -> Option<usize>;
 }
 
-/// Builds a balancer for an endpoint list.
-pub type Factory = fn(&[Endpoint], &UpstreamSettings) -> Box<dyn Balancer>;
+/// A balancer's own settings, built when the configuration is validated. Equality comes with
+/// `PartialEq` (through [`DynEq`]), so a reload that changes them is seen.
+pub trait Settings: DynEq + std::fmt::Debug + Send + Sync + 'static {
+    /// Builds the balancer for an endpoint list (off the request path).
+    fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Balancer>;
 
-/// Every balancer by its configuration name.
-pub const REGISTRY: &[(&str, Factory)] = &[
-    ("roundrobin", roundrobin::build),
-    ("chash", chash::build),
-    ("ewma", ewma::build),
-    ("least_conn", least_conn::build),
+    /// For a balancer that hashes a request key: the key's hash, `Some(None)` when the request
+    /// lacks it. `None` (the default): the balancer takes no key.
+    fn key(&self, _headers: &HeaderMap, _uri: &Uri, _ip: IpAddr) -> Option<Option<u64>> {
+        None
+    }
+}
+
+/// Equality across settings types (false for another type); implemented for every
+/// `PartialEq` type.
+pub trait DynEq {
+    fn same(&self, other: &dyn Any) -> bool;
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: PartialEq + 'static> DynEq for T {
+    fn same(&self, other: &dyn Any) -> bool {
+        other.downcast_ref::<T>() == Some(self)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// The upstream options a balancer may read, as the configuration gives them.
+#[derive(Debug, Clone, Default)]
+pub struct Options<'a> {
+    /// `hash_on` (read by `chash` only).
+    pub hash_on: Option<&'a str>,
+    /// The upstream's EWMA decay (`ewma_decay`; every upstream keeps the estimate, the `ewma`
+    /// balancer reads it).
+    pub ewma_decay: Duration,
+}
+
+impl Options<'_> {
+    /// The balancer-only options that are set, by their configuration names.
+    fn given(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.hash_on.is_some() {
+            v.push("hash_on");
+        }
+        v
+    }
+}
+
+/// One balancer: its configuration name, the balancer-only options it reads, and how its
+/// settings are built from them.
+pub struct Kind {
+    pub name: &'static str,
+    pub options: &'static [&'static str],
+    pub settings: fn(&Options) -> Result<Arc<dyn Settings>, String>,
+}
+
+/// Every balancer.
+pub const REGISTRY: &[Kind] = &[
+    roundrobin::KIND,
+    chash::KIND,
+    ewma::KIND,
+    least_conn::KIND,
     #[cfg(test)]
-    ("first_usable", custom_example::build),
+    custom_example::KIND,
 ];
 
-/// The factory for a configuration name.
-pub fn factory(name: &str) -> Option<Factory> {
-    REGISTRY.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+/// The kind of a configuration name.
+pub fn kind(name: &str) -> Option<&'static Kind> {
+    REGISTRY.iter().find(|k| k.name == name)
 }
 
 /// Names of all balancers, for error messages and help.
 pub fn names() -> Vec<&'static str> {
-    REGISTRY.iter().map(|(n, _)| *n).collect()
+    REGISTRY.iter().map(|k| k.name).collect()
 }
 
-/// What a balancer may know of the request. Owned and `Copy`, so a candidate iterator does not
-/// borrow the request the proxy is about to send.
+/// Why a balancer choice was refused; the config names the field it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("unknown balancer {name:?} (known: {known})")]
+    Unknown { name: String, known: String },
+    #[error("{option} is read only by {readers}, not by balancer {balancer:?}")]
+    NotRead {
+        option: &'static str,
+        balancer: &'static str,
+        readers: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A balancer with its settings: what an upstream's settings hold.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    kind: &'static Kind,
+    settings: Arc<dyn Settings>,
+}
+
+impl std::fmt::Debug for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl PartialEq for Spec {
+    fn eq(&self, other: &Spec) -> bool {
+        self.kind.name == other.kind.name && self.settings.same(other.settings.as_any())
+    }
+}
+
+impl Eq for Spec {}
+
+impl Spec {
+    /// The balancer `name` with its settings from `options`.
+    pub fn new(name: &str, options: &Options) -> Result<Spec, SpecError> {
+        let kind = kind(name).ok_or_else(|| SpecError::Unknown {
+            name: name.to_string(),
+            known: names().join(", "),
+        })?;
+        if let Some(option) = options
+            .given()
+            .into_iter()
+            .find(|o| !kind.options.contains(o))
+        {
+            let readers: Vec<&str> = REGISTRY
+                .iter()
+                .filter(|k| k.options.contains(&option))
+                .map(|k| k.name)
+                .collect();
+            return Err(SpecError::NotRead {
+                option,
+                balancer: kind.name,
+                readers: readers.join(", "),
+            });
+        }
+        let settings = (kind.settings)(options).map_err(SpecError::Invalid)?;
+        Ok(Spec { kind, settings })
+    }
+
+    /// The balancer `name` with default settings.
+    pub fn named(name: &str) -> Result<Spec, SpecError> {
+        Spec::new(
+            name,
+            &Options {
+                ewma_decay: crate::load::DEFAULT_DECAY,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Round robin, the default.
+    pub fn round_robin() -> Spec {
+        Spec::named(roundrobin::KIND.name).expect("round robin takes no options")
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.kind.name
+    }
+
+    pub fn settings(&self) -> &dyn Settings {
+        self.settings.as_ref()
+    }
+
+    /// Builds the balancer for an endpoint list.
+    pub fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Balancer> {
+        self.settings.build(endpoints)
+    }
+
+    /// See [`Settings::key`].
+    pub fn key(&self, headers: &HeaderMap, uri: &Uri, ip: IpAddr) -> Option<Option<u64>> {
+        self.settings.key(headers, uri, ip)
+    }
+}
+
+/// What a balancer may know of the request. `Copy`, and borrowing only the upstream's RNG, so
+/// a candidate iterator does not borrow the request the proxy is about to send.
 #[derive(Debug, Clone, Copy)]
-pub struct PickContext {
+pub struct PickContext<'a> {
     pub client_ip: IpAddr,
     /// Hash of the request's balancing key, when the upstream hashes on one and the request has
     /// it.
     pub key: Option<u64>,
-    /// Process-clock milliseconds ([`crate::health::now_ms`]) when the pick started.
+    /// Process-clock milliseconds ([`crate::clock::now_ms`]) when the pick started.
     pub now_ms: u64,
     /// Panic mode: the agent's own health verdicts are ignored (too few endpoints are healthy).
     pub panic: bool,
     /// The upstream's slow-start window.
-    pub slow_start: Option<std::time::Duration>,
+    pub slow_start: Option<Duration>,
+    /// Draws for slow-start admission (the upstream's; seeded in tests).
+    pub rng: &'a Rng,
+}
+
+impl PickContext<'_> {
+    /// Whether `ep` may be picked for this request ([`Endpoint::usable`]).
+    #[inline]
+    pub fn usable(&self, ep: &Endpoint) -> bool {
+        ep.usable(self.panic, self.now_ms, self.slow_start, self.rng)
+    }
 }
 
 /// Indices already tried for one request. Holds a few inline; retries are few.
@@ -106,12 +279,16 @@ impl Tried {
 pub struct Candidates<'a> {
     balancer: &'a dyn Balancer,
     endpoints: &'a [Endpoint],
-    ctx: PickContext,
+    ctx: PickContext<'a>,
     tried: Tried,
 }
 
 impl<'a> Candidates<'a> {
-    pub fn new(balancer: &'a dyn Balancer, endpoints: &'a [Endpoint], ctx: PickContext) -> Self {
+    pub fn new(
+        balancer: &'a dyn Balancer,
+        endpoints: &'a [Endpoint],
+        ctx: PickContext<'a>,
+    ) -> Self {
         Candidates {
             balancer,
             endpoints,
@@ -129,47 +306,6 @@ impl<'a> Iterator for Candidates<'a> {
         self.tried.insert(i);
         self.endpoints.get(i)
     }
-}
-
-/// Lock-free random numbers for balancers: SplitMix64 over an atomic counter. A draw is one
-/// relaxed `fetch_add` and a few multiplies, with no lock and no thread-local; concurrent
-/// pickers get different numbers because each `fetch_add` returns a different counter value.
-/// Seeded explicitly in tests, so pick sequences are reproducible.
-#[derive(Debug)]
-pub struct Rng(AtomicU64);
-
-/// SplitMix64's increment (2^64 / golden ratio).
-const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(AtomicU64::new(seed))
-    }
-
-    /// Seeded from the thread RNG, so agents on many hosts do not pick in lockstep.
-    pub fn from_entropy() -> Self {
-        Rng::new(rand::random())
-    }
-
-    pub fn next_u64(&self) -> u64 {
-        let s = self
-            .0
-            .fetch_add(GOLDEN_GAMMA, Ordering::Relaxed)
-            .wrapping_add(GOLDEN_GAMMA);
-        mix64(s)
-    }
-
-    /// Uniform in `0..n` (`n > 0`), by multiply-shift (no modulo bias worth the name).
-    pub fn below(&self, n: usize) -> usize {
-        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
-    }
-}
-
-/// SplitMix64's finaliser: a bijective 64-bit mix.
-pub(crate) fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Random draws [`two_choices`] makes before it falls back to a scan.
@@ -228,19 +364,35 @@ pub(crate) mod testing {
             .map(|(i, w)| {
                 let mut inst = discovery::Instance::new("127.0.0.1", 10_000 + i as u16);
                 inst.weight = *w;
-                Endpoint::from_instance(&inst, "file", Default::default())
+                Endpoint::from_instance(&inst, "file", Default::default()).unwrap()
             })
             .collect()
     }
 
-    pub fn ctx() -> PickContext {
+    static RNG: Rng = Rng::new(0x7465_7374);
+
+    pub fn ctx() -> PickContext<'static> {
         PickContext {
             client_ip: IpAddr::from([127, 0, 0, 1]),
             key: None,
             now_ms: 0,
             panic: false,
             slow_start: None,
+            rng: &RNG,
         }
+    }
+
+    /// The default settings of a registered balancer, with `hash_on = "ip"` where it is read.
+    pub fn spec(kind: &Kind) -> Spec {
+        let hash_on = kind.options.contains(&"hash_on").then_some("ip");
+        Spec::new(
+            kind.name,
+            &Options {
+                hash_on,
+                ewma_decay: crate::load::DEFAULT_DECAY,
+            },
+        )
+        .unwrap()
     }
 }
 
@@ -263,7 +415,7 @@ mod tests {
     #[test]
     fn candidates_never_repeat_and_end() {
         let eps = testing::endpoints(&[5, 1, 1]);
-        let b = roundrobin::build(&eps, &UpstreamSettings::with_balancer("roundrobin"));
+        let b = Spec::round_robin().build(&eps);
         let seen: Vec<u16> = Candidates::new(b.as_ref(), &eps, testing::ctx())
             .map(|e| e.authority.port_u16().unwrap())
             .collect();
@@ -280,10 +432,9 @@ mod tests {
     fn every_balancer_yields_each_usable_endpoint_once() {
         let mut eps = testing::endpoints(&[1, 2, 3, 0, 1, 1, 5]);
         eps[4].healthy = false;
-        for (name, build) in REGISTRY {
-            let mut settings = UpstreamSettings::with_balancer(name);
-            settings.hash_on = Some(crate::config::HashOn::Ip);
-            let b = build(&eps, &settings);
+        for kind in REGISTRY {
+            let name = kind.name;
+            let b = testing::spec(kind).build(&eps);
             for key in [None, Some(1), Some(u64::MAX), Some(0x1234_5678)] {
                 for _ in 0..20 {
                     let ctx = PickContext {
@@ -306,11 +457,10 @@ mod tests {
         for e in &mut down {
             e.healthy = false;
         }
-        for (name, build) in REGISTRY {
-            let mut settings = UpstreamSettings::with_balancer(name);
-            settings.hash_on = Some(crate::config::HashOn::Ip);
+        for kind in REGISTRY {
+            let name = kind.name;
             for eps in [Vec::new(), down.clone()] {
-                let b = build(&eps, &settings);
+                let b = testing::spec(kind).build(&eps);
                 for key in [None, Some(7)] {
                     let ctx = PickContext {
                         key,
@@ -347,5 +497,37 @@ mod tests {
         // Same seed, same sequence.
         let (x, y) = (Rng::new(5), Rng::new(5));
         assert!((0..100).all(|_| x.next_u64() == y.next_u64()));
+    }
+
+    /// Defect 7 of #12: `hash_on` was accepted for any balancer, and round robin then hashed
+    /// every request. Only a balancer that reads an option may be given it.
+    #[test]
+    fn an_option_the_balancer_does_not_read_is_refused() {
+        let opts = Options {
+            hash_on: Some("header:x-user"),
+            ewma_decay: crate::load::DEFAULT_DECAY,
+        };
+        for name in ["roundrobin", "ewma", "least_conn"] {
+            let err = Spec::new(name, &opts).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("hash_on is read only by chash, not by balancer {name:?}")
+            );
+        }
+        let chash = Spec::new("chash", &opts).unwrap();
+        assert_eq!(chash.name(), "chash");
+        assert_ne!(chash, Spec::named("chash").unwrap(), "hash_on differs");
+        assert_eq!(Spec::named("chash").unwrap(), Spec::named("chash").unwrap());
+        assert!(Spec::round_robin()
+            .key(
+                &HeaderMap::new(),
+                &Uri::from_static("/"),
+                [127, 0, 0, 1].into()
+            )
+            .is_none());
+        assert!(matches!(
+            Spec::named("random"),
+            Err(SpecError::Unknown { .. })
+        ));
     }
 }

@@ -9,9 +9,10 @@
 //! walking on in the sequence, which keeps the others' relative shares.
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Balancer, PickContext, Tried};
-use crate::config::UpstreamSettings;
-use crate::upstream::Endpoint;
+use std::sync::Arc;
+
+use super::{Balancer, Kind, Options, PickContext, Settings, Tried};
+use crate::endpoint::Endpoint;
 
 /// Longest precomputed sequence. Larger weight sums are scaled down to fit (each weight stays
 /// at least 1).
@@ -22,7 +23,24 @@ pub struct RoundRobin {
     next: AtomicUsize,
 }
 
-pub fn build(endpoints: &[Endpoint], _settings: &UpstreamSettings) -> Box<dyn Balancer> {
+/// `balancer = "roundrobin"`: no options.
+pub const KIND: Kind = Kind {
+    name: "roundrobin",
+    options: &[],
+    settings: |_: &Options| Ok(Arc::new(RoundRobinSettings)),
+};
+
+/// Round robin has no settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoundRobinSettings;
+
+impl Settings for RoundRobinSettings {
+    fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Balancer> {
+        build(endpoints)
+    }
+}
+
+pub fn build(endpoints: &[Endpoint]) -> Box<dyn Balancer> {
     let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
     Box::new(RoundRobin {
         schedule: schedule(&weights).into_boxed_slice(),
@@ -113,7 +131,7 @@ impl Balancer for RoundRobin {
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let pos = start % len;
-        let ok = |i: usize| !tried.contains(i) && endpoints.get(i).is_some_and(|e| e.usable(ctx));
+        let ok = |i: usize| !tried.contains(i) && endpoints.get(i).is_some_and(|e| ctx.usable(e));
         let first = self.schedule[pos] as usize;
         if ok(first) || len == 1 {
             return ok(first).then_some(first);
@@ -135,7 +153,7 @@ mod tests {
 
     fn picks(weights: &[u32], n: usize) -> Vec<usize> {
         let eps = endpoints(weights);
-        let b = build(&eps, &UpstreamSettings::with_balancer("roundrobin"));
+        let b = build(&eps);
         (0..n)
             .map(|_| b.next(&eps, &ctx(), &Tried::default()).unwrap())
             .collect()
@@ -204,7 +222,7 @@ mod tests {
         let p = picks(&[0, 1, 0, 1], 100);
         assert!(p.iter().all(|&i| i == 1 || i == 3));
         let eps = endpoints(&[0, 0]);
-        let b = build(&eps, &UpstreamSettings::with_balancer("roundrobin"));
+        let b = build(&eps);
         assert_eq!(b.next(&eps, &ctx(), &Tried::default()), None);
     }
 
@@ -222,7 +240,7 @@ mod tests {
     fn an_unavailable_endpoints_share_spreads_over_the_others() {
         let mut eps = endpoints(&[1, 1, 1, 1]);
         eps[2].healthy = false;
-        let b = build(&eps, &UpstreamSettings::with_balancer("roundrobin"));
+        let b = build(&eps);
         let mut counts = [0usize; 4];
         for _ in 0..3000 {
             counts[b.next(&eps, &ctx(), &Tried::default()).unwrap()] += 1;
@@ -237,7 +255,7 @@ mod tests {
     fn unavailable_and_tried_are_skipped() {
         let mut eps = endpoints(&[1, 1, 1]);
         eps[1].healthy = false;
-        let b = build(&eps, &UpstreamSettings::with_balancer("roundrobin"));
+        let b = build(&eps);
         let mut tried = Tried::default();
         for _ in 0..10 {
             assert_ne!(b.next(&eps, &ctx(), &tried), Some(1));

@@ -1,4 +1,4 @@
-//! The disk snapshot of the last good view, so a restarted agent serves at once instead of
+//! The state file: the disk copy of the last good view, so a restarted agent serves at once instead of
 //! answering 503 until every registry has answered (and keeps serving while a registry is
 //! down at start).
 //!
@@ -12,20 +12,21 @@
 //! ignored, never fatal.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use discovery::Instance;
 use serde::{Deserialize, Serialize};
 
 /// Least time between two snapshot writes.
 pub const WRITE_INTERVAL: Duration = Duration::from_secs(2);
-/// File name inside the state directory.
+/// File name inside the state directory (kept from before the type was called a saved view:
+/// existing state directories keep working).
 pub const FILE_NAME: &str = "snapshot.json";
 /// Format version; a snapshot of another version is ignored.
 pub const VERSION: u32 = 1;
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct Snapshot {
+pub struct SavedView {
     pub version: u32,
     /// Unix milliseconds when written.
     pub written_ms: u64,
@@ -54,14 +55,14 @@ fn nix_is_root() -> bool {
 
 /// Reads the snapshot in `dir`. `Ok(None)` when there is none; `Err` (a message) when it is
 /// unreadable or corrupt.
-pub fn load(dir: &Path) -> Result<Option<Snapshot>, String> {
+pub fn load(dir: &Path) -> Result<Option<SavedView>, String> {
     let path = dir.join(FILE_NAME);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
-    let snap: Snapshot =
+    let snap: SavedView =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     if snap.version != VERSION {
         return Err(format!(
@@ -74,19 +75,12 @@ pub fn load(dir: &Path) -> Result<Option<Snapshot>, String> {
 }
 
 /// Writes `snap` to `dir` atomically (temp file + rename), creating the directory.
-pub fn write(dir: &Path, snap: &Snapshot) -> std::io::Result<()> {
+pub fn write(dir: &Path, snap: &SavedView) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let body = serde_json::to_vec(snap).map_err(std::io::Error::other)?;
     let tmp = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
     std::fs::write(&tmp, body)?;
     std::fs::rename(&tmp, dir.join(FILE_NAME))
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
 }
 
 #[cfg(test)]
@@ -99,7 +93,7 @@ mod tests {
         assert_eq!(load(dir.path()), Ok(None));
         let mut services = BTreeMap::new();
         services.insert("a".to_string(), vec![Instance::new("127.0.0.1", 1)]);
-        let snap = Snapshot {
+        let snap = SavedView {
             version: VERSION,
             written_ms: 5,
             sources: [("file://x".to_string(), services)].into(),

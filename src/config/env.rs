@@ -1,0 +1,104 @@
+//! Flags and environment variables (each variable is also a flag; clap reads both).
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::balancer;
+
+/// The `--help` text after the flags: every variable with its default.
+fn env_help() -> String {
+    format!(
+        "\
+Environment (each also a flag; flags and variables override the config file):
+  EDGE_AGENT_LISTEN          proxy address                     [default: 127.0.0.1:15001]
+  EDGE_AGENT_ADMIN_LISTEN    admin API and /metrics address    [default: 127.0.0.1:15000]
+  EDGE_AGENT_REGISTRY        comma-separated registry URLs ({kinds}) [default: file://config/services.toml if it exists]
+  EDGE_AGENT_CONFIG          optional TOML file (upstreams, routes, [agent] settings)
+  EDGE_AGENT_BALANCER        default balancer: {balancers} [default: roundrobin]
+  EDGE_AGENT_DOMAIN_SUFFIX   suffix ignored in Host headers, e.g. .svc.local
+  EDGE_AGENT_SHUTDOWN_GRACE  drain time after SIGTERM          [default: 10s]
+  EDGE_AGENT_STATE_DIR       directory for the saved view      [default: /var/lib/edge-agent as root, else ~/.local/state/edge-agent]
+  EDGE_AGENT_ADMIN_TOKEN     bearer token required by the admin API (except /healthz) [default: none]
+  EDGE_AGENT_REMOVAL_GUARD   hold updates that remove most of a service: on/off [default: on]
+  EDGE_AGENT_LOG_FORMAT      text or json                      [default: text]
+  RUST_LOG                   log filter, e.g. info,edge_agent=debug [default: info]
+  TOKIO_WORKER_THREADS       proxy worker threads; 1 runs everything on one thread [default: one per CPU]",
+        balancers = balancer::names().join(", "),
+        kinds = discovery::kinds().join(", "),
+    )
+}
+
+#[derive(Debug, Parser, Clone, Default)]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Per-host service-discovery edge agent: routes local calls to healthy instances.",
+    after_help = env_help()
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Proxy listen address [default: 127.0.0.1:15001]
+    #[arg(long, env = "EDGE_AGENT_LISTEN", global = true)]
+    pub listen: Option<String>,
+    /// Admin API listen address [default: 127.0.0.1:15000]
+    #[arg(long, env = "EDGE_AGENT_ADMIN_LISTEN", global = true)]
+    pub admin_listen: Option<String>,
+    /// Comma-separated registry URLs [default: file://config/services.toml if it exists]
+    #[arg(long, env = "EDGE_AGENT_REGISTRY", global = true)]
+    pub registry: Option<String>,
+    /// Optional TOML config file
+    #[arg(long, env = "EDGE_AGENT_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Default balancer [default: roundrobin]
+    #[arg(long, env = "EDGE_AGENT_BALANCER", global = true)]
+    pub balancer: Option<String>,
+    /// Domain suffix stripped from Host headers before lookup
+    #[arg(long, env = "EDGE_AGENT_DOMAIN_SUFFIX", global = true)]
+    pub domain_suffix: Option<String>,
+    /// Drain time after SIGTERM [default: 10s]
+    #[arg(long, env = "EDGE_AGENT_SHUTDOWN_GRACE", global = true)]
+    pub shutdown_grace: Option<String>,
+    /// Directory for state snapshots
+    #[arg(long, env = "EDGE_AGENT_STATE_DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+    /// Bearer token for the admin API
+    #[arg(
+        long,
+        env = "EDGE_AGENT_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub admin_token: Option<String>,
+    /// Mass-deregistration guard: on or off [default: on]
+    #[arg(long, env = "EDGE_AGENT_REMOVAL_GUARD", global = true)]
+    pub removal_guard: Option<String>,
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "EDGE_AGENT_LOG_FORMAT", global = true)]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum Command {
+    /// Run the agent (the default)
+    Run,
+    /// Validate the environment and config file, print every error, exit 0 when valid
+    CheckConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Defect 14 of #12: the help named one of the four balancers.
+    #[test]
+    fn help_names_every_balancer_and_registry_kind() {
+        let help = env_help();
+        for name in balancer::names() {
+            assert!(help.contains(name), "{name} missing from {help}");
+        }
+        for kind in discovery::kinds() {
+            assert!(help.contains(kind), "{kind} missing from {help}");
+        }
+    }
+}

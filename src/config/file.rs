@@ -1,0 +1,136 @@
+//! The optional TOML file (`EDGE_AGENT_CONFIG`), as written: every field optional, unknown
+//! fields refused with their line. `validate.rs` turns it into the owning layers' types.
+use std::path::Path;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub agent: AgentFile,
+    #[serde(default)]
+    pub upstream: Vec<UpstreamFile>,
+    #[serde(default)]
+    pub route: Vec<RouteFile>,
+    #[serde(default)]
+    pub guard: GuardFile,
+}
+
+/// `[guard]`: the mass-deregistration guard (see `guard.rs`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardFile {
+    pub enabled: Option<bool>,
+    pub max_removal_percent: Option<u32>,
+    pub confirm_window: Option<String>,
+    pub confirm_answers: Option<u32>,
+    #[serde(default)]
+    pub opt_out: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub registry: Option<StringOrList>,
+    pub balancer: Option<String>,
+    pub domain_suffix: Option<String>,
+    pub shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    pub id: String,
+    pub service: Option<String>,
+    pub source: Option<String>,
+    #[serde(default)]
+    pub nodes: Vec<NodeFile>,
+    pub balancer: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub read_timeout: Option<String>,
+    pub retries: Option<u32>,
+    /// Overall time budget for all tries of one request.
+    pub retry_timeout: Option<String>,
+    /// `chash` key: `header:<name>`, `cookie:<name>`, `arg:<name>`, `ip` or `path`.
+    pub hash_on: Option<String>,
+    /// `ewma` decay time.
+    pub ewma_decay: Option<String>,
+    /// Ramp new endpoints' share up over this window.
+    pub slow_start: Option<String>,
+    pub checks: Option<ChecksFile>,
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksFile {
+    pub passive: Option<PassiveFile>,
+    pub active: Option<ActiveFile>,
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveFile {
+    pub enabled: Option<bool>,
+    pub consecutive_failures: Option<u32>,
+    /// Statuses counted as failures (default: every 5xx).
+    pub failure_statuses: Option<Vec<u16>>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<u32>,
+    pub panic_threshold: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveFile {
+    /// `http` (default) or `tcp`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    pub expected_statuses: Option<Vec<u16>>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
+    pub initially_unhealthy: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    pub addr: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    /// Strip the matched prefix before forwarding (default: true).
+    pub strip_prefix: Option<bool>,
+    pub upstream: String,
+}
+
+/// Reads and parses the TOML file; the error names the file and the line.
+pub fn read_file(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("EDGE_AGENT_CONFIG={}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("EDGE_AGENT_CONFIG={}: {e}", path.display()))
+}

@@ -1,0 +1,188 @@
+//! Configuration tests: every error names its field and value.
+
+use super::file::FileConfig;
+use super::validate::build;
+use super::*;
+use std::path::Path;
+
+use crate::balancer::chash::HashOn;
+
+fn cli() -> Cli {
+    Cli {
+        registry: Some("file:///dev/null".into()),
+        ..Cli::default()
+    }
+}
+
+fn load_toml(text: &str) -> Result<Config, ConfigErrors> {
+    let file: FileConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+    let mut errs = Vec::new();
+    let c = build(&cli(), &file, &mut errs);
+    if errs.is_empty() {
+        Ok(c)
+    } else {
+        Err(ConfigErrors(errs))
+    }
+}
+
+fn err_of(text: &str) -> String {
+    load_toml(text).unwrap_err().to_string()
+}
+
+#[test]
+fn defaults() {
+    let c = load_toml("").unwrap();
+    assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+    assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+    assert_eq!(c.dynamic.default_settings.balancer.name(), "roundrobin");
+    assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+}
+
+#[test]
+fn env_overrides_file() {
+    let file: FileConfig = toml::from_str("[agent]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+    let mut c = cli();
+    c.listen = Some("127.0.0.1:2".into());
+    let mut errs = Vec::new();
+    assert_eq!(build(&c, &file, &mut errs).listen.port(), 2);
+    assert_eq!(build(&cli(), &file, &mut errs).listen.port(), 1);
+    assert!(errs.is_empty());
+}
+
+#[test]
+fn bad_env_values_are_named() {
+    let mut c = cli();
+    c.listen = Some("localhost".into());
+    c.balancer = Some("fastest".into());
+    c.log_format = Some("xml".into());
+    c.registry = Some("gopher://x".into());
+    let mut errs = Vec::new();
+    build(&c, &FileConfig::default(), &mut errs);
+    let all = errs.join("\n");
+    assert!(all.contains("EDGE_AGENT_LISTEN=\"localhost\""), "{all}");
+    assert!(all.contains("EDGE_AGENT_BALANCER=\"fastest\""), "{all}");
+    assert!(all.contains("EDGE_AGENT_LOG_FORMAT=\"xml\""), "{all}");
+    assert!(
+        all.contains("EDGE_AGENT_REGISTRY") && all.contains("gopher"),
+        "{all}"
+    );
+}
+
+#[test]
+fn bad_address_in_nodes() {
+    let e = err_of("[[upstream]]\nid = \"a\"\nnodes = [{ addr = \"nowhere\" }]\n");
+    assert!(e.contains("upstream[0].nodes[0].addr = \"nowhere\""), "{e}");
+}
+
+#[test]
+fn unknown_balancer() {
+    let e = err_of("[[upstream]]\nid = \"a\"\nbalancer = \"random-ish\"\n");
+    assert!(e.contains("upstream[0].balancer=\"random-ish\""), "{e}");
+}
+
+#[test]
+fn negative_and_zero_timeouts() {
+    let e = err_of("[[upstream]]\nid = \"a\"\nconnect_timeout = \"-1s\"\n");
+    assert!(e.contains("upstream[0].connect_timeout=\"-1s\""), "{e}");
+    let e = err_of("[[upstream]]\nid = \"a\"\nread_timeout = \"0s\"\n");
+    assert!(e.contains("upstream[0].read_timeout=\"0s\""), "{e}");
+    // A negative number is refused by the parser, with the line.
+    let e = err_of("[[upstream]]\nid = \"a\"\nretries = -1\n");
+    assert!(e.contains("line 3"), "{e}");
+}
+
+#[test]
+fn health_and_hash_fields_are_validated_by_name() {
+    let e = err_of(
+        "[[upstream]]\nid = \"a\"\nbalancer = \"roundrobin\"\nhash_on = \"header:\"\n\
+         [upstream.checks.passive]\nmax_ejection_percent = 150\nconsecutive_failures = 0\n\
+         [upstream.checks.active]\ntype = \"udp\"\ninterval = \"soon\"\n",
+    );
+    for needle in [
+        "upstream[0].hash_on = \"header:\"",
+        "upstream[0].checks.passive.max_ejection_percent = 150",
+        "upstream[0].checks.passive.consecutive_failures = 0",
+        "upstream[0].checks.active.type = \"udp\"",
+        "upstream[0].checks.active.interval=\"soon\"",
+    ] {
+        assert!(e.contains(needle), "missing {needle:?} in {e}");
+    }
+    let c = load_toml(
+        "[[upstream]]\nid = \"a\"\nbalancer = \"chash\"\nhash_on = \"cookie:sid\"\nslow_start = \"30s\"\n\
+         [upstream.checks.active]\npath = \"/health\"\ninterval = \"1s\"\n",
+    )
+    .unwrap();
+    let s = &c.dynamic.upstreams[0].settings;
+    let chash = s
+        .balancer
+        .settings()
+        .as_any()
+        .downcast_ref::<crate::balancer::chash::ChashSettings>()
+        .expect("chash settings");
+    assert_eq!(chash.hash_on, HashOn::Cookie("sid".into()));
+    assert_eq!(s.slow_start, Some(Duration::from_secs(30)));
+    assert_eq!(
+        s.active.as_ref().unwrap().http_path.as_deref(),
+        Some("/health")
+    );
+    assert!(s.passive.enabled);
+}
+
+#[test]
+fn duplicate_upstream_id() {
+    let e = err_of("[[upstream]]\nid = \"a\"\n[[upstream]]\nid = \"a\"\n");
+    assert!(e.contains("upstream[1].id = \"a\": duplicate"), "{e}");
+}
+
+#[test]
+fn route_to_missing_upstream() {
+    let e = err_of("[[route]]\nhost = \"x\"\nupstream = \"ghost\"\n");
+    assert!(e.contains("route[0].upstream = \"ghost\""), "{e}");
+}
+
+#[test]
+fn unknown_field_is_refused_with_line() {
+    let e = err_of("[agent]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n");
+    assert!(e.contains("lisen") && e.contains("line 3"), "{e}");
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let e = load_toml(
+        "[[upstream]]\nid = \"a\"\nbalancer = \"x\"\nconnect_timeout = \"soon\"\n[[route]]\nupstream = \"b\"\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.0.len(), 4, "{e}");
+}
+
+#[test]
+fn full_example_config_loads() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/edge-agent.toml");
+    let file = read_file(Path::new(path)).unwrap();
+    let mut errs = Vec::new();
+    let c = build(&cli(), &file, &mut errs);
+    assert!(errs.is_empty(), "{errs:?}");
+    assert!(!c.dynamic.upstreams.is_empty());
+    assert!(!c.dynamic.routes.is_empty());
+}
+
+/// Defect 7 of #12: `hash_on` was accepted for any balancer; round robin then hashed every
+/// request and counted `edge_agent_chash_fallback_total`. It is refused, naming the field, the
+/// value and the balancer.
+#[test]
+fn hash_on_is_refused_for_a_balancer_that_does_not_hash() {
+    for b in ["roundrobin", "ewma", "least_conn"] {
+        let e = err_of(&format!(
+            "[[upstream]]\nid = \"a\"\nbalancer = \"{b}\"\nhash_on = \"header:x-user\"\n"
+        ));
+        assert!(
+            e.contains("upstream[0].hash_on = \"header:x-user\": read only by balancer chash")
+                && e.contains(&format!("not by \"{b}\"")),
+            "{e}"
+        );
+    }
+    // The default balancer (round robin) too.
+    let e = err_of("[[upstream]]\nid = \"a\"\nhash_on = \"ip\"\n");
+    assert!(e.contains("upstream[0].hash_on = \"ip\""), "{e}");
+    assert!(load_toml("[[upstream]]\nid = \"a\"\nbalancer = \"chash\"\n").is_ok());
+}

@@ -1,0 +1,511 @@
+//! Validation: builds the [`Config`] from flags/env and the file, reporting every problem at
+//! once, each naming the variable or field and the value.
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use super::file::*;
+use super::*;
+use crate::balancer::{Options, Spec, SpecError};
+use crate::guard::GuardConfig;
+use crate::health::active::{self, ActiveHealth};
+use crate::health::passive::PassiveHealth;
+use crate::route::RouteConfig;
+use crate::upstream::{self as up, UpstreamConfig, UpstreamSettings};
+
+pub(super) fn build(cli: &Cli, file: &FileConfig, errs: &mut Vec<String>) -> Config {
+    let a = &file.agent;
+    let listen = addr(
+        pick(&cli.listen, &a.listen, "EDGE_AGENT_LISTEN", "agent.listen"),
+        DEFAULT_LISTEN,
+        errs,
+    );
+    let admin_listen = addr(
+        pick(
+            &cli.admin_listen,
+            &a.admin_listen,
+            "EDGE_AGENT_ADMIN_LISTEN",
+            "agent.admin_listen",
+        ),
+        DEFAULT_ADMIN_LISTEN,
+        errs,
+    );
+    let registries = registries(cli, a, errs);
+    let (bname, bval) = pick(
+        &cli.balancer,
+        &a.balancer,
+        "EDGE_AGENT_BALANCER",
+        "agent.balancer",
+    )
+    .unwrap_or(("EDGE_AGENT_BALANCER", DEFAULT_BALANCER.to_string()));
+    let default_balancer = check_balancer(bname, &bval, errs);
+    let shutdown_grace = match pick(
+        &cli.shutdown_grace,
+        &a.shutdown_grace,
+        "EDGE_AGENT_SHUTDOWN_GRACE",
+        "agent.shutdown_grace",
+    ) {
+        Some((name, v)) => duration(name, &v, errs).unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+        None => DEFAULT_SHUTDOWN_GRACE,
+    };
+    let domain_suffix = pick(
+        &cli.domain_suffix,
+        &a.domain_suffix,
+        "EDGE_AGENT_DOMAIN_SUFFIX",
+        "agent.domain_suffix",
+    )
+    .map(|(_, v)| v.trim().to_ascii_lowercase())
+    .filter(|v| !v.is_empty())
+    .map(|v| {
+        if v.starts_with('.') {
+            v
+        } else {
+            format!(".{v}")
+        }
+    });
+    let log_json = match cli.log_format.as_deref().map(str::trim) {
+        None | Some("") | Some("text") => false,
+        Some("json") => true,
+        Some(other) => {
+            errs.push(format!(
+                "EDGE_AGENT_LOG_FORMAT={other:?}: expected \"text\" or \"json\""
+            ));
+            false
+        }
+    };
+    if matches!(cli.admin_token.as_deref(), Some(t) if t.trim().is_empty()) {
+        errs.push("EDGE_AGENT_ADMIN_TOKEN: empty token".into());
+    }
+    let upstreams = upstreams(&file.upstream, &default_balancer, errs);
+    let default_settings =
+        UpstreamSettings::with_balancer(Spec::named(&default_balancer).unwrap_or_else(|e| {
+            errs.push(format!("{bname}={default_balancer:?}: {e}"));
+            Spec::round_robin()
+        }));
+    let routes = routes(&file.route, &upstreams, errs);
+    let guard = guard(cli, &file.guard, errs);
+    Config {
+        listen,
+        admin_listen,
+        registries,
+        config_file: cli.config.clone(),
+        shutdown_grace,
+        state_dir: cli.state_dir.clone(),
+        admin_token: cli.admin_token.clone().filter(|t| !t.trim().is_empty()),
+        log_json,
+        dynamic: Dynamic {
+            default_settings,
+            domain_suffix,
+            upstreams,
+            routes,
+            guard,
+        },
+    }
+}
+
+fn guard(cli: &Cli, g: &GuardFile, errs: &mut Vec<String>) -> GuardConfig {
+    let d = GuardConfig::default();
+    let enabled = match cli.removal_guard.as_deref().map(str::trim) {
+        None | Some("") => g.enabled.unwrap_or(true),
+        Some("on") | Some("true") | Some("1") => true,
+        Some("off") | Some("false") | Some("0") => false,
+        Some(other) => {
+            errs.push(format!(
+                "EDGE_AGENT_REMOVAL_GUARD={other:?}: expected \"on\" or \"off\""
+            ));
+            true
+        }
+    };
+    let confirm_answers = match g.confirm_answers {
+        Some(0) => {
+            errs.push("guard.confirm_answers = 0: must be at least 1".into());
+            d.confirm_answers
+        }
+        Some(n) => n,
+        None => d.confirm_answers,
+    };
+    GuardConfig {
+        enabled,
+        max_removal_percent: percent(
+            "guard.max_removal_percent".into(),
+            g.max_removal_percent,
+            d.max_removal_percent,
+            errs,
+        ),
+        confirm_window: g
+            .confirm_window
+            .as_ref()
+            .and_then(|v| duration("guard.confirm_window", v, errs))
+            .unwrap_or(d.confirm_window),
+        confirm_answers,
+        opt_out: g
+            .opt_out
+            .iter()
+            .map(|s| s.trim().to_ascii_lowercase())
+            .collect(),
+    }
+}
+
+/// The flag/env value if set, else the file's, with the name to use in errors.
+fn pick(
+    env: &Option<String>,
+    file: &Option<String>,
+    env_name: &'static str,
+    file_name: &'static str,
+) -> Option<(&'static str, String)> {
+    env.clone()
+        .map(|v| (env_name, v))
+        .or_else(|| file.clone().map(|v| (file_name, v)))
+}
+
+fn addr(v: Option<(&'static str, String)>, default: &str, errs: &mut Vec<String>) -> SocketAddr {
+    let fallback = default.parse().expect("default address parses");
+    match v {
+        None => fallback,
+        Some((name, v)) => v.trim().parse().unwrap_or_else(|_| {
+            errs.push(format!("{name}={v:?}: expected ip:port, e.g. {default}"));
+            fallback
+        }),
+    }
+}
+
+fn registries(cli: &Cli, a: &AgentFile, errs: &mut Vec<String>) -> Vec<String> {
+    let (name, list): (&str, Vec<String>) = match (&cli.registry, &a.registry) {
+        (Some(v), _) => (
+            "EDGE_AGENT_REGISTRY",
+            v.split(',').map(|s| s.trim().to_string()).collect(),
+        ),
+        (None, Some(StringOrList::One(v))) => ("agent.registry", vec![v.trim().to_string()]),
+        (None, Some(StringOrList::Many(v))) => (
+            "agent.registry",
+            v.iter().map(|s| s.trim().to_string()).collect(),
+        ),
+        (None, None) => {
+            if Path::new(DEFAULT_REGISTRY_FILE).exists() {
+                return vec![format!("file://{DEFAULT_REGISTRY_FILE}")];
+            }
+            return Vec::new();
+        }
+    };
+    let list: Vec<String> = list.into_iter().filter(|s| !s.is_empty()).collect();
+    for url in &list {
+        if let Err(e) = discovery::from_url(url) {
+            errs.push(format!("{name}: {e}"));
+        }
+    }
+    list
+}
+
+fn check_balancer(name: &str, v: &str, errs: &mut Vec<String>) -> String {
+    let v = v.trim();
+    if crate::balancer::kind(v).is_none() {
+        errs.push(format!(
+            "{name}={v:?}: unknown balancer (known: {})",
+            crate::balancer::names().join(", ")
+        ));
+        return DEFAULT_BALANCER.to_string();
+    }
+    v.to_string()
+}
+
+fn duration(name: &str, v: &str, errs: &mut Vec<String>) -> Option<Duration> {
+    match humantime::parse_duration(v.trim()) {
+        Ok(d) if d.is_zero() => {
+            errs.push(format!("{name}={v:?}: must be greater than zero"));
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            errs.push(format!(
+                "{name}={v:?}: invalid duration ({e}); use e.g. \"500ms\" or \"2s\""
+            ));
+            None
+        }
+    }
+}
+
+fn upstreams(
+    raw: &[UpstreamFile],
+    default_balancer: &str,
+    errs: &mut Vec<String>,
+) -> Vec<UpstreamConfig> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, u) in raw.iter().enumerate() {
+        let at = format!("upstream[{i}]");
+        let id = u.id.trim().to_string();
+        if id.is_empty() {
+            errs.push(format!("{at}.id: empty"));
+        } else if !seen.insert(id.clone()) {
+            errs.push(format!("{at}.id = {id:?}: duplicate upstream id"));
+        }
+        let balancer = match &u.balancer {
+            Some(b) => check_balancer(&format!("{at}.balancer"), b, errs),
+            None => default_balancer.to_string(),
+        };
+        let mut settings = UpstreamSettings::default();
+        if let Some(v) = &u.connect_timeout {
+            settings.connect_timeout = duration(&format!("{at}.connect_timeout"), v, errs)
+                .unwrap_or(up::DEFAULT_CONNECT_TIMEOUT);
+        }
+        if let Some(v) = &u.read_timeout {
+            settings.read_timeout = duration(&format!("{at}.read_timeout"), v, errs)
+                .unwrap_or(up::DEFAULT_READ_TIMEOUT);
+        }
+        if let Some(r) = u.retries {
+            if r > up::MAX_RETRIES {
+                errs.push(format!("{at}.retries = {r}: at most {}", up::MAX_RETRIES));
+            }
+            settings.retries = r.min(up::MAX_RETRIES);
+        }
+        if let Some(v) = &u.retry_timeout {
+            settings.retry_timeout = duration(&format!("{at}.retry_timeout"), v, errs)
+                .unwrap_or(up::DEFAULT_RETRY_TIMEOUT);
+        }
+        if let Some(v) = &u.ewma_decay {
+            settings.ewma_decay = duration(&format!("{at}.ewma_decay"), v, errs)
+                .unwrap_or(crate::load::DEFAULT_DECAY);
+        }
+        if let Some(v) = &u.slow_start {
+            settings.slow_start = duration(&format!("{at}.slow_start"), v, errs);
+        }
+        settings.balancer = balancer_spec(&at, &balancer, u, settings.ewma_decay, errs);
+        if let Some(c) = &u.checks {
+            if let Some(p) = &c.passive {
+                settings.passive = passive(&at, p, errs);
+            }
+            if let Some(a) = &c.active {
+                settings.active = Some(active(&at, a, errs));
+            }
+        }
+        let mut nodes = Vec::with_capacity(u.nodes.len());
+        for (j, n) in u.nodes.iter().enumerate() {
+            match n.addr.trim().parse::<SocketAddr>() {
+                Ok(a) if a.port() != 0 => nodes.push((a, n.weight)),
+                _ => errs.push(format!(
+                    "{at}.nodes[{j}].addr = {:?}: expected ip:port",
+                    n.addr
+                )),
+            }
+        }
+        let service = u.service.as_ref().map(|s| s.trim().to_string());
+        if !u.nodes.is_empty() && service.is_some() {
+            errs.push(format!(
+                "{at}: give either service (discovery) or nodes (static), not both"
+            ));
+        }
+        let service = if u.nodes.is_empty() {
+            Some(service.unwrap_or_else(|| id.clone()))
+        } else {
+            None
+        };
+        if let Some(src) = &u.source {
+            if !discovery::is_kind(src) {
+                errs.push(format!(
+                    "{at}.source = {src:?}: expected one of {}",
+                    discovery::kinds().join(", ")
+                ));
+            }
+        }
+        out.push(UpstreamConfig {
+            id,
+            service,
+            source: u.source.clone(),
+            nodes,
+            settings,
+        });
+    }
+    out
+}
+
+/// The upstream's balancer with its own settings; an option it does not read (`hash_on` for
+/// anything but `chash`) is refused naming the field and the balancer.
+fn balancer_spec(
+    at: &str,
+    name: &str,
+    u: &UpstreamFile,
+    ewma_decay: Duration,
+    errs: &mut Vec<String>,
+) -> Spec {
+    let options = Options {
+        hash_on: u.hash_on.as_deref(),
+        ewma_decay,
+    };
+    match Spec::new(name, &options) {
+        Ok(spec) => spec,
+        Err(SpecError::NotRead {
+            option: "hash_on",
+            balancer,
+            readers,
+        }) => {
+            errs.push(format!(
+                "{at}.hash_on = {:?}: read only by balancer {readers}, not by {balancer:?} (set balancer = \"chash\" or remove hash_on)",
+                u.hash_on.as_deref().unwrap_or_default()
+            ));
+            Spec::round_robin()
+        }
+        Err(SpecError::Invalid(e)) => {
+            errs.push(format!("{at}.{e}"));
+            Spec::round_robin()
+        }
+        // The name was checked by check_balancer, which reported it.
+        Err(_) => Spec::round_robin(),
+    }
+}
+
+fn percent(name: String, v: Option<u32>, default: u32, errs: &mut Vec<String>) -> u32 {
+    match v {
+        Some(p) if p > 100 => {
+            errs.push(format!("{name} = {p}: a percentage, 0 to 100"));
+            default
+        }
+        Some(p) => p,
+        None => default,
+    }
+}
+
+fn statuses(name: String, v: &Option<Vec<u16>>, errs: &mut Vec<String>) -> Vec<u16> {
+    let list = v.clone().unwrap_or_default();
+    if let Some(bad) = list.iter().find(|s| !(100..=599).contains(*s)) {
+        errs.push(format!("{name}: {bad} is not an HTTP status"));
+    }
+    list
+}
+
+fn passive(at: &str, p: &PassiveFile, errs: &mut Vec<String>) -> PassiveHealth {
+    let d = PassiveHealth::default();
+    let at = format!("{at}.checks.passive");
+    let consecutive_failures = match p.consecutive_failures {
+        Some(0) => {
+            errs.push(format!("{at}.consecutive_failures = 0: must be at least 1"));
+            d.consecutive_failures
+        }
+        Some(n) => n,
+        None => d.consecutive_failures,
+    };
+    let base = p
+        .base_ejection_time
+        .as_ref()
+        .and_then(|v| duration(&format!("{at}.base_ejection_time"), v, errs))
+        .unwrap_or(d.base_ejection_time);
+    let max = p
+        .max_ejection_time
+        .as_ref()
+        .and_then(|v| duration(&format!("{at}.max_ejection_time"), v, errs))
+        .unwrap_or(d.max_ejection_time.max(base));
+    if max < base {
+        errs.push(format!(
+            "{at}.max_ejection_time = {max:?}: shorter than base_ejection_time {base:?}"
+        ));
+    }
+    PassiveHealth {
+        enabled: p.enabled.unwrap_or(true),
+        consecutive_failures,
+        failure_statuses: statuses(format!("{at}.failure_statuses"), &p.failure_statuses, errs),
+        base_ejection_time: base,
+        max_ejection_time: max,
+        max_ejection_percent: percent(
+            format!("{at}.max_ejection_percent"),
+            p.max_ejection_percent,
+            d.max_ejection_percent,
+            errs,
+        ),
+        panic_threshold: percent(
+            format!("{at}.panic_threshold"),
+            p.panic_threshold,
+            d.panic_threshold,
+            errs,
+        ),
+    }
+}
+
+fn active(at: &str, a: &ActiveFile, errs: &mut Vec<String>) -> ActiveHealth {
+    let at = format!("{at}.checks.active");
+    let http_path = match a.kind.as_deref().unwrap_or("http") {
+        "http" => {
+            let p = a.path.clone().unwrap_or_else(|| "/".into());
+            if !p.starts_with('/') {
+                errs.push(format!("{at}.path = {p:?}: must start with '/'"));
+            }
+            Some(p)
+        }
+        "tcp" => None,
+        other => {
+            errs.push(format!(
+                "{at}.type = {other:?}: expected \"http\" or \"tcp\""
+            ));
+            None
+        }
+    };
+    let threshold = |name: &str, v: Option<u32>, d: u32, errs: &mut Vec<String>| match v {
+        Some(0) => {
+            errs.push(format!("{at}.{name} = 0: must be at least 1"));
+            d
+        }
+        Some(n) => n,
+        None => d,
+    };
+    ActiveHealth {
+        http_path,
+        host: a.host.clone(),
+        expected_statuses: statuses(
+            format!("{at}.expected_statuses"),
+            &a.expected_statuses,
+            errs,
+        ),
+        interval: a
+            .interval
+            .as_ref()
+            .and_then(|v| duration(&format!("{at}.interval"), v, errs))
+            .unwrap_or(active::DEFAULT_CHECK_INTERVAL),
+        timeout: a
+            .timeout
+            .as_ref()
+            .and_then(|v| duration(&format!("{at}.timeout"), v, errs))
+            .unwrap_or(active::DEFAULT_CHECK_TIMEOUT),
+        healthy_threshold: threshold(
+            "healthy_threshold",
+            a.healthy_threshold,
+            active::DEFAULT_HEALTHY_THRESHOLD,
+            errs,
+        ),
+        unhealthy_threshold: threshold(
+            "unhealthy_threshold",
+            a.unhealthy_threshold,
+            active::DEFAULT_UNHEALTHY_THRESHOLD,
+            errs,
+        ),
+        initially_unhealthy: a.initially_unhealthy.unwrap_or(false),
+    }
+}
+
+fn routes(raw: &[RouteFile], ups: &[UpstreamConfig], errs: &mut Vec<String>) -> Vec<RouteConfig> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, r) in raw.iter().enumerate() {
+        let at = format!("route[{i}]");
+        if !ups.iter().any(|u| u.id == r.upstream) {
+            errs.push(format!(
+                "{at}.upstream = {:?}: no upstream with that id",
+                r.upstream
+            ));
+        }
+        let host = r.host.as_ref().map(|h| h.trim().to_ascii_lowercase());
+        let path_prefix = r.path_prefix.as_ref().map(|p| p.trim().to_string());
+        if let Some(p) = &path_prefix {
+            if !p.starts_with('/') {
+                errs.push(format!("{at}.path_prefix = {p:?}: must start with '/'"));
+            }
+        }
+        if host.is_none() && path_prefix.is_none() {
+            errs.push(format!("{at}: give host, path_prefix or both"));
+        }
+        out.push(RouteConfig {
+            host,
+            path_prefix,
+            strip_prefix: r.strip_prefix.unwrap_or(true),
+            upstream: r.upstream.clone(),
+        });
+    }
+    out
+}

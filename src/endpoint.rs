@@ -1,0 +1,419 @@
+//! Endpoints: one instance of an upstream as the request path sees it, the state it keeps
+//! across routing-table rebuilds, and the [`Attempt`] guard through which every try feeds back.
+//!
+//! Per-endpoint state ([`EndpointState`]: in-flight count, counters, latency estimate, health
+//! verdicts, pooled connections) lives behind an `Arc` keyed by endpoint identity and is handed
+//! from one table to the next, so a registry change that adds one instance leaves the others'
+//! state, and their pooled connections (`pool.rs`), untouched.
+//!
+//! Feedback goes through one place: [`Attempt::start`] counts the try in flight;
+//! [`Attempt::finish`] records its latency into the EWMA, its outcome into passive health and
+//! the failure counter, and hands back the in-flight guard for the response body to hold;
+//! dropping an unfinished attempt (a cancelled request) records nothing and releases the count
+//! (tower's `load::peak_ewma` records on a handle the same way). A balancer that needs feedback
+//! reads this state and never touches the proxy.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use discovery::Instance;
+use http::uri::Authority;
+
+use crate::clock;
+use crate::health::passive::{self, PassiveHealth, Verdict};
+use crate::health::{Health, Outcome};
+use crate::load::PeakEwma;
+use crate::metrics::UpstreamMetrics;
+use crate::pool::ConnPool;
+use crate::rng::Rng;
+
+/// State of one endpoint that outlives routing tables.
+#[derive(Debug, Default)]
+pub struct EndpointState {
+    in_flight: AtomicU64,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    /// Latency estimate (for the `ewma` balancer and the admin API).
+    pub ewma: PeakEwma,
+    /// Passive and active health verdicts.
+    pub health: Health,
+    /// Idle keep-alive connections to the endpoint.
+    pub pool: ConnPool,
+}
+
+impl EndpointState {
+    pub fn new(health: Health) -> Self {
+        EndpointState {
+            health,
+            ..Default::default()
+        }
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts one request in flight on an endpoint until dropped, so a cancelled request cannot
+/// leak a count.
+#[derive(Debug)]
+pub struct InFlight(Arc<EndpointState>);
+
+impl InFlight {
+    pub fn start(state: &Arc<EndpointState>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        state.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(state))
+    }
+
+    /// The endpoint's state.
+    pub fn state(&self) -> &EndpointState {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a finished try reports to, besides the endpoint: the upstream's identity, its endpoints
+/// (for the ejection cap), its passive-health settings, the EWMA decay and its metrics.
+pub struct Feedback<'a> {
+    pub upstream: &'a str,
+    pub endpoints: &'a [Endpoint],
+    pub passive: &'a PassiveHealth,
+    pub decay: Duration,
+    pub metrics: &'a UpstreamMetrics,
+}
+
+/// One try at an endpoint. Counts in flight from [`Attempt::start`]; [`Attempt::finish`]
+/// records the outcome; dropped unfinished, it records nothing.
+pub struct Attempt<'a> {
+    ep: &'a Endpoint,
+    feedback: &'a Feedback<'a>,
+    started: Instant,
+    in_flight: InFlight,
+}
+
+impl<'a> Attempt<'a> {
+    pub fn start(ep: &'a Endpoint, feedback: &'a Feedback<'a>) -> Self {
+        Attempt {
+            ep,
+            feedback,
+            started: Instant::now(),
+            in_flight: InFlight::start(&ep.state),
+        }
+    }
+
+    /// Records the try's latency and outcome and returns the in-flight guard, which the
+    /// response body holds until it is done.
+    pub fn finish(self, outcome: Outcome) -> InFlight {
+        self.finish_at(outcome, clock::now_ms())
+    }
+
+    fn finish_at(self, outcome: Outcome, now: u64) -> InFlight {
+        let (ep, fb) = (self.ep, self.feedback);
+        let state = &ep.state;
+        let rtt = self.started.elapsed();
+        match outcome {
+            Outcome::Success => state.ewma.observe(rtt, now, fb.decay),
+            Outcome::Failure => {
+                state.failures.fetch_add(1, Ordering::Relaxed);
+                state.ewma.failure(rtt, now, fb.decay);
+            }
+        }
+        let share = || {
+            let ejected = fb
+                .endpoints
+                .iter()
+                .filter(|e| e.state.health.ejected())
+                .count();
+            (ejected, fb.endpoints.len())
+        };
+        match passive::record(&state.health, fb.passive, outcome, now, share) {
+            Verdict::Noted => {}
+            Verdict::Capped { failures } => {
+                tracing::debug!(upstream = fb.upstream, endpoint = %ep.authority, failures, "not ejected: max_ejection_percent reached");
+            }
+            Verdict::Ejected {
+                failures,
+                nth,
+                time,
+            } => {
+                fb.metrics.ejection();
+                tracing::warn!(upstream = fb.upstream, endpoint = %ep.authority, failures, ejection = nth, for_ms = time.as_millis() as u64, "endpoint ejected");
+            }
+        }
+        self.in_flight
+    }
+}
+
+/// One endpoint in a routing table.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub id: Arc<str>,
+    pub authority: Authority,
+    pub weight: u32,
+    /// The registry's view of health (not the agent's: see [`Endpoint::available`]).
+    pub healthy: bool,
+    pub zone: Option<Arc<str>>,
+    /// Kind of the source it came from (`file`, `consul`, … or `static`).
+    pub source: &'static str,
+    pub state: Arc<EndpointState>,
+    /// The authority's port, and where its host part lies in it, kept so [`Endpoint::is`] does
+    /// not parse the authority (it runs for every endpoint of a changed upstream).
+    port: u16,
+    host_at: (u16, u16),
+}
+
+/// Why an instance cannot be an endpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("instance {id:?}: address {address:?} is not a valid host:port")]
+pub struct BadAddress {
+    pub id: String,
+    pub address: String,
+    /// The parse error; `None` when it parsed but names no host.
+    #[source]
+    pub source: Option<http::uri::InvalidUri>,
+}
+
+impl Endpoint {
+    /// The endpoint for `inst`, or why its address cannot be dialled. Adapters validate
+    /// addresses where instances enter; this is the last check, so a bad one is never an
+    /// endpoint.
+    pub fn from_instance(
+        inst: &Instance,
+        source: &'static str,
+        state: Arc<EndpointState>,
+    ) -> Result<Self, BadAddress> {
+        let address = inst.authority();
+        let bad = |source| BadAddress {
+            id: inst.id.clone(),
+            address: address.clone(),
+            source,
+        };
+        let authority = Authority::try_from(address.as_str()).map_err(|e| bad(Some(e)))?;
+        if authority.host().is_empty() {
+            return Err(bad(None));
+        }
+        let port = authority.port_u16().unwrap_or(0);
+        // `host()` is a slice of `as_str()` (after any user info). An authority longer than u16
+        // (no DNS name is) reads as an empty host: never the same endpoint.
+        let (all, host) = (authority.as_str(), authority.host());
+        let start = host.as_ptr() as usize - all.as_ptr() as usize;
+        let host_at = match (u16::try_from(start), u16::try_from(start + host.len())) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => (0, 0),
+        };
+        Ok(Endpoint {
+            port,
+            host_at,
+            id: inst.id.as_str().into(),
+            authority,
+            weight: inst.weight,
+            healthy: inst.healthy,
+            zone: inst.zone.as_deref().map(Into::into),
+            source,
+            state,
+        })
+    }
+
+    /// The same endpoint (same state) with `inst`'s attributes (weight, health, zone, source);
+    /// `inst` must be this endpoint's instance ([`Endpoint::is`]).
+    pub fn with_attributes_of(&self, inst: &Instance, source: &'static str) -> Self {
+        Endpoint {
+            id: inst.id.as_str().into(),
+            weight: inst.weight,
+            healthy: inst.healthy,
+            zone: inst.zone.as_deref().map(Into::into),
+            source,
+            ..self.clone()
+        }
+    }
+
+    /// The authority's host part (`[…]` kept for IPv6), as `Authority::host` gives it.
+    fn host(&self) -> &str {
+        let (a, b) = self.host_at;
+        self.authority
+            .as_str()
+            .get(usize::from(a)..usize::from(b))
+            .unwrap_or("")
+    }
+
+    /// Whether this endpoint is the instance's: same id and address (its state belongs to it).
+    pub fn is(&self, inst: &Instance) -> bool {
+        fn bare(h: &str) -> &str {
+            h.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(h)
+        }
+        self.port == inst.port && *self.id == *inst.id && bare(self.host()) == bare(&inst.addr)
+    }
+
+    /// Whether source, weight, health and zone are the instance's: with [`Endpoint::is`],
+    /// whether `from_instance(inst, source, _)` would build this very endpoint.
+    pub fn has_attributes_of(&self, inst: &Instance, source: &'static str) -> bool {
+        self.source == source
+            && self.weight == inst.weight
+            && self.healthy == inst.healthy
+            && self.zone.as_deref() == inst.zone.as_deref()
+    }
+
+    /// Whether the endpoint may take traffic as far as the registry and the agent's health
+    /// checks are concerned (slow start aside).
+    pub fn available(&self) -> bool {
+        self.healthy && self.weight > 0 && self.state.health.is_up()
+    }
+
+    /// Whether a balancer may pick the endpoint now: registry-healthy with weight, up by the
+    /// agent's checks (unless the upstream is in `panic` mode), and admitted by slow start
+    /// (a draw from `rng` against the ramp's factor).
+    #[inline]
+    pub fn usable(
+        &self,
+        panic: bool,
+        now_ms: u64,
+        slow_start: Option<Duration>,
+        rng: &Rng,
+    ) -> bool {
+        self.healthy
+            && self.weight > 0
+            && (panic || self.state.health.is_up())
+            && (self.state.health.joined_ms == 0 || self.admitted(now_ms, slow_start, rng))
+    }
+
+    fn admitted(&self, now_ms: u64, slow_start: Option<Duration>, rng: &Rng) -> bool {
+        let f = self.state.health.slow_start_factor(now_ms, slow_start);
+        f >= 1.0 || rng.unit() < f
+    }
+}
+
+/// How many endpoints are available and how many not, for `edge_agent_endpoints`.
+pub fn count_states(endpoints: &[Endpoint]) -> (usize, usize) {
+    let available = endpoints.iter().filter(|e| e.available()).count();
+    (available, endpoints.len() - available)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(inst: &Instance) -> Endpoint {
+        let state = Arc::new(EndpointState::new(Health::new(false, 0)));
+        Endpoint::from_instance(inst, "file", state).unwrap()
+    }
+
+    #[test]
+    fn identity_is_id_host_and_port_with_or_without_ipv6_brackets() {
+        let v4 = Instance::new("127.0.0.1", 8080);
+        let ep = endpoint(&v4);
+        assert!(ep.is(&v4));
+        assert!(!ep.is(&Instance::new("127.0.0.1", 8081)), "port");
+        let mut other_host = Instance::new("127.0.0.2", 8080);
+        other_host.id = v4.id.clone();
+        assert!(!ep.is(&other_host), "host");
+        let mut other_id = v4.clone();
+        other_id.id = "x".into();
+        assert!(!ep.is(&other_id), "id");
+
+        let v6 = Instance::new("::1", 9000);
+        let ep6 = endpoint(&v6);
+        assert_eq!(ep6.authority.as_str(), "[::1]:9000");
+        assert!(ep6.is(&v6));
+        let mut bracketed = v6.clone();
+        bracketed.addr = "[::1]".into();
+        assert!(ep6.is(&bracketed), "the same address written with brackets");
+        for (e, i) in [(&ep, &v4), (&ep6, &v6)] {
+            assert_eq!(e.host(), e.authority.host(), "{i:?}");
+        }
+    }
+
+    /// Defect 1 of #12: an address `Authority` rejects became `invalid.invalid:1`, an endpoint
+    /// shown healthy and given traffic. Now it is refused, naming the instance and the address.
+    #[test]
+    fn an_undiallable_address_is_no_endpoint() {
+        for bad in ["foo bar", "é.example", ""] {
+            let mut inst = Instance::new(bad, 80);
+            inst.id = "i-1".into();
+            let err = Endpoint::from_instance(&inst, "consul", Default::default()).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains("i-1") && msg.contains(bad), "{msg}");
+        }
+    }
+
+    #[test]
+    fn slow_start_admission_draws_from_the_given_rng() {
+        let state = Arc::new(EndpointState::new(Health::new(false, 1_000)));
+        let ep = Endpoint::from_instance(&Instance::new("127.0.0.1", 1), "file", state).unwrap();
+        let window = Some(Duration::from_secs(10));
+        let admitted = |seed| {
+            let rng = Rng::new(seed);
+            (0..10_000)
+                .filter(|_| ep.usable(false, 1_000, window, &rng))
+                .count()
+        };
+        // Same seed, same admissions; about SLOW_START_MIN_SHARE of them at the ramp's start.
+        assert_eq!(admitted(7), admitted(7));
+        let share = admitted(7) as f64 / 10_000.0;
+        assert!(
+            (share - crate::health::SLOW_START_MIN_SHARE).abs() < 0.02,
+            "{share}"
+        );
+        assert!(ep.usable(false, 11_000, window, &Rng::new(1)), "ramp over");
+    }
+
+    fn feedback<'a>(
+        endpoints: &'a [Endpoint],
+        passive: &'a PassiveHealth,
+        metrics: &'a UpstreamMetrics,
+    ) -> Feedback<'a> {
+        Feedback {
+            upstream: "u",
+            endpoints,
+            passive,
+            decay: crate::load::DEFAULT_DECAY,
+            metrics,
+        }
+    }
+
+    #[test]
+    fn an_attempt_records_on_finish_and_nothing_when_dropped() {
+        let eps: Vec<Endpoint> = (1..=4)
+            .map(|p| endpoint(&Instance::new("127.0.0.1", p)))
+            .collect();
+        let passive = PassiveHealth {
+            consecutive_failures: 2,
+            ..Default::default()
+        };
+        let metrics = UpstreamMetrics::new("u");
+        let fb = feedback(&eps, &passive, &metrics);
+        let ep = &eps[0];
+        let a = Attempt::start(ep, &fb);
+        assert_eq!(ep.state.in_flight(), 1);
+        drop(a);
+        assert_eq!(
+            ep.state.in_flight(),
+            0,
+            "a cancelled try releases its count"
+        );
+        assert_eq!(ep.state.failures(), 0, "and records nothing");
+        assert_eq!(ep.state.ewma.value_ns(clock::now_ms(), fb.decay), 0.0);
+
+        let guard = Attempt::start(ep, &fb).finish(Outcome::Failure);
+        assert_eq!(ep.state.in_flight(), 1, "the body holds the count");
+        drop(guard);
+        assert_eq!((ep.state.in_flight(), ep.state.failures()), (0, 1));
+        assert!(ep.state.ewma.value_ns(clock::now_ms(), fb.decay) > 0.0);
+        drop(Attempt::start(ep, &fb).finish(Outcome::Failure));
+        assert!(ep.state.health.ejected(), "two failures in a row eject");
+        assert_eq!(ep.state.requests(), 3);
+    }
+}
