@@ -282,6 +282,11 @@ impl Proxy {
             Err(_) => return Err(ProxyError::Timeout),
         };
         let (mut parts, body) = resp.into_parts();
+        if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+            // The body was framed by Transfer-Encoding; a Content-Length beside it is wrong
+            // (RFC 9112 §6.3) and the client's framing is hyper's to choose.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         remove_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(
             parts,
