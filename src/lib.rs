@@ -15,6 +15,7 @@ pub mod balancer;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod framing;
 pub mod guard;
 pub mod health;
 pub mod metrics;

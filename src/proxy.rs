@@ -36,6 +36,7 @@ use hyper::body::Incoming;
 use crate::balancer::{chash, PickContext};
 use crate::cache::Shared;
 use crate::error::ProxyError;
+use crate::framing::{self, Limits};
 use crate::health::{self, Outcome};
 use crate::metrics as m;
 use crate::pool;
@@ -52,6 +53,7 @@ pub const DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// The proxy service shared by every connection.
 pub struct Proxy {
     shared: Arc<Shared>,
+    limits: Limits,
 }
 
 /// Per-connection facts the handler needs.
@@ -74,7 +76,10 @@ impl Peer {
 
 impl Proxy {
     pub fn new(shared: Arc<Shared>) -> Arc<Self> {
-        Arc::new(Proxy { shared })
+        Arc::new(Proxy {
+            shared,
+            limits: Limits::default(),
+        })
     }
 
     /// Handles one request. Never fails: errors become responses.
@@ -84,6 +89,12 @@ impl Proxy {
         peer: &Peer,
     ) -> Result<Response<RespBody>, Infallible> {
         let start = Instant::now();
+        if let Err(e) = framing::check_request_head(&req, &self.limits) {
+            tracing::debug!(error = %e, "request refused");
+            let e = ProxyError::from(e);
+            m::unrouted(e.status().as_u16());
+            return Ok(refusal(&e, ""));
+        }
         let (upstream, strip) = match self.route(&req).await {
             Ok(r) => r,
             Err(body) => {
@@ -99,7 +110,7 @@ impl Proxy {
                     upstream.runtime.metrics.upstream_error("no_endpoint");
                 }
                 tracing::debug!(upstream = %upstream.id, error = %e, "request failed");
-                text(e.status(), e.body(&upstream.id))
+                refusal(&e, &upstream.id)
             }
         };
         upstream
@@ -468,6 +479,17 @@ fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
+}
+
+/// The error response for `e`; a refused framing also closes the connection, since the
+/// client's idea of where the next request starts cannot be trusted.
+fn refusal(e: &ProxyError, upstream: &str) -> Response<RespBody> {
+    let mut resp = text(e.status(), e.body(upstream));
+    if matches!(e, ProxyError::Framing(_)) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// A short plain-text response.
