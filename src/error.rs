@@ -64,6 +64,10 @@ pub enum FramingError {
     /// A transfer coding the agent does not implement (only `chunked` is forwarded).
     #[error("not implemented: transfer coding {coding:?} in Transfer-Encoding {value:?}")]
     UnknownCoding { coding: String, value: String },
+    /// The client's request body broke its own framing (a malformed chunk, say) while it was
+    /// being forwarded.
+    #[error("bad request: malformed request body: {0}")]
+    MalformedBody(String),
 }
 
 /// How much of a client-sent value an error repeats.
@@ -79,7 +83,8 @@ impl FramingError {
             | FramingError::DuplicateHost(_)
             | FramingError::InvalidContentLength(_)
             | FramingError::LengthWithTransferEncoding { .. }
-            | FramingError::InvalidTransferEncoding(_) => StatusCode::BAD_REQUEST,
+            | FramingError::InvalidTransferEncoding(_)
+            | FramingError::MalformedBody(_) => StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -159,7 +164,7 @@ mod tests {
         assert!(!ProxyError::Upstream("x".into()).retryable(&Method::POST));
         assert!(ProxyError::Upstream("x".into()).retryable(&Method::GET));
         assert!(!ProxyError::Timeout.retryable(&Method::GET));
-        let framing = ProxyError::from(FramingError::MissingHost);
+        let framing = ProxyError::from(FramingError::MalformedBody("x".into()));
         assert_eq!(framing.status(), 400);
         assert!(!framing.retryable(&Method::GET));
         assert_eq!(framing.upstream_kind(), None);

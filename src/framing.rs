@@ -17,9 +17,19 @@
 //!   after the answer, which RFC 9112 §6.1 allows), so this check only fires for requests that
 //!   reach the handler some other way.
 //!
-//! This file depends on `http` and `crate::error` only.
+//! A malformed chunked body is only found while it is streamed upstream, and hyper's client then
+//! fails the whole exchange as if the upstream had. [`ClientBody`] wraps the client's body and
+//! keeps the error of the client's own stream, so the proxy answers 400 and does not count the
+//! failure against the endpoint.
+//!
+//! This file depends on `http`, `http-body` (for [`ClientBody`]) and `crate::error` only.
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
 use http::header::{self, GetAll, HeaderValue};
 use http::{Request, Version};
+use http_body::{Body, Frame, SizeHint};
 
 use crate::error::{FramingError, SHOWN_VALUE};
 
@@ -153,6 +163,68 @@ fn joined<'a>(lines: impl Iterator<Item = &'a HeaderValue>) -> String {
         all
     });
     cut(&all)
+}
+
+/// The client's request body, as sent upstream: frames pass through unchanged, and an error of
+/// the client's own stream (a malformed chunk, a reset) is kept in a [`BodyFault`] the proxy
+/// can read once the upstream exchange has failed.
+pub struct ClientBody<B> {
+    inner: B,
+    fault: BodyFault,
+}
+
+/// The error, if any, that the client's body stream ended with. Cheap to clone; every clone
+/// sees the same error.
+#[derive(Debug, Clone, Default)]
+pub struct BodyFault(Arc<OnceLock<String>>);
+
+impl BodyFault {
+    /// The client body's error, described with its causes, once there was one.
+    pub fn get(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+}
+
+impl<B> ClientBody<B> {
+    /// Wraps `inner`; the [`BodyFault`] reports how it failed.
+    pub fn new(inner: B) -> (Self, BodyFault) {
+        let fault = BodyFault::default();
+        (
+            ClientBody {
+                inner,
+                fault: fault.clone(),
+            },
+            fault,
+        )
+    }
+}
+
+impl<B> Body for ClientBody<B>
+where
+    B: Body + Unpin,
+    B::Error: std::error::Error,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            let _ = self.fault.0.set(crate::error::chain(e));
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 #[cfg(test)]
@@ -305,5 +377,45 @@ mod tests {
         let long = "h".repeat(1000);
         let e = check(&[("host", &long), ("host", "b")]).unwrap_err();
         assert!(e.to_string().len() < 2 * SHOWN_VALUE + 40, "{e}");
+    }
+
+    /// A body that yields `frames`, then ends.
+    struct Frames(std::collections::VecDeque<Result<Frame<bytes::Bytes>, std::io::Error>>);
+
+    impl Body for Frames {
+        type Data = bytes::Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<bytes::Bytes>, std::io::Error>>> {
+            Poll::Ready(self.0.pop_front())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_body_keeps_its_own_error() {
+        use http_body_util::BodyExt;
+        let frames = Frames(
+            [
+                Ok(Frame::data(bytes::Bytes::from_static(b"ok"))),
+                Err(std::io::Error::other("invalid chunk size")),
+            ]
+            .into(),
+        );
+        let (body, fault) = ClientBody::new(frames);
+        assert_eq!(fault.get(), None);
+        let err = body.collect().await.unwrap_err();
+        assert_eq!(err.to_string(), "invalid chunk size");
+        assert_eq!(fault.get(), Some("invalid chunk size"));
+    }
+
+    #[tokio::test]
+    async fn a_client_body_that_ends_well_has_no_fault() {
+        use http_body_util::BodyExt;
+        let (body, fault) = ClientBody::new(http_body_util::Full::new(bytes::Bytes::from("x")));
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "x");
+        assert_eq!(fault.get(), None);
     }
 }

@@ -36,14 +36,14 @@ use hyper::body::Incoming;
 use crate::balancer::{chash, PickContext};
 use crate::cache::Shared;
 use crate::error::ProxyError;
-use crate::framing::{self, Limits};
+use crate::framing::{self, BodyFault, ClientBody, Limits};
 use crate::health::{self, Outcome};
 use crate::metrics as m;
 use crate::pool;
 use crate::upstream::{Endpoint, InFlight, NoRoute, Upstream, UpstreamRuntime};
 
 /// Request body sent upstream: the client's, or empty for a replayed body-less request.
-pub type ReqBody = Either<Incoming, Empty<Bytes>>;
+pub type ReqBody = Either<ClientBody<Incoming>, Empty<Bytes>>;
 /// Response body sent to the client.
 pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
 /// How long a request for a service not yet watched waits for an on-demand source's first
@@ -167,6 +167,7 @@ impl Proxy {
         peer: &Peer,
     ) -> Result<Response<RespBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
+        let (body, body_fault) = ClientBody::new(body);
         let settings = upstream.settings();
         let runtime = &upstream.runtime;
         let started = Instant::now();
@@ -252,6 +253,10 @@ impl Proxy {
                     return Ok(resp);
                 }
                 Err(e) => {
+                    if let Some(e) = client_fault(&body_fault) {
+                        // The client's body broke, not the endpoint.
+                        return Err(e);
+                    }
                     ep.state.record_failure();
                     ep.state
                         .ewma
@@ -490,6 +495,12 @@ fn refusal(e: &ProxyError, upstream: &str) -> Response<RespBody> {
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// The client error behind a failed exchange, when the client's body stream failed.
+fn client_fault(fault: &BodyFault) -> Option<ProxyError> {
+    let why = fault.get()?;
+    Some(crate::error::FramingError::MalformedBody(why.to_string()).into())
 }
 
 /// A short plain-text response.

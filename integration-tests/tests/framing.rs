@@ -327,6 +327,75 @@ async fn a_missing_or_repeated_host_is_refused() {
     );
 }
 
+/// The `/upstreams` entry of the only endpoint of `svc`.
+async fn svc_endpoint(agent: &Agent) -> serde_json::Value {
+    let u = agent.upstreams().await;
+    u["upstreams"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["id"] == "svc"))
+        .map(|x| x["endpoints"][0].clone())
+        .expect("svc in /upstreams")
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_the_clients_error() {
+    // Item 19.
+    let b = RawBackend::start(OK).await;
+    let (agent, _dir) = agent_for(&b).await;
+    let shapes: [&[u8]; 5] = [
+        b"z\r\nhello\r\n0\r\n\r\n",
+        // 2^64 and more: the size does not fit.
+        b"10000000000000000\r\nhello\r\n0\r\n\r\n",
+        // Chunk data without its CRLF.
+        b"5\r\nhelloXX0\r\n\r\n",
+        // Bare LF line ends.
+        b"5\nhello\n0\n\n",
+        b"5\r\nhello\n0\r\n\r\n",
+    ];
+    for body in shapes {
+        let mut req =
+            b"POST / HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        req.extend_from_slice(body);
+        let (a, mut s) = send(&agent, &req).await;
+        let shown = String::from_utf8_lossy(body);
+        assert_eq!(a.status(), 400, "{shown:?}: {a:?}");
+        assert!(a.body().contains("request body"), "{shown:?}: {a:?}");
+        assert!(closed(&mut s).await, "{shown:?}: the connection is closed");
+        // What reached the backend never ends like a whole chunked body.
+        assert!(!b.seen().ends_with("0\r\n\r\n"), "{:?}", b.seen());
+    }
+    // Not held against the endpoint: no failure, no ejection, no upstream error.
+    let ep = svc_endpoint(&agent).await;
+    assert_eq!(ep["failures"], 0, "{ep}");
+    assert_eq!(ep["consecutive_failures"], 0, "{ep}");
+    assert_eq!(ep["ejected"], false, "{ep}");
+    assert_eq!(ep["in_flight"], 0, "{ep}");
+    let m = agent.metrics().await;
+    assert!(
+        !m.contains("edge_agent_upstream_errors_total{upstream=\"svc\""),
+        "{}",
+        m.lines()
+            .filter(|l| l.contains("upstream_errors"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("edge_agent_requests_total{")
+                && l.contains("upstream=\"svc\"")
+                && l.contains("status=\"400\"")
+                && l.ends_with(" 5")),
+        "five client errors counted: {}",
+        m.lines()
+            .filter(|l| l.starts_with("edge_agent_requests_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // And the endpoint still serves.
+    let (a, _s) = send(&agent, b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n").await;
+    assert_eq!((a.status(), a.body().as_str()), (200, "ok"), "{a:?}");
+}
+
 #[tokio::test]
 async fn oversized_header_lines_and_impossible_lengths_are_refused() {
     // Item 20.
