@@ -1,6 +1,7 @@
 //! Proxy errors, classified by origin so the status code and the retry decision follow from the
-//! type: client mistakes are 4xx and never retried; upstream failures are 502/504 and retried
-//! where that is safe (`retry.rs` decides). Each keeps its cause as a `#[source]`.
+//! type: client mistakes are 4xx (501 for a transfer coding the agent does not implement) and
+//! never retried nor held against an endpoint; upstream failures are 502/504 and retried where
+//! that is safe (`retry.rs` decides). Each keeps its cause as a `#[source]`.
 use http::StatusCode;
 
 /// A boxed error cause.
@@ -41,6 +42,70 @@ pub enum ProxyError {
         #[source]
         source: hyper::Error,
     },
+    /// The client's request is framed in a way the agent refuses (a client error: never
+    /// retried, never held against an endpoint; the connection is closed after the answer).
+    #[error(transparent)]
+    Framing(#[from] FramingError),
+}
+
+/// Why a request's framing was refused (see `framing.rs`). Each names the header and the value
+/// at fault; values are cut to [`SHOWN_VALUE`] bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FramingError {
+    /// An HTTP/1.1 request without `Host` (RFC 9112 §3.2).
+    #[error("bad request: an HTTP/1.1 request needs a Host header")]
+    MissingHost,
+    /// More than one `Host` line (RFC 9112 §3.2).
+    #[error("bad request: {} Host headers ({})", .0.len(), .0.join(", "))]
+    DuplicateHost(Vec<String>),
+    /// One header line (name and value) longer than the limit.
+    #[error("request header fields too large: header {name} is {len} bytes (name and value), at most {max}")]
+    HeaderLineTooLong {
+        name: String,
+        len: usize,
+        max: usize,
+    },
+    /// A `Content-Length` that is not a length (not digits, or 2^63 and over).
+    #[error("bad request: Content-Length {0:?} is not a valid length")]
+    InvalidContentLength(String),
+    /// A `Content-Length` over the configured maximum body size.
+    #[error("payload too large: Content-Length {len} is over the limit of {max} bytes")]
+    BodyTooLarge { len: u64, max: u64 },
+    /// Both `Content-Length` and `Transfer-Encoding` (RFC 9112 §6.1).
+    #[error("bad request: Content-Length {content_length:?} with Transfer-Encoding {transfer_encoding:?}")]
+    LengthWithTransferEncoding {
+        content_length: String,
+        transfer_encoding: String,
+    },
+    /// A `Transfer-Encoding` whose `chunked` is missing, repeated, or not the last coding.
+    #[error("bad request: Transfer-Encoding {0:?} is not a single final chunked")]
+    InvalidTransferEncoding(String),
+    /// A transfer coding the agent does not implement (only `chunked` is forwarded).
+    #[error("not implemented: transfer coding {coding:?} in Transfer-Encoding {value:?}")]
+    UnknownCoding { coding: String, value: String },
+    /// The client's request body broke its own framing (a malformed chunk, say) while it was
+    /// being forwarded.
+    #[error("bad request: malformed request body: {0}")]
+    MalformedBody(String),
+}
+
+/// How much of a client-sent value an error repeats.
+pub const SHOWN_VALUE: usize = 64;
+
+impl FramingError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            FramingError::HeaderLineTooLong { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            FramingError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            FramingError::UnknownCoding { .. } => StatusCode::NOT_IMPLEMENTED,
+            FramingError::MissingHost
+            | FramingError::DuplicateHost(_)
+            | FramingError::InvalidContentLength(_)
+            | FramingError::LengthWithTransferEncoding { .. }
+            | FramingError::InvalidTransferEncoding(_)
+            | FramingError::MalformedBody(_) => StatusCode::BAD_REQUEST,
+        }
+    }
 }
 
 impl ProxyError {
@@ -50,6 +115,7 @@ impl ProxyError {
             ProxyError::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Framing(e) => e.status(),
         }
     }
 
@@ -70,7 +136,7 @@ impl ProxyError {
             ProxyError::Timeout => Some("timeout"),
             ProxyError::Upstream { .. } => Some("reset"),
             ProxyError::NoEndpoint => Some("no_endpoint"),
-            ProxyError::BadRequest(_) => None,
+            ProxyError::BadRequest(_) | ProxyError::Framing(_) => None,
         }
     }
 
@@ -86,6 +152,7 @@ impl ProxyError {
             ProxyError::Timeout => format!("edge-agent: upstream {upstream:?} timed out\n"),
             ProxyError::Upstream { .. } => format!("edge-agent: upstream {upstream:?} failed\n"),
             ProxyError::BadRequest(why) => format!("edge-agent: bad request: {why}\n"),
+            ProxyError::Framing(e) => format!("edge-agent: {e}\n"),
         }
     }
 }
@@ -126,5 +193,9 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("refused"), "{line}");
+        let framing = ProxyError::from(FramingError::MalformedBody("x".into()));
+        assert_eq!(framing.status(), 400);
+        assert!(!framing.unsent());
+        assert_eq!(framing.upstream_kind(), None);
     }
 }

@@ -7,11 +7,11 @@
 //!                                   feedback through endpoint::Attempt ─► load.rs, health/
 //! ```
 //!
-//! Layers, bottom to top; a file imports only from its own layer's earlier files or from
-//! layers below (checked by `tests/layers.rs`):
+//! Layers, bottom to top; a file imports only from layers below it or from earlier files of its
+//! own layer, so no two units import each other (`tests/layers.rs` fails on a cycle):
 //!
 //! ```text
-//! 1  clock  rng  error  metrics  guard  state_file     leaves
+//! 1  clock  rng  error  framing  metrics  guard  state_file   leaves
 //! 2  load  pool  health/{passive,active}              per-endpoint measures and connections
 //! 3  endpoint                                         Endpoint, EndpointState, Attempt
 //! 4  balancer/{roundrobin,chash,ewma,least_conn}      Spec, Kind, REGISTRY, Candidates
@@ -33,6 +33,7 @@ pub mod clock;
 pub mod config;
 pub mod endpoint;
 pub mod error;
+pub mod framing;
 pub mod guard;
 pub mod health;
 pub mod load;

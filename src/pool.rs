@@ -26,10 +26,11 @@ use bytes::Bytes;
 use http_body_util::{Either, Empty};
 
 use crate::error::{ProxyError, Sent};
+use crate::framing::ClientBody;
 
-/// Request body sent upstream: the client's, or empty for a replayed body-less request or a
-/// probe.
-pub type ReqBody = Either<Incoming, Empty<Bytes>>;
+/// Request body sent upstream: the client's (watched for its own framing faults), or empty for
+/// a replayed body-less request or a probe.
+pub type ReqBody = Either<ClientBody<Incoming>, Empty<Bytes>>;
 
 /// Idle connections older than this are closed when the pool is next used.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);

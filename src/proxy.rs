@@ -36,7 +36,8 @@ use hyper::body::Incoming;
 use crate::balancer::PickContext;
 use crate::clock;
 use crate::endpoint::{Attempt, Endpoint, InFlight};
-use crate::error::{ProxyError, Sent};
+use crate::error::{FramingError, ProxyError, Sent};
+use crate::framing::{self, BodyFault, ClientBody, Limits};
 use crate::health::Outcome;
 use crate::metrics as m;
 use crate::pool::{self, ReqBody};
@@ -54,6 +55,7 @@ pub const DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// The proxy service shared by every connection.
 pub struct Proxy {
     state: Arc<State>,
+    limits: Limits,
 }
 
 /// Per-connection facts the handler needs.
@@ -76,7 +78,10 @@ impl Peer {
 
 impl Proxy {
     pub fn new(state: Arc<State>) -> Arc<Self> {
-        Arc::new(Proxy { state })
+        Arc::new(Proxy {
+            state,
+            limits: Limits::default(),
+        })
     }
 
     /// Handles one request. Never fails: errors become responses.
@@ -86,6 +91,12 @@ impl Proxy {
         peer: &Peer,
     ) -> Result<Response<RespBody>, Infallible> {
         let start = Instant::now();
+        if let Err(e) = framing::check_request_head(&req, &self.limits) {
+            tracing::debug!(error = %e, "request refused");
+            let e = ProxyError::from(e);
+            m::unrouted(e.status().as_u16());
+            return Ok(refusal(&e, ""));
+        }
         let (upstream, strip) = match self.route(&req).await {
             Ok(r) => r,
             Err(body) => {
@@ -101,7 +112,7 @@ impl Proxy {
                     upstream.runtime.metrics.upstream_error("no_endpoint");
                 }
                 tracing::debug!(upstream = %upstream.id, error = %crate::error::chain(&e), "request failed");
-                text(e.status(), e.body(&upstream.id))
+                refusal(&e, &upstream.id)
             }
         };
         upstream
@@ -158,6 +169,7 @@ impl Proxy {
         peer: &Peer,
     ) -> Result<Response<RespBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
+        let (body, body_fault) = ClientBody::new(body);
         let settings = upstream.settings();
         let runtime = &upstream.runtime;
         let deadline = Instant::now() + settings.retry_timeout;
@@ -237,6 +249,12 @@ impl Proxy {
                     return Ok(resp);
                 }
                 Err(e) => {
+                    if let Some(e) = client_fault(&body_fault) {
+                        // The client's body broke, not the endpoint: nothing is recorded
+                        // against it (the dropped attempt only releases its count).
+                        drop(try_);
+                        return Err(e);
+                    }
                     drop(try_.finish(Outcome::Failure));
                     if let Some(kind) = e.upstream_kind() {
                         runtime.metrics.upstream_error(kind);
@@ -279,6 +297,11 @@ fn into_client_response(
     in_flight: InFlight,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        // The body was framed by Transfer-Encoding; a Content-Length beside it is wrong
+        // (RFC 9112 §6.3) and the client's framing is hyper's to choose.
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     remove_hop_by_hop(&mut parts.headers);
     Response::from_parts(
         parts,
@@ -466,6 +489,23 @@ fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
+}
+
+/// The error response for `e`; a refused framing also closes the connection, since the
+/// client's idea of where the next request starts cannot be trusted.
+fn refusal(e: &ProxyError, upstream: &str) -> Response<RespBody> {
+    let mut resp = text(e.status(), e.body(upstream));
+    if matches!(e, ProxyError::Framing(_)) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// The client error behind a failed exchange, when the client's body stream failed.
+fn client_fault(fault: &BodyFault) -> Option<ProxyError> {
+    let why = fault.get()?;
+    Some(FramingError::MalformedBody(why.to_string()).into())
 }
 
 /// A short plain-text response.

@@ -18,7 +18,11 @@ use crate::proxy::{Peer, Proxy};
 
 /// A client has this long to send a request's headers (slowloris guard).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest request head buffered per connection.
+/// Largest request head (request line and headers) accepted; over it hyper answers 431. Set as
+/// both hyper's `max_buf_size` and `max_header_size`: the buffer alone does not hold it, since
+/// one read may fill the buffer's whole spare capacity, which can be past `max_buf_size`, and a
+/// head that arrives whole in it is parsed without the size being looked at (hyper 1.x). Header
+/// lines are capped on their own by `framing::DEFAULT_MAX_HEADER_LINE`.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most request headers accepted.
 pub const MAX_HEADERS: usize = 100;
@@ -28,6 +32,7 @@ fn builder() -> http1::Builder {
     b.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES)
+        .max_header_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS)
         .keep_alive(true);
     b

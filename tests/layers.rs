@@ -22,7 +22,12 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// The unit a file belongs to, `None` for the crate root files.
 fn unit_of(src: &Path, file: &Path) -> Option<String> {
     let rel = file.strip_prefix(src).ok()?;
-    let first = rel.components().next()?.as_os_str().to_string_lossy().to_string();
+    let first = rel
+        .components()
+        .next()?
+        .as_os_str()
+        .to_string_lossy()
+        .to_string();
     let name = first.strip_suffix(".rs").unwrap_or(&first).to_string();
     (name != "lib" && name != "main").then_some(name)
 }
@@ -166,7 +171,12 @@ fn no_two_units_of_src_import_each_other() {
     if let Some(cycle) = find_cycle(&graph) {
         let edges: Vec<String> = graph
             .iter()
-            .map(|(k, v)| format!("{k} -> {}", v.iter().cloned().collect::<Vec<_>>().join(", ")))
+            .map(|(k, v)| {
+                format!(
+                    "{k} -> {}",
+                    v.iter().cloned().collect::<Vec<_>>().join(", ")
+                )
+            })
             .collect();
         panic!(
             "import cycle: {}\nthe graph:\n  {}",
@@ -188,7 +198,10 @@ fn the_scanner_sees_every_form_and_finds_a_cycle() {
     g.insert("x".into(), ["y".to_string()].into());
     g.insert("y".into(), ["z".to_string()].into());
     g.insert("z".into(), ["x".to_string()].into());
-    assert_eq!(find_cycle(&g).unwrap(), ["x", "y", "z", "x"].map(String::from));
+    assert_eq!(
+        find_cycle(&g).unwrap(),
+        ["x", "y", "z", "x"].map(String::from)
+    );
     g.get_mut("z").unwrap().clear();
     assert!(find_cycle(&g).is_none());
 }
