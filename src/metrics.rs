@@ -94,7 +94,45 @@ fn describe() {
         UPSTREAM_ERRORS,
         "Failed upstream attempts by upstream and kind."
     );
+    metrics::describe_counter!(
+        DISCOVERY_HELD,
+        "Updates held by the removal guard (they would remove most of a service), by source."
+    );
+    metrics::describe_gauge!(
+        UPSTREAM_PANIC,
+        "1 while an upstream is in panic mode (too few healthy endpoints: all are used)."
+    );
+    metrics::describe_counter!(
+        EJECTIONS,
+        "Endpoints ejected by passive health, by upstream."
+    );
+    metrics::describe_counter!(
+        RETRY_BUDGET_EXHAUSTED,
+        "Retries not made because the upstream's retry budget was spent."
+    );
+    metrics::describe_counter!(
+        CHASH_FALLBACK,
+        "chash requests without their key, balanced round robin instead."
+    );
 }
+
+/// Every metric name, for the test that each has HELP text.
+pub const ALL: [&str; 14] = [
+    REQUESTS_TOTAL,
+    REQUEST_DURATION,
+    ENDPOINTS,
+    DISCOVERY_UPDATES,
+    DISCOVERY_ERRORS,
+    DISCOVERY_STALENESS,
+    RETRIES_TOTAL,
+    CONFIG_RELOADS,
+    UPSTREAM_ERRORS,
+    DISCOVERY_HELD,
+    UPSTREAM_PANIC,
+    EJECTIONS,
+    RETRY_BUDGET_EXHAUSTED,
+    CHASH_FALLBACK,
+];
 
 /// Metric handles for one upstream.
 pub struct UpstreamMetrics {
@@ -162,4 +200,40 @@ impl UpstreamMetrics {
 pub fn unrouted(status: u16) {
     metrics::counter!(REQUESTS_TOTAL, "upstream" => "", "status" => status.to_string())
         .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Defect 8 of #12: five metrics had no HELP text.
+    #[test]
+    fn every_metric_has_help_text() {
+        let handle = install();
+        let m = UpstreamMetrics::new("help-test");
+        m.request(200, Duration::from_millis(1));
+        m.retry();
+        m.ejection();
+        m.retry_budget_exhausted();
+        m.chash_fallback();
+        m.upstream_error("connect");
+        metrics::gauge!(ENDPOINTS, "upstream" => "help-test", "state" => "healthy").set(1.0);
+        metrics::gauge!(UPSTREAM_PANIC, "upstream" => "help-test").set(0.0);
+        metrics::gauge!(DISCOVERY_STALENESS, "source" => "file").set(0.0);
+        for name in [
+            DISCOVERY_UPDATES,
+            DISCOVERY_ERRORS,
+            CONFIG_RELOADS,
+            DISCOVERY_HELD,
+        ] {
+            metrics::counter!(name, "source" => "file").increment(1);
+        }
+        let text = handle.render();
+        for name in ALL {
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no HELP for {name} in:\n{text}"
+            );
+        }
+    }
 }

@@ -138,3 +138,71 @@ pub async fn serve_admin(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Cache;
+    use crate::state::State;
+    use crate::table::Dynamic;
+    use crate::upstream::{UpstreamConfig, UpstreamSettings};
+    use tokio::io::AsyncWriteExt;
+
+    /// Defect 6 of #12: `serve_proxy` said it returned the connections still open and returned
+    /// 0 or 1. Two requests held by a backend that never answers: it returns 2.
+    #[tokio::test]
+    async fn serve_proxy_returns_the_connections_left_open() {
+        let hang = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hang_addr = hang.local_addr().unwrap();
+        let reached = Arc::new(AtomicUsize::new(0));
+        let r = reached.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = hang.accept().await {
+                r.fetch_add(1, Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+        let state = State::new(vec![]);
+        let _cache = Cache::new(
+            state.clone(),
+            Dynamic {
+                upstreams: vec![UpstreamConfig {
+                    id: "h".into(),
+                    service: None,
+                    source: None,
+                    nodes: vec![(hang_addr, 1)],
+                    settings: UpstreamSettings::default(),
+                }],
+                ..Default::default()
+            },
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let serving = tokio::spawn(serve_proxy(
+            listener,
+            Proxy::new(state),
+            rx,
+            Duration::from_millis(300),
+        ));
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+                .await
+                .unwrap();
+            clients.push(c);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while reached.load(Ordering::SeqCst) < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the requests never reached the backend"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tx.send(true).unwrap();
+        assert_eq!(serving.await.unwrap(), 2);
+    }
+}

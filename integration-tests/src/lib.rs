@@ -102,6 +102,7 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     hits: Arc<AtomicU64>,
+    conns: Arc<AtomicU64>,
     behaviour: Arc<Mutex<Behaviour>>,
     last_headers: Arc<Mutex<HashMap<String, String>>>,
     task: tokio::task::JoinHandle<()>,
@@ -118,6 +119,7 @@ impl Backend {
             .expect("bind backend");
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
+        let conns = Arc::new(AtomicU64::new(0));
         let behaviour = Arc::new(Mutex::new(behaviour));
         let last_headers = Arc::new(Mutex::new(HashMap::new()));
         let (h, b, lh, n) = (
@@ -126,11 +128,13 @@ impl Backend {
             last_headers.clone(),
             name.to_string(),
         );
+        let accepted = conns.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let (h, b, lh, n) = (h.clone(), b.clone(), lh.clone(), n.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
@@ -165,6 +169,7 @@ impl Backend {
             name: name.to_string(),
             addr,
             hits,
+            conns,
             behaviour,
             last_headers,
             task,
@@ -173,6 +178,11 @@ impl Backend {
 
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.conns.load(Ordering::SeqCst)
     }
 
     pub fn set(&self, behaviour: Behaviour) {

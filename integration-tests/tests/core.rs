@@ -255,6 +255,62 @@ async fn errors_map_to_502_503_504_and_connect_failures_retry() {
     assert_eq!(agent.get("empty", "/").await.0, 503);
 }
 
+/// Defect 13 of #12: a retry after a 5xx kept the failed answer, its endpoint's in-flight count
+/// and its connection alive during the next try, and the connection was then closed instead
+/// of pooled: every request opened a new connection to the failing endpoint. Now the small
+/// error answer is read before the retry and its connection goes back to the pool.
+#[tokio::test]
+async fn a_retried_error_answer_gives_its_connection_back() {
+    let bad = Backend::start_with(
+        "bad",
+        Behaviour {
+            status: 503,
+            ..Default::default()
+        },
+    )
+    .await;
+    let good = Backend::start("good").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("svc", &[(bad.addr, 1), (good.addr, 1)])]);
+    let cfg = dir.path().join("agent.toml");
+    // Passive health off, so the failing endpoint stays in and every request meets it.
+    std::fs::write(
+        &cfg,
+        "[[upstream]]\nid = \"svc\"\n[upstream.checks.passive]\nenabled = false\n",
+    )
+    .unwrap();
+    let agent = Agent::start(&[
+        ("EDGE_AGENT_REGISTRY", &url),
+        ("EDGE_AGENT_CONFIG", cfg.to_str().unwrap()),
+    ])
+    .await;
+    for _ in 0..10 {
+        let (status, backend, body) = agent.get("svc", "/").await;
+        assert_eq!((status, backend.as_str()), (200, "good"), "{body}");
+    }
+    assert!(
+        bad.hits() >= 5,
+        "the 503 endpoint was tried: {}",
+        bad.hits()
+    );
+    assert_eq!(
+        bad.connections(),
+        1,
+        "{} requests to the 503 endpoint took {} connections",
+        bad.hits(),
+        bad.connections()
+    );
+    let up = agent.upstreams().await;
+    let in_flight: u64 = up["upstreams"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["in_flight"].as_u64().unwrap())
+        .sum();
+    assert_eq!(in_flight, 0);
+}
+
 #[tokio::test]
 async fn admin_shows_the_traffic() {
     let a = Backend::start("a").await;
