@@ -172,7 +172,7 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// A registry adapter.
 pub trait Discovery: Send + Sync + 'static {
-    /// Short label for metrics and logs: `file`, `consul`, `nacos`, `eureka`.
+    /// Short label for metrics and logs: the `kind` of the source's row in [`SCHEMES`].
     fn kind(&self) -> &'static str;
 
     /// Where the source points, with any secret removed, for logs and `/upstreams`.
@@ -240,26 +240,109 @@ pub fn parse_duration(s: &str, min: std::time::Duration) -> Result<std::time::Du
 pub enum SourceError {
     #[error("registry URL {url:?}: {reason}")]
     Invalid { url: String, reason: String },
-    #[error("registry URL {url:?}: scheme {scheme:?} is not supported (supported: file, eureka, consul, nacos)")]
+    #[error(
+        "registry URL {url:?}: scheme {scheme:?} is not supported (supported: {})",
+        supported_schemes()
+    )]
     Unsupported { url: String, scheme: String },
 }
 
-/// Builds a source from a registry URL (`file:///abs/path.toml`, `file://relative/path.toml`).
+/// One registry URL scheme: what `EDGE_AGENT_REGISTRY` may start with, the kind of source it
+/// builds, and how to build it.
+#[derive(Clone, Copy)]
+pub struct Scheme {
+    /// The URL scheme, before `://`.
+    pub scheme: &'static str,
+    /// The source's kind: what its [`Discovery::kind`] returns and what an upstream's `source`
+    /// names in the agent's configuration. Several schemes may share one kind.
+    pub kind: &'static str,
+    /// Builds a source from a whole URL of this scheme.
+    pub build: fn(&str) -> Result<Arc<dyn Discovery>, SourceError>,
+}
+
+impl fmt::Debug for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scheme")
+            .field("scheme", &self.scheme)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every registry URL scheme, in the order error messages and [`kinds`] list them. A new
+/// registry adapter is one module plus one row here.
+pub const SCHEMES: &[Scheme] = &[
+    Scheme {
+        scheme: "file",
+        kind: "file",
+        build: |url| Ok(Arc::new(file::FileDiscovery::from_url(url)?)),
+    },
+    Scheme {
+        scheme: "eureka",
+        kind: "eureka",
+        build: |url| Ok(Arc::new(eureka::EurekaDiscovery::from_url(url)?)),
+    },
+    Scheme {
+        scheme: "eureka+https",
+        kind: "eureka",
+        build: |url| Ok(Arc::new(eureka::EurekaDiscovery::from_url(url)?)),
+    },
+    Scheme {
+        scheme: "consul",
+        kind: "consul",
+        build: |url| Ok(Arc::new(consul::ConsulDiscovery::from_url(url)?)),
+    },
+    Scheme {
+        scheme: "consul+https",
+        kind: "consul",
+        build: |url| Ok(Arc::new(consul::ConsulDiscovery::from_url(url)?)),
+    },
+    Scheme {
+        scheme: "nacos",
+        kind: "nacos",
+        build: |url| Ok(Arc::new(nacos::NacosDiscovery::from_url(url)?)),
+    },
+];
+
+/// The distinct source kinds of [`SCHEMES`], in table order: `file`, `eureka`, `consul`,
+/// `nacos`.
+pub fn kinds() -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for s in SCHEMES {
+        if !out.contains(&s.kind) {
+            out.push(s.kind);
+        }
+    }
+    out
+}
+
+/// Whether `name` is the kind of some source (`consul`, …), as an upstream's `source` must be.
+pub fn is_kind(name: &str) -> bool {
+    SCHEMES.iter().any(|s| s.kind == name)
+}
+
+/// `file, eureka, eureka+https, …`: the schemes of [`SCHEMES`] for messages.
+fn supported_schemes() -> String {
+    let names: Vec<&str> = SCHEMES.iter().map(|s| s.scheme).collect();
+    names.join(", ")
+}
+
+/// Builds a source from a registry URL (`file:///abs/path.toml`, `consul://127.0.0.1:8500`, …),
+/// by its scheme's row in [`SCHEMES`].
 pub fn from_url(url: &str) -> Result<Arc<dyn Discovery>, SourceError> {
     let url = url.trim();
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
-    match scheme {
-        "file" => Ok(Arc::new(file::FileDiscovery::from_url(url)?)),
-        "eureka" | "eureka+https" => Ok(Arc::new(eureka::EurekaDiscovery::from_url(url)?)),
-        "consul" | "consul+https" => Ok(Arc::new(consul::ConsulDiscovery::from_url(url)?)),
-        "nacos" => Ok(Arc::new(nacos::NacosDiscovery::from_url(url)?)),
-        "" => Err(SourceError::Invalid {
+    if scheme.is_empty() {
+        return Err(SourceError::Invalid {
             url: url.to_string(),
             reason: "expected scheme://…, e.g. file:///etc/edge-agent/services.toml".into(),
-        }),
-        other => Err(SourceError::Unsupported {
+        });
+    }
+    match SCHEMES.iter().find(|s| s.scheme == scheme) {
+        Some(s) => (s.build)(url),
+        None => Err(SourceError::Unsupported {
             url: url.to_string(),
-            scheme: other.to_string(),
+            scheme: scheme.to_string(),
         }),
     }
 }
@@ -297,6 +380,27 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("idle_ttl"), "{err}");
+    }
+
+    #[test]
+    fn the_schemes_table_feeds_from_url_kinds_and_errors() {
+        assert_eq!(kinds(), ["file", "eureka", "consul", "nacos"]);
+        assert!(is_kind("consul") && is_kind("eureka") && !is_kind("consul+https"));
+        assert!(!is_kind("dns") && !is_kind(""));
+        let err = from_url("gopher://x").err().unwrap().to_string();
+        assert!(
+            err.contains("supported: file, eureka, eureka+https, consul, consul+https, nacos"),
+            "{err}"
+        );
+        // Every row builds a source of its kind (the URL is only parsed, nothing is dialled).
+        for s in SCHEMES {
+            let url = match s.kind {
+                "file" => "file:///nonexistent/services.toml".to_string(),
+                _ => format!("{}://127.0.0.1:1", s.scheme),
+            };
+            let src = from_url(&url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(src.kind(), s.kind, "{url}");
+        }
     }
 
     #[test]
