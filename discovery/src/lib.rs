@@ -23,6 +23,7 @@ pub mod consul;
 pub mod eureka;
 pub mod file;
 mod http;
+pub use http::ClientError;
 pub mod nacos;
 
 /// One instance of a service as a registry reports it.
@@ -236,10 +237,17 @@ pub fn parse_duration(s: &str, min: std::time::Duration) -> Result<std::time::Du
 }
 
 /// Errors building a source from its URL.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("registry URL {url:?}: {reason}")]
     Invalid { url: String, reason: String },
+    /// The HTTP client could not be built from the source's TLS options.
+    #[error("registry URL {url:?}: {source}")]
+    Client {
+        url: String,
+        #[source]
+        source: ClientError,
+    },
     #[error(
         "registry URL {url:?}: scheme {scheme:?} is not supported (supported: {})",
         supported_schemes()

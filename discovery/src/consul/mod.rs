@@ -28,6 +28,8 @@
 //! - TLS: `CONSUL_CACERT` (PEM bundle added to the roots), `CONSUL_CLIENT_CERT` +
 //!   `CONSUL_CLIENT_KEY` (PEM, client authentication), `CONSUL_HTTP_SSL_VERIFY=false` (accept
 //!   any certificate; tests only). `CONSUL_CAPATH` and `CONSUL_TLS_SERVER_NAME` are not read.
+//!   The client is built by the crate's shared `http` module, which gives the Eureka adapter the
+//!   same options (as URL query keys).
 //! - Query parameters: `dc`, `tag` (repeatable: an instance must carry every tag), `near`
 //!   (e.g. `_agent`), `wait` (blocking-query wait, default [`DEFAULT_WAIT`], at most
 //!   [`MAX_WAIT`] as Consul caps it), `idle_ttl` (default [`DEFAULT_IDLE_TTL`]) and `service`

@@ -1,5 +1,6 @@
 //! A Consul source from its URL and Consul's environment variables (see the module doc of
 //! [`super`] for what each one does).
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -10,7 +11,15 @@ use reqwest::header::HeaderValue;
 use tokio::sync::mpsc;
 
 use super::*;
+use crate::http::{self, ClientOptions, TlsNames, TlsOptions};
 use crate::{join_host_port, SourceError};
+
+/// Consul's TLS variables, as [`http::client`] names them in messages.
+const TLS_NAMES: TlsNames = TlsNames {
+    ca_file: ENV_CACERT,
+    client_cert: ENV_CLIENT_CERT,
+    client_key: ENV_CLIENT_KEY,
+};
 
 fn truthy(v: &str) -> bool {
     matches!(
@@ -148,48 +157,21 @@ impl ConsulDiscovery {
             }
             _ => None,
         };
-        let mut builder = reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .user_agent(concat!("edge-agent/", env!("CARGO_PKG_VERSION")));
-        if https {
-            if let Some(path) = env(ENV_CACERT) {
-                let pem = std::fs::read(&path)
-                    .map_err(|e| invalid(format!("{ENV_CACERT}={path:?}: {e}")))?;
-                let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                    .map_err(|e| invalid(format!("{ENV_CACERT}={path:?}: {e}")))?;
-                for c in certs {
-                    builder = builder.add_root_certificate(c);
-                }
-            }
-            match (env(ENV_CLIENT_CERT), env(ENV_CLIENT_KEY)) {
-                (Some(cert), Some(key)) => {
-                    let mut pem = std::fs::read(&cert)
-                        .map_err(|e| invalid(format!("{ENV_CLIENT_CERT}={cert:?}: {e}")))?;
-                    pem.push(b'\n');
-                    pem.extend(
-                        std::fs::read(&key)
-                            .map_err(|e| invalid(format!("{ENV_CLIENT_KEY}={key:?}: {e}")))?,
-                    );
-                    let id = reqwest::Identity::from_pem(&pem)
-                        .map_err(|e| invalid(format!("{ENV_CLIENT_CERT}/{ENV_CLIENT_KEY}: {e}")))?;
-                    builder = builder.identity(id);
-                }
-                (None, None) => {}
-                _ => {
-                    return Err(invalid(format!(
-                        "{ENV_CLIENT_CERT} and {ENV_CLIENT_KEY} go together"
-                    )))
-                }
-            }
-            if env(ENV_SSL_VERIFY).is_some_and(|v| !truthy(&v)) {
-                builder = builder.danger_accept_invalid_certs(true);
-            }
-        }
-        let client = builder
-            .build()
-            .map_err(|e| invalid(format!("cannot build the HTTP client: {e}")))?;
+        let tls = https.then(|| TlsOptions {
+            ca_file: env(ENV_CACERT).map(PathBuf::from),
+            client_cert: env(ENV_CLIENT_CERT).map(PathBuf::from),
+            client_key: env(ENV_CLIENT_KEY).map(PathBuf::from),
+            insecure: env(ENV_SSL_VERIFY).is_some_and(|v| !truthy(&v)),
+            ..TlsOptions::new(TLS_NAMES)
+        });
+        let opts = ClientOptions {
+            connect_timeout: CONNECT_TIMEOUT,
+            timeout: None,
+        };
+        let client = http::client(opts, tls.as_ref()).map_err(|source| SourceError::Client {
+            url: url.to_string(),
+            source,
+        })?;
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let listener_tx = cmd_tx.clone();
         let wanted = moka::sync::Cache::builder()

@@ -4,6 +4,7 @@
 //! ```text
 //! EDGE_AGENT_REGISTRY=eureka://127.0.0.1:8761/eureka
 //! EDGE_AGENT_REGISTRY=eureka+https://user:secret@eureka-a:8761/eureka?server=eureka-b:8761/eureka&interval=5s
+//! EDGE_AGENT_REGISTRY=eureka+https://eureka:8761/eureka?ca_file=/etc/pki/ca.pem&client_cert=/etc/pki/agent.pem&client_key=/etc/pki/agent.key
 //! ```
 //!
 //! # URL
@@ -18,6 +19,12 @@
 //!   included. Unknown parameters are refused when the URL is parsed, not when it is first used.
 //! - Basic auth from the URL's user info (for every server), else from `EUREKA_USERNAME` and
 //!   `EUREKA_PASSWORD`. Credentials never appear in [`Discovery::describe`], logs or errors.
+//! - TLS (`eureka+https://` only; refused on `eureka://`), the same options as the Consul
+//!   adapter's, applied to every server of the URL: `ca_file=` (PEM bundle added to the roots;
+//!   Consul's `CONSUL_CACERT`), `client_cert=` + `client_key=` (PEM, client authentication;
+//!   `CONSUL_CLIENT_CERT`/`CONSUL_CLIENT_KEY`), `ssl_verify=false` (accept any certificate;
+//!   tests only; `CONSUL_HTTP_SSL_VERIFY`). The files are read when the URL is parsed, so a bad
+//!   path or PEM is refused at start (naming the key and the path), not on the first fetch.
 //!
 //! # Fetching
 //! At start (and after any failure) a full fetch, `GET {base}/apps`; then every interval

@@ -1,10 +1,20 @@
 //! A Eureka source from its URL: servers in failover order, interval, timeout, credentials.
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ::url::Url;
 
 use super::*;
+use crate::http::{self, ClientOptions, TlsNames, TlsOptions};
 use crate::SourceError;
+
+/// The TLS query keys, named after Consul's options (`-ca-file`, `-client-cert`,
+/// `-client-key`; `CONSUL_HTTP_SSL_VERIFY` for `ssl_verify`).
+const TLS_NAMES: TlsNames = TlsNames {
+    ca_file: "ca_file",
+    client_cert: "client_cert",
+    client_key: "client_key",
+};
 
 impl EurekaDiscovery {
     /// From `eureka://…` or `eureka+https://…`, credentials falling back to the environment.
@@ -50,6 +60,7 @@ impl EurekaDiscovery {
         let mut servers = vec![server(host, parsed.port(), parsed.path(), https)];
         let mut interval = DEFAULT_INTERVAL;
         let mut timeout = DEFAULT_TIMEOUT;
+        let mut tls = TlsOptions::new(TLS_NAMES);
         for (key, value) in parsed.query_pairs() {
             match key.as_ref() {
                 "server" => servers.push(parse_server(&value, https).map_err(&invalid)?),
@@ -61,20 +72,38 @@ impl EurekaDiscovery {
                     timeout = crate::parse_duration(&value, MIN_INTERVAL)
                         .map_err(|e| invalid(format!("timeout={value:?}: {e}")))?
                 }
+                "ca_file" | "client_cert" | "client_key" | "ssl_verify" if !https => {
+                    return Err(invalid(format!(
+                        "{key}= is a TLS option: use eureka+https://"
+                    )))
+                }
+                "ca_file" => tls.ca_file = Some(tls_path(&key, &value).map_err(&invalid)?),
+                "client_cert" => tls.client_cert = Some(tls_path(&key, &value).map_err(&invalid)?),
+                "client_key" => tls.client_key = Some(tls_path(&key, &value).map_err(&invalid)?),
+                "ssl_verify" => {
+                    tls.insecure = match value.trim() {
+                        "true" => false,
+                        "false" => true,
+                        _ => return Err(invalid(format!("ssl_verify={value:?}: true or false"))),
+                    }
+                }
                 other => {
                     return Err(invalid(format!(
-                        "unknown parameter {other:?} (known: server, interval, timeout)"
+                        "unknown parameter {other:?} (known: server, interval, timeout, \
+                         ca_file, client_cert, client_key, ssl_verify)"
                     )))
                 }
             }
         }
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .user_agent(concat!("edge-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| invalid(format!("cannot build the HTTP client: {e}")))?;
+        let opts = ClientOptions {
+            connect_timeout: timeout,
+            timeout: Some(timeout),
+        };
+        let client =
+            http::client(opts, https.then_some(&tls)).map_err(|source| SourceError::Client {
+                url: redact(url),
+                source,
+            })?;
         Ok(EurekaDiscovery {
             servers,
             https,
@@ -97,6 +126,15 @@ impl EurekaDiscovery {
     pub fn servers(&self) -> Vec<String> {
         self.servers.iter().map(|s| s.base.clone()).collect()
     }
+}
+
+/// The path a TLS query key names; never empty.
+fn tls_path(key: &str, value: &str) -> Result<PathBuf, String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(format!("{key}= needs a file path"));
+    }
+    Ok(PathBuf::from(value))
 }
 
 /// The URL with any user info removed, for error messages.
@@ -217,5 +255,48 @@ mod tests {
             crate::from_url("eureka+https://eu:1/e").unwrap().kind(),
             "eureka"
         );
+    }
+
+    /// Eureka takes the TLS options Consul has (defect 15): a CA file that is not there is
+    /// refused when the URL is parsed, naming the key and the value; real PEM files build.
+    #[test]
+    fn https_takes_the_tls_options() {
+        let none = |_: &str| None;
+        let err = EurekaDiscovery::from_url_with_env(
+            "eureka+https://u:pw@eu:8443/eureka?ca_file=/nonexistent",
+            none,
+        )
+        .unwrap_err();
+        assert!(matches!(err, SourceError::Client { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(r#"ca_file="/nonexistent""#), "{msg}");
+        assert!(!msg.contains("pw"), "{msg}");
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the cause is kept"
+        );
+
+        let data = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata");
+        let url = format!(
+            "eureka+https://eu:8443/eureka?ca_file={data}/test-cert.pem\
+             &client_cert={data}/test-cert.pem&client_key={data}/test-key.pem&ssl_verify=false"
+        );
+        EurekaDiscovery::from_url_with_env(&url, none).expect("real PEM files build");
+        let only_cert = format!("eureka+https://eu/eureka?client_cert={data}/test-cert.pem");
+        let err = EurekaDiscovery::from_url_with_env(&only_cert, none).unwrap_err();
+        assert!(err.to_string().contains("go together"), "{err}");
+        for bad in [
+            "eureka://eu/eureka?ca_file=/etc/ca.pem",
+            "eureka+https://eu/eureka?ca_file=",
+            "eureka+https://eu/eureka?ssl_verify=maybe",
+        ] {
+            assert!(
+                matches!(
+                    EurekaDiscovery::from_url_with_env(bad, none),
+                    Err(SourceError::Invalid { .. })
+                ),
+                "{bad} accepted"
+            );
+        }
     }
 }
