@@ -6,7 +6,11 @@
 //! reconnect an adapter's first answer is a reset, so endpoints that went away while it was
 //! disconnected do not linger. Adapters never panic on bad registry data: a malformed entry is
 //! skipped with an [`Event::Error`] (kind `parse`), a failed call is reported the same way, and
-//! the agent keeps its last good view.
+//! the agent keeps its last good view. Every instance an adapter delivers has passed
+//! [`check_instance`], so its `host:port` is a valid HTTP authority.
+//!
+//! Registry URLs are read through one table, [`SCHEMES`]: a new adapter is one module plus one
+//! row there.
 //!
 //! This crate knows nothing of HTTP proxying.
 #![forbid(unsafe_code)]
@@ -62,6 +66,45 @@ impl Instance {
     /// `host:port`, with IPv6 hosts bracketed.
     pub fn authority(&self) -> String {
         join_host_port(&self.addr, self.port)
+    }
+}
+
+/// Why an instance from a registry cannot be dialled (see [`check_instance`]).
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidInstance {
+    #[error("no address")]
+    NoAddress,
+    #[error("port 0")]
+    NoPort,
+    #[error("address {addr:?} ({authority:?} is not a valid host:port): {source}")]
+    Address {
+        addr: String,
+        authority: String,
+        #[source]
+        source: ::http::uri::InvalidUri,
+    },
+}
+
+/// Whether an instance can be dialled: a non-empty address that, joined with its port
+/// ([`Instance::authority`]), parses as an HTTP authority (`http::uri::Authority`: `foo bar` and
+/// `é.example` do not), and a port other than 0. Every adapter calls it where instances enter,
+/// skips an instance it refuses and reports it as a `parse` error naming the service, the
+/// instance and the address; the rest of the service is delivered as usual.
+pub fn check_instance(instance: &Instance) -> Result<(), InvalidInstance> {
+    if instance.addr.trim().is_empty() {
+        return Err(InvalidInstance::NoAddress);
+    }
+    if instance.port == 0 {
+        return Err(InvalidInstance::NoPort);
+    }
+    let authority = instance.authority();
+    match ::http::uri::Authority::try_from(authority.as_str()) {
+        Ok(_) => Ok(()),
+        Err(source) => Err(InvalidInstance::Address {
+            addr: instance.addr.clone(),
+            authority,
+            source,
+        }),
     }
 }
 
@@ -363,6 +406,35 @@ mod tests {
     fn ipv6_authority_is_bracketed() {
         assert_eq!(Instance::new("::1", 80).authority(), "[::1]:80");
         assert_eq!(Instance::new("127.0.0.1", 80).authority(), "127.0.0.1:80");
+    }
+
+    #[test]
+    fn instances_that_cannot_be_dialled_are_refused() {
+        for good in [
+            Instance::new("10.0.0.1", 80),
+            Instance::new("::1", 8080),
+            Instance::new("[::1]", 8080),
+            Instance::new("svc-1.internal", 443),
+            Instance::new("my_host", 1),
+        ] {
+            assert!(check_instance(&good).is_ok(), "{good:?}");
+        }
+        for (addr, port, want) in [
+            ("foo bar", 80, "\"foo bar\""),
+            ("é.example", 80, "\"é.example\""),
+            ("a/b", 80, "\"a/b\""),
+            ("", 80, "no address"),
+            (" ", 80, "no address"),
+            ("10.0.0.1", 0, "port 0"),
+        ] {
+            let err = check_instance(&Instance::new(addr, port)).unwrap_err();
+            assert!(err.to_string().contains(want), "{addr:?}: {err}");
+        }
+        let err = check_instance(&Instance::new("foo bar", 80)).unwrap_err();
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the cause is kept"
+        );
     }
 
     #[test]

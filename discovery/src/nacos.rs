@@ -58,8 +58,10 @@
 //! 0 means no traffic); healthy = `healthy && enabled` — instances Nacos marks unhealthy or
 //! disabled are kept in the set with `healthy = false` and carry no traffic. Metadata: the
 //! instance's metadata plus `cluster` and `ephemeral`; zone from metadata `zone`. With
-//! `clusters=` set, instances of other clusters are dropped client-side too. Ports outside
-//! 1..=65535 are skipped with a `parse` error.
+//! `clusters=` set, instances of other clusters are dropped client-side too. An instance whose
+//! port is outside 1..=65535 or whose address is not a valid host ([`crate::check_instance`])
+//! is skipped with a `parse` error naming the service, the instance and the address; the rest
+//! of the set is delivered.
 //!
 //! [`get_service_list`]: nacos_sdk::api::naming::NamingService::get_service_list
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -314,27 +316,57 @@ impl NacosDiscovery {
         Ok(names)
     }
 
-    async fn query(&self, naming: &NamingService, name: &str) -> Result<Vec<Instance>, String> {
+    async fn query(
+        &self,
+        naming: &NamingService,
+        name: &str,
+    ) -> Result<Vec<ServiceInstance>, String> {
         let call =
             naming.get_all_instances(name.to_string(), self.group(), self.clusters.clone(), false);
         match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Ok(Ok(set)) => Ok(self.map_set(&set)),
+            Ok(Ok(set)) => Ok(set),
             Ok(Err(e)) => Err(format!("query {name:?}: {e}")),
             Err(_) => Err(format!("query {name:?}: no answer within {CALL_TIMEOUT:?}")),
         }
     }
 
-    fn map_set(&self, set: &[ServiceInstance]) -> Vec<Instance> {
-        set.iter()
-            .filter(|i| {
-                self.clusters.is_empty()
-                    || self
-                        .clusters
-                        .iter()
-                        .any(|c| Some(c) == i.cluster_name.as_ref())
-            })
-            .filter_map(|i| map_instance(i).ok())
-            .collect()
+    /// The instances of `set` in the source's clusters, and one message per instance skipped
+    /// because it could not be mapped (bad port or address).
+    fn map_set(&self, set: &[ServiceInstance]) -> (Vec<Instance>, Vec<String>) {
+        let mut out = Vec::with_capacity(set.len());
+        let mut problems = Vec::new();
+        let wanted = set.iter().filter(|i| {
+            self.clusters.is_empty()
+                || self
+                    .clusters
+                    .iter()
+                    .any(|c| Some(c) == i.cluster_name.as_ref())
+        });
+        for i in wanted {
+            match map_instance(i) {
+                Ok(inst) => out.push(inst),
+                Err(e) => problems.push(format!("{e}; skipped")),
+            }
+        }
+        (out, problems)
+    }
+
+    /// Sends `set` as the complete set of `service`, then a `parse` error per instance skipped.
+    /// `false` when the agent has gone away.
+    async fn send_set(&self, sink: &Sink, service: String, set: &[ServiceInstance]) -> bool {
+        let (instances, problems) = self.map_set(set);
+        let ev = Event::Service {
+            service: service.clone(),
+            update: Update::Reset(instances),
+        };
+        if !sink.send(ev).await {
+            return false;
+        }
+        for p in problems {
+            sink.error(ErrorKind::Parse, format!("nacos service {service}: {p}"))
+                .await;
+        }
+        true
     }
 }
 
@@ -367,6 +399,7 @@ pub fn map_instance(i: &ServiceInstance) -> Result<Instance, String> {
     inst.healthy = i.healthy && i.enabled;
     inst.zone = metadata.get("zone").cloned();
     inst.metadata = metadata;
+    crate::check_instance(&inst).map_err(|e| format!("instance {:?}: {e}", inst.id))?;
     Ok(inst)
 }
 
@@ -430,11 +463,8 @@ impl NacosDiscovery {
                 }
                 Some((name, set)) = push_rx.recv() => {
                     let service = name.to_ascii_lowercase();
-                    if subscribed.contains_key(&service) {
-                        let update = Update::Reset(self.map_set(&set));
-                        if !sink.send(Event::Service { service, update }).await {
-                            return;
-                        }
+                    if subscribed.contains_key(&service) && !self.send_set(&sink, service, &set).await {
+                        return;
                     }
                 }
             }
@@ -501,11 +531,7 @@ impl NacosDiscovery {
             for (service, real) in resync.into_iter().chain(new) {
                 match self.query(&naming, &real).await {
                     Ok(set) => {
-                        let ev = Event::Service {
-                            service: service.clone(),
-                            update: Update::Reset(set),
-                        };
-                        if !sink.send(ev).await {
+                        if !self.send_set(&sink, service.clone(), &set).await {
                             return;
                         }
                     }
@@ -655,6 +681,42 @@ mod tests {
         i.port = 70000;
         assert!(map_instance(&i).is_err());
         assert_eq!(weight_of(1.0), 100);
+    }
+
+    /// Defect 1: in a service's set, the instance with a bad address is skipped and named, the
+    /// rest are delivered (before, a bad port was dropped silently and a bad address kept).
+    #[test]
+    fn a_set_keeps_its_good_instances_and_names_the_bad_ones() {
+        let s = src("nacos://h", &[]).unwrap();
+        let one = |ip: &str, port: i32| ServiceInstance {
+            ip: ip.into(),
+            port,
+            cluster_name: Some("c".into()),
+            ..Default::default()
+        };
+        let set = [one("10.0.0.1", 80), one("foo bar", 80), one("10.0.0.3", 0)];
+        let (instances, problems) = s.map_set(&set);
+        let ids: Vec<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["10.0.0.1:80#c"]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("\"foo bar\""), "{problems:?}");
+        assert!(problems[1].contains("10.0.0.3:0"), "{problems:?}");
+    }
+
+    /// Defect 1: an address `http::uri::Authority` refuses is refused, naming the instance and
+    /// the address.
+    #[test]
+    fn an_address_that_cannot_be_dialled_is_refused_by_name() {
+        for ip in ["foo bar", "é.example", ""] {
+            let i = ServiceInstance {
+                ip: ip.into(),
+                port: 8080,
+                cluster_name: Some("a".into()),
+                ..Default::default()
+            };
+            let err = map_instance(&i).unwrap_err();
+            assert!(err.contains(&format!("{ip}:8080#a")), "{err}");
+        }
         assert_eq!(weight_of(0.0), 0);
         assert_eq!(weight_of(-1.0), 0);
         assert_eq!(weight_of(f64::NAN), 0);

@@ -222,6 +222,10 @@ pub fn parse_health(body: &Value) -> Result<(Vec<Instance>, Vec<String>), String
         let addr = addr.trim_start_matches('[').trim_end_matches(']');
         let mut inst = Instance::new(addr, port);
         inst.id = id.clone();
+        if let Err(e) = crate::check_instance(&inst) {
+            problems.push(format!("instance {id:?}: {e}; skipped"));
+            continue;
+        }
         inst.weight = match svc.weights.and_then(|w| w.passing) {
             None => DEFAULT_WEIGHT,
             Some(w) => match u32::try_from(w) {
@@ -329,6 +333,32 @@ mod tests {
         assert!(problems[0].contains("n3/web-3"), "{problems:?}");
         assert!(parse_health(&serde_json::json!({"x": 1})).is_err());
         assert_eq!(parse_health(&Value::Null).unwrap().0, vec![]);
+    }
+
+    /// Defect 1: an address `http::uri::Authority` refuses is skipped with a problem naming the
+    /// instance and the address; the rest of the answer is used.
+    #[test]
+    fn an_address_that_cannot_be_dialled_is_skipped_and_named() {
+        let body = serde_json::json!([
+            {"Node": {"Node": "n1", "Address": "10.0.0.1"},
+             "Service": {"ID": "good", "Service": "web", "Port": 8080}},
+            {"Node": {"Node": "n2", "Address": "10.0.0.2"},
+             "Service": {"ID": "spaced", "Service": "web", "Address": "foo bar", "Port": 8080}},
+            {"Node": {"Node": "n3", "Address": "é.example"},
+             "Service": {"ID": "accented", "Service": "web", "Port": 8080}}
+        ]);
+        let (set, problems) = parse_health(&body).unwrap();
+        let ids: Vec<&str> = set.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["n1/good"]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].contains("n2/spaced") && problems[0].contains("\"foo bar\""),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].contains("n3/accented") && problems[1].contains("\"é.example\""),
+            "{problems:?}"
+        );
     }
 
     #[test]

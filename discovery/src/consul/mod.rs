@@ -76,7 +76,9 @@
 //!
 //! # Mapping
 //! Identity `<node>/<service id>`; address `Service.Address`, else `Node.Address`; port
-//! `Service.Port` (entries without one are skipped with a `parse` error); weight
+//! `Service.Port` (entries without one, or whose address is not a valid host — see
+//! [`crate::check_instance`] — are skipped with a `parse` error naming the instance and the
+//! address); weight
 //! `Service.Weights.Passing` (default [`DEFAULT_WEIGHT`]); healthy (only passing instances are
 //! asked for). Metadata: `Service.Meta` keys as-is, plus `tags` (comma-joined) and `node` unless
 //! the meta has its own. Zone: meta `zone`.

@@ -53,8 +53,9 @@
 //! - Eureka's JSON quirks are accepted: `application` and `instance` as an array or a single
 //!   object, `port` as `{"$": 9001, "@enabled": "true"}` with `$` a number or string and
 //!   `@enabled` a string or boolean (or a bare number). Timestamps are not read.
-//! - Leniency: one malformed instance is skipped with a `parse` error event naming the app, the
-//!   instance and the field; the rest of the answer is used. Its status still counts in the hash,
+//! - Leniency: one malformed instance (an address that is not a valid host, see
+//!   [`crate::check_instance`], included) is skipped with a `parse` error event naming the app,
+//!   the instance and the field; the rest of the answer is used. Its status still counts in the hash,
 //!   so a broken entry does not force a full fetch every interval. An answer without an
 //!   `applications` object is refused whole.
 //!

@@ -228,6 +228,7 @@ fn parse_instance(v: &Value) -> Result<(String, Action, Entry, Vec<String>), Str
         }
         let mut inst = Instance::new(addr.trim(), port);
         inst.id = id.clone();
+        crate::check_instance(&inst).map_err(|e| e.to_string())?;
         inst.healthy = status == STATUS_UP;
         if let Some(w) = metadata.get("weight") {
             match w.trim().parse::<u32>() {
@@ -373,6 +374,40 @@ pub(super) mod tests {
             "{:?}",
             answer.problems
         );
+    }
+
+    /// Defect 1: an address `http::uri::Authority` refuses is skipped with a problem naming the
+    /// app, the instance and the address; it still counts in the hash.
+    #[test]
+    fn an_address_that_cannot_be_dialled_is_skipped_named_and_still_counted() {
+        let mut spaced = inst("spaced", "UP", 9002, "ADDED");
+        spaced["ipAddr"] = serde_json::json!("foo bar");
+        let mut accented = inst("accented", "UP", 9003, "ADDED");
+        accented["ipAddr"] = serde_json::json!(null);
+        accented["hostName"] = serde_json::json!("é.example");
+        let v = apps(
+            "UP_3_",
+            "HELLO",
+            vec![inst("good", "UP", 9001, "ADDED"), spaced, accented],
+        );
+        let answer = parse_answer(&v).unwrap();
+        assert_eq!(answer.problems.len(), 2, "{:?}", answer.problems);
+        let p = &answer.problems;
+        assert!(
+            p[0].contains("HELLO") && p[0].contains("\"spaced\"") && p[0].contains("\"foo bar\""),
+            "{p:?}"
+        );
+        assert!(
+            p[1].contains("\"accented\"") && p[1].contains("\"é.example\""),
+            "{p:?}"
+        );
+        let reg = Registry::from_full(&answer);
+        let ids: Vec<String> = reg.snapshot()["hello"]
+            .iter()
+            .map(|i| i.id.clone())
+            .collect();
+        assert_eq!(ids, ["good"]);
+        assert_eq!(reg.hashcode(), "UP_3_");
     }
 
     #[test]
