@@ -246,6 +246,32 @@ pub trait Discovery: Send + Sync + 'static {
     }
 }
 
+/// The agent's state directory variable, read by adapters that keep files of their own.
+pub const ENV_STATE_DIR: &str = "EDGE_AGENT_STATE_DIR";
+
+/// The agent's state directory as `env` gives it: `EDGE_AGENT_STATE_DIR` when set, else
+/// `/var/lib/edge-agent` for root, else `$XDG_STATE_HOME/edge-agent` or
+/// `~/.local/state/edge-agent`; `None` when none of these can be found. (The agent's own
+/// default, in `src/`, is the same.)
+pub fn state_dir(env: impl Fn(&str) -> Option<String>) -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let set = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    if let Some(dir) = set(ENV_STATE_DIR) {
+        return Some(PathBuf::from(dir));
+    }
+    // /proc/self belongs to the effective user.
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if root {
+        Some(PathBuf::from("/var/lib/edge-agent"))
+    } else if let Some(xdg) = set("XDG_STATE_HOME") {
+        Some(PathBuf::from(xdg).join("edge-agent"))
+    } else {
+        set("HOME").map(|home| PathBuf::from(home).join(".local/state/edge-agent"))
+    }
+}
+
 /// Longest duration a registry URL may give (intervals, waits, TTLs): a year. Longer values are
 /// typos, and some libraries panic on them (moka refuses a time-to-idle over 1,000 years).
 pub const MAX_URL_DURATION: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);

@@ -18,7 +18,7 @@
 //!   (default `DEFAULT_GROUP`; one group per source — add another source for another group),
 //!   `clusters` (comma-separated; empty means all), `list_interval` (service-list poll, default
 //!   [`DEFAULT_LIST_INTERVAL`]), `grpc_port`, `cache_dir` (the SDK's write-only disk cache,
-//!   default `<tmp>/edge-agent-nacos`). Durations take `ms`, `s`, `m`. Unknown parameters are
+//!   default this source's own directory, see below). Durations take `ms`, `s`, `m`. Unknown parameters are
 //!   refused.
 //! - Credentials: `NACOS_USERNAME` / `NACOS_PASSWORD` (HTTP login, token refreshed by the SDK).
 //!   Never in the URL, never in [`Discovery::describe`], `Debug` or logs. Access-key (Aliyun
@@ -43,7 +43,15 @@
 //!   push. Protection against a suspicious mass removal is the agent's guard.
 //! - `naming_load_cache_at_start(false)`: the SDK's disk cache is never read, so it cannot
 //!   resurrect instances older than the agent's own last good view (the agent has its own disk
-//!   snapshot). The SDK still writes it (to `cache_dir`).
+//!   snapshot). The SDK still writes it: nacos-sdk 0.8.3 always attaches its disk store (there
+//!   is no option to turn it off), so it goes to a directory of this source's own,
+//!   `<state dir>/nacos-sdk-cache/<servers>@<namespace>@<group>` (characters other than
+//!   letters, digits, `.`, `_`, `-` replaced by `_`), created with mode `0700` before the SDK
+//!   starts. The state directory is `EDGE_AGENT_STATE_DIR`, else the agent's default
+//!   ([`crate::state_dir`]); the variable is read from the environment, so a `--state-dir` flag
+//!   given to the agent instead of the variable is not seen here. `cache_dir=` overrides the
+//!   location (used as given, permissions left to its owner). Before, every agent on the host
+//!   shared the predictable `/tmp/edge-agent-nacos/`.
 //!
 //! # Outages and reconnect
 //! The SDK reconnects its gRPC stream by itself and re-subscribes (its "redo" tasks). But its
@@ -66,6 +74,7 @@
 //! [`get_service_list`]: nacos_sdk::api::naming::NamingService::get_service_list
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -93,6 +102,8 @@ pub const LIST_PAGE: i32 = 500;
 pub const MAX_PAGES: i32 = 100;
 /// Default port of a Nacos server.
 pub const DEFAULT_PORT: u16 = 8848;
+/// Under the state directory, the folder holding each source's SDK cache directory.
+pub const CACHE_SUBDIR: &str = "nacos-sdk-cache";
 /// Retry delay after the client could not be built.
 pub const BUILD_RETRY: Duration = Duration::from_secs(1);
 
@@ -118,7 +129,7 @@ pub struct NacosDiscovery {
     clusters: Vec<String>,
     list_interval: Duration,
     grpc_port: Option<u16>,
-    cache_dir: std::path::PathBuf,
+    cache_dir: CacheDir,
     username: Option<String>,
     password: Option<Secret>,
     /// Lower-cased name → name as Nacos spells it, once a list call succeeded.
@@ -134,6 +145,51 @@ impl fmt::Debug for NacosDiscovery {
             .field("password", &self.password)
             .finish_non_exhaustive()
     }
+}
+
+/// Where the SDK writes its disk cache (which nothing reads: see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CacheDir {
+    /// `cache_dir=` from the URL, used as it is.
+    Given(PathBuf),
+    /// This source's own directory under the state directory, created `0700` before the SDK
+    /// starts.
+    Own(PathBuf),
+}
+
+impl CacheDir {
+    fn path(&self) -> &Path {
+        match self {
+            CacheDir::Given(p) | CacheDir::Own(p) => p,
+        }
+    }
+
+    /// Creates the source's own directory (and any missing parent) with mode `0700`, and
+    /// narrows an existing one to `0700`. A `cache_dir=` directory is left to its owner.
+    fn prepare(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let CacheDir::Own(dir) = self else {
+            return Ok(());
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    }
+}
+
+/// `s` as one path component: ASCII letters, digits, `.`, `_` and `-` kept, anything else `_`.
+fn file_name(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// `host[:port]` → `host:port` (default port 8848), validated.
@@ -191,7 +247,7 @@ impl NacosDiscovery {
         let mut clusters = Vec::new();
         let mut list_interval = DEFAULT_LIST_INTERVAL;
         let mut grpc_port = None;
-        let mut cache_dir = std::env::temp_dir().join("edge-agent-nacos");
+        let mut cache_dir = None;
         for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
             let value = value.trim().to_string();
             match key.as_ref() {
@@ -220,7 +276,7 @@ impl NacosDiscovery {
                             .ok_or_else(|| invalid(format!("grpc_port={value:?}")))?,
                     )
                 }
-                "cache_dir" if !value.is_empty() => cache_dir = value.into(),
+                "cache_dir" if !value.is_empty() => cache_dir = Some(PathBuf::from(value)),
                 other => return Err(invalid(format!("unknown parameter {other:?}"))),
             }
         }
@@ -240,6 +296,27 @@ impl NacosDiscovery {
                 "set both {ENV_USERNAME} and {ENV_PASSWORD}, or neither"
             )));
         }
+        let cache_dir = match cache_dir {
+            Some(dir) => CacheDir::Given(dir),
+            None => {
+                let state = crate::state_dir(env).ok_or_else(|| {
+                    invalid(format!(
+                        "no directory for the Nacos SDK's cache: set {} or cache_dir=",
+                        crate::ENV_STATE_DIR
+                    ))
+                })?;
+                let source = format!(
+                    "{}@{}@{group}",
+                    servers.join(","),
+                    if namespace.is_empty() {
+                        "public"
+                    } else {
+                        &namespace
+                    }
+                );
+                CacheDir::Own(state.join(CACHE_SUBDIR).join(file_name(&source)))
+            }
+        };
         let (want_tx, want_rx) = mpsc::unbounded_channel();
         Ok(NacosDiscovery {
             servers,
@@ -273,7 +350,7 @@ impl NacosDiscovery {
             .app_name("edge-agent")
             .naming_push_empty_protection(false)
             .naming_load_cache_at_start(false)
-            .cache_dir(self.cache_dir.clone());
+            .cache_dir(self.cache_dir.path().to_path_buf());
         if let Some(port) = self.grpc_port {
             p = p.remote_grpc_port(port);
         }
@@ -430,6 +507,17 @@ impl NacosDiscovery {
             return;
         };
         let naming = loop {
+            if let Err(e) = self.cache_dir.prepare() {
+                let msg = format!(
+                    "nacos: SDK cache directory {}: {e}",
+                    self.cache_dir.path().display()
+                );
+                if !sink.error(ErrorKind::Io, msg).await {
+                    return;
+                }
+                tokio::time::sleep(BUILD_RETRY).await;
+                continue;
+            }
             match self.client().await {
                 Ok(c) => break c,
                 Err(e) => {
@@ -658,6 +746,49 @@ mod tests {
             .contains("pw"));
         assert!(src("nacos://h", &[("NACOS_USERNAME", "u")]).is_err());
         assert!(src("nacos://h", &[("NACOS_ACCESS_KEY", "k")]).is_err());
+    }
+
+    /// Defect 21: the SDK's cache goes to this source's own `0700` directory under the state
+    /// directory, not to the shared `/tmp/edge-agent-nacos/`. The SDK creates its store's
+    /// folders before it connects, so no Nacos server is needed to see where they go.
+    #[tokio::test]
+    async fn the_sdk_cache_is_private_to_the_source() {
+        use std::os::unix::fs::PermissionsExt;
+        let state = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("nacos://127.0.0.1:{port}?namespace=dev&group=G");
+        let state_str = state.path().to_str().unwrap();
+        let s = src(&url, &[("EDGE_AGENT_STATE_DIR", state_str)]).unwrap();
+        let dir = state
+            .path()
+            .join(CACHE_SUBDIR)
+            .join(format!("127.0.0.1_{port}_dev_G"));
+        assert_eq!(s.cache_dir, CacheDir::Own(dir.clone()));
+        assert!(!dir.starts_with(std::env::temp_dir().join("edge-agent-nacos")));
+        // cache_dir= is used as given.
+        let given = src(&format!("{url}&cache_dir=/srv/nacos"), &[]).unwrap();
+        assert_eq!(given.cache_dir, CacheDir::Given("/srv/nacos".into()));
+
+        let (tx, _rx) = mpsc::channel(64);
+        let task = tokio::spawn(Arc::new(s).run(Sink::new(0, tx)));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !dir.join("naming").is_dir() {
+            assert!(
+                Instant::now() < deadline,
+                "the SDK wrote nothing under {}",
+                dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        task.abort();
+        for d in [state.path().join(CACHE_SUBDIR), dir] {
+            let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
     }
 
     #[test]
