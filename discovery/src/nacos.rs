@@ -63,8 +63,14 @@
 //!
 //! # Mapping
 //! Identity `ip:port#cluster`; weight `round(w × 100)` (Nacos weights are floats, 1.0 → 100;
-//! 0 means no traffic); healthy = `healthy && enabled` — instances Nacos marks unhealthy or
-//! disabled are kept in the set with `healthy = false` and carry no traffic. Metadata: the
+//! 0 means no traffic); healthy = `healthy && enabled`. Which instances reach the set is the
+//! server's choice, and for disabled ones the usual answer is none: rnacos 0.8.8 (the server
+//! the integration tests run) leaves instances with `enabled = false` out of every instance
+//! list it sends, direct queries and pushes alike, so a disabled instance is *absent* from the
+//! set (as if deregistered) until it is enabled again. Unhealthy instances are asked for too
+//! (the adapter does not request healthy ones only): where the server lists them they stay in
+//! the set with `healthy = false`, where it drops them they are absent; either way they carry
+//! no traffic. A disabled instance that a server does list is kept with `healthy = false`. Metadata: the
 //! instance's metadata plus `cluster` and `ephemeral`; zone from metadata `zone`. With
 //! `clusters=` set, instances of other clusters are dropped client-side too. An instance whose
 //! port is outside 1..=65535 or whose address is not a valid host ([`crate::check_instance`])
