@@ -30,6 +30,12 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     edge_agent::init_logging(config.log_json);
+    // Adapters that keep files of their own (the Nacos SDK's cache) read the state directory
+    // from the environment; a `--state-dir` flag given instead of the variable is passed on.
+    // Set before any thread starts.
+    if let Some(dir) = &config.state_dir {
+        std::env::set_var(discovery::ENV_STATE_DIR, dir);
+    }
     // One worker (`TOKIO_WORKER_THREADS=1`): a current-thread runtime, which skips the
     // work-stealing scheduler's cross-thread bookkeeping on every wake-up (BENCHMARKS.md, #8).
     // Otherwise tokio's multi-thread runtime, one worker per CPU unless that variable says.

@@ -35,22 +35,10 @@ pub struct SavedView {
 }
 
 /// The state directory when `EDGE_AGENT_STATE_DIR` is unset: `/var/lib/edge-agent` for root,
-/// else `$XDG_STATE_HOME/edge-agent` or `~/.local/state/edge-agent`.
+/// else `$XDG_STATE_HOME/edge-agent` or `~/.local/state/edge-agent` (the same rule the Nacos
+/// adapter uses for its SDK cache: `discovery::state_dir`).
 pub fn default_dir() -> Option<PathBuf> {
-    if nix_is_root() {
-        return Some(PathBuf::from("/var/lib/edge-agent"));
-    }
-    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
-        return Some(PathBuf::from(x).join("edge-agent"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/edge-agent"))
-}
-
-fn nix_is_root() -> bool {
-    // The owner of /proc/self is the effective user; no libc call needed.
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false)
+    discovery::state_dir(|k| std::env::var(k).ok())
 }
 
 /// Reads the snapshot in `dir`. `Ok(None)` when there is none; `Err` (a message) when it is

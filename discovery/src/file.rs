@@ -157,6 +157,9 @@ fn instance(value: toml::Value) -> Result<Instance, String> {
     inst.healthy = raw.healthy.unwrap_or(true);
     inst.zone = raw.zone;
     inst.metadata = raw.metadata;
+    // Always passes after the `ip:port` parse above; kept so every adapter admits instances
+    // through the same check.
+    crate::check_instance(&inst).map_err(|e| e.to_string())?;
     Ok(inst)
 }
 

@@ -6,7 +6,11 @@
 //! reconnect an adapter's first answer is a reset, so endpoints that went away while it was
 //! disconnected do not linger. Adapters never panic on bad registry data: a malformed entry is
 //! skipped with an [`Event::Error`] (kind `parse`), a failed call is reported the same way, and
-//! the agent keeps its last good view.
+//! the agent keeps its last good view. Every instance an adapter delivers has passed
+//! [`check_instance`], so its `host:port` is a valid HTTP authority.
+//!
+//! Registry URLs are read through one table, [`SCHEMES`]: a new adapter is one module plus one
+//! row there.
 //!
 //! This crate knows nothing of HTTP proxying.
 #![forbid(unsafe_code)]
@@ -23,6 +27,7 @@ pub mod consul;
 pub mod eureka;
 pub mod file;
 mod http;
+pub use http::ClientError;
 pub mod nacos;
 
 /// One instance of a service as a registry reports it.
@@ -61,6 +66,45 @@ impl Instance {
     /// `host:port`, with IPv6 hosts bracketed.
     pub fn authority(&self) -> String {
         join_host_port(&self.addr, self.port)
+    }
+}
+
+/// Why an instance from a registry cannot be dialled (see [`check_instance`]).
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidInstance {
+    #[error("no address")]
+    NoAddress,
+    #[error("port 0")]
+    NoPort,
+    #[error("address {addr:?} ({authority:?} is not a valid host:port): {source}")]
+    Address {
+        addr: String,
+        authority: String,
+        #[source]
+        source: ::http::uri::InvalidUri,
+    },
+}
+
+/// Whether an instance can be dialled: a non-empty address that, joined with its port
+/// ([`Instance::authority`]), parses as an HTTP authority (`http::uri::Authority`: `foo bar` and
+/// `é.example` do not), and a port other than 0. Every adapter calls it where instances enter,
+/// skips an instance it refuses and reports it as a `parse` error naming the service, the
+/// instance and the address; the rest of the service is delivered as usual.
+pub fn check_instance(instance: &Instance) -> Result<(), InvalidInstance> {
+    if instance.addr.trim().is_empty() {
+        return Err(InvalidInstance::NoAddress);
+    }
+    if instance.port == 0 {
+        return Err(InvalidInstance::NoPort);
+    }
+    let authority = instance.authority();
+    match ::http::uri::Authority::try_from(authority.as_str()) {
+        Ok(_) => Ok(()),
+        Err(source) => Err(InvalidInstance::Address {
+            addr: instance.addr.clone(),
+            authority,
+            source,
+        }),
     }
 }
 
@@ -172,7 +216,7 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// A registry adapter.
 pub trait Discovery: Send + Sync + 'static {
-    /// Short label for metrics and logs: `file`, `consul`, `nacos`, `eureka`.
+    /// Short label for metrics and logs: the `kind` of the source's row in [`SCHEMES`].
     fn kind(&self) -> &'static str;
 
     /// Where the source points, with any secret removed, for logs and `/upstreams`.
@@ -199,6 +243,32 @@ pub trait Discovery: Send + Sync + 'static {
     /// their whole catalog ignore it.
     fn watch(&self, _service: &str) -> bool {
         true
+    }
+}
+
+/// The agent's state directory variable, read by adapters that keep files of their own.
+pub const ENV_STATE_DIR: &str = "EDGE_AGENT_STATE_DIR";
+
+/// The agent's state directory as `env` gives it: `EDGE_AGENT_STATE_DIR` when set, else
+/// `/var/lib/edge-agent` for root, else `$XDG_STATE_HOME/edge-agent` or
+/// `~/.local/state/edge-agent`; `None` when none of these can be found. (The agent's own
+/// default, in `src/`, is the same.)
+pub fn state_dir(env: impl Fn(&str) -> Option<String>) -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let set = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    if let Some(dir) = set(ENV_STATE_DIR) {
+        return Some(PathBuf::from(dir));
+    }
+    // /proc/self belongs to the effective user.
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if root {
+        Some(PathBuf::from("/var/lib/edge-agent"))
+    } else if let Some(xdg) = set("XDG_STATE_HOME") {
+        Some(PathBuf::from(xdg).join("edge-agent"))
+    } else {
+        set("HOME").map(|home| PathBuf::from(home).join(".local/state/edge-agent"))
     }
 }
 
@@ -236,42 +306,122 @@ pub fn parse_duration(s: &str, min: std::time::Duration) -> Result<std::time::Du
 }
 
 /// Errors building a source from its URL.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("registry URL {url:?}: {reason}")]
     Invalid { url: String, reason: String },
-    #[error("registry URL {url:?}: scheme {scheme:?} is not supported (supported: file, eureka, consul, nacos)")]
+    /// The HTTP client could not be built from the source's TLS options.
+    #[error("registry URL {url:?}: {source}")]
+    Client {
+        url: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error(
+        "registry URL {url:?}: scheme {scheme:?} is not supported (supported: {})",
+        supported_schemes()
+    )]
     Unsupported { url: String, scheme: String },
 }
 
-/// Builds a source from a registry URL (`file:///abs/path.toml`, `file://relative/path.toml`).
-pub fn from_url(url: &str) -> Result<Arc<dyn Discovery>, SourceError> {
-    let url = url.trim();
-    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
-    match scheme {
-        "file" => Ok(Arc::new(file::FileDiscovery::from_url(url)?)),
-        "eureka" | "eureka+https" => Ok(Arc::new(eureka::EurekaDiscovery::from_url(url)?)),
-        "consul" | "consul+https" => Ok(Arc::new(consul::ConsulDiscovery::from_url(url)?)),
-        "nacos" => Ok(Arc::new(nacos::NacosDiscovery::from_url(url)?)),
-        "" => Err(SourceError::Invalid {
-            url: url.to_string(),
-            reason: "expected scheme://…, e.g. file:///etc/edge-agent/services.toml".into(),
-        }),
-        other => Err(SourceError::Unsupported {
-            url: url.to_string(),
-            scheme: other.to_string(),
-        }),
+/// One registry URL scheme: what `EDGE_AGENT_REGISTRY` may start with, the kind of source it
+/// builds, and how to build it.
+#[derive(Clone, Copy)]
+pub struct Scheme {
+    /// The URL scheme, before `://`.
+    pub scheme: &'static str,
+    /// The source's kind: what its [`Discovery::kind`] returns and what an upstream's `source`
+    /// names in the agent's configuration. Several schemes may share one kind.
+    pub kind: &'static str,
+    /// Builds a source from a whole URL of this scheme.
+    pub build: fn(&str) -> Result<Arc<dyn Discovery>, SourceError>,
+}
+
+impl fmt::Debug for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scheme")
+            .field("scheme", &self.scheme)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
     }
 }
 
-/// Kinds of registry (temporary; replaced by the schemes table).
+/// Every registry URL scheme, in the order error messages and [`kinds`] list them. A new
+/// registry adapter is one module plus one row here.
+pub const SCHEMES: &[Scheme] = &[
+    Scheme {
+        scheme: "file",
+        kind: "file",
+        build: |url| Ok(Arc::new(file::FileDiscovery::from_url(url)?)),
+    },
+    Scheme {
+        scheme: "eureka",
+        kind: "eureka",
+        build: |url| Ok(Arc::new(eureka::EurekaDiscovery::from_url(url)?)),
+    },
+    Scheme {
+        scheme: "eureka+https",
+        kind: "eureka",
+        build: |url| Ok(Arc::new(eureka::EurekaDiscovery::from_url(url)?)),
+    },
+    Scheme {
+        scheme: "consul",
+        kind: "consul",
+        build: |url| Ok(Arc::new(consul::ConsulDiscovery::from_url(url)?)),
+    },
+    Scheme {
+        scheme: "consul+https",
+        kind: "consul",
+        build: |url| Ok(Arc::new(consul::ConsulDiscovery::from_url(url)?)),
+    },
+    Scheme {
+        scheme: "nacos",
+        kind: "nacos",
+        build: |url| Ok(Arc::new(nacos::NacosDiscovery::from_url(url)?)),
+    },
+];
+
+/// The distinct source kinds of [`SCHEMES`], in table order: `file`, `eureka`, `consul`,
+/// `nacos`.
 pub fn kinds() -> Vec<&'static str> {
-    vec!["file", "eureka", "consul", "nacos"]
+    let mut out: Vec<&'static str> = Vec::new();
+    for s in SCHEMES {
+        if !out.contains(&s.kind) {
+            out.push(s.kind);
+        }
+    }
+    out
 }
 
-/// Whether `name` is a registry kind.
+/// Whether `name` is the kind of some source (`consul`, …), as an upstream's `source` must be.
 pub fn is_kind(name: &str) -> bool {
-    kinds().contains(&name)
+    SCHEMES.iter().any(|s| s.kind == name)
+}
+
+/// `file, eureka, eureka+https, …`: the schemes of [`SCHEMES`] for messages.
+fn supported_schemes() -> String {
+    let names: Vec<&str> = SCHEMES.iter().map(|s| s.scheme).collect();
+    names.join(", ")
+}
+
+/// Builds a source from a registry URL (`file:///abs/path.toml`, `consul://127.0.0.1:8500`, …),
+/// by its scheme's row in [`SCHEMES`].
+pub fn from_url(url: &str) -> Result<Arc<dyn Discovery>, SourceError> {
+    let url = url.trim();
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    if scheme.is_empty() {
+        return Err(SourceError::Invalid {
+            url: url.to_string(),
+            reason: "expected scheme://…, e.g. file:///etc/edge-agent/services.toml".into(),
+        });
+    }
+    match SCHEMES.iter().find(|s| s.scheme == scheme) {
+        Some(s) => (s.build)(url),
+        None => Err(SourceError::Unsupported {
+            url: url.to_string(),
+            scheme: scheme.to_string(),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -282,6 +432,35 @@ mod tests {
     fn ipv6_authority_is_bracketed() {
         assert_eq!(Instance::new("::1", 80).authority(), "[::1]:80");
         assert_eq!(Instance::new("127.0.0.1", 80).authority(), "127.0.0.1:80");
+    }
+
+    #[test]
+    fn instances_that_cannot_be_dialled_are_refused() {
+        for good in [
+            Instance::new("10.0.0.1", 80),
+            Instance::new("::1", 8080),
+            Instance::new("[::1]", 8080),
+            Instance::new("svc-1.internal", 443),
+            Instance::new("my_host", 1),
+        ] {
+            assert!(check_instance(&good).is_ok(), "{good:?}");
+        }
+        for (addr, port, want) in [
+            ("foo bar", 80, "\"foo bar\""),
+            ("é.example", 80, "\"é.example\""),
+            ("a/b", 80, "\"a/b\""),
+            ("", 80, "no address"),
+            (" ", 80, "no address"),
+            ("10.0.0.1", 0, "port 0"),
+        ] {
+            let err = check_instance(&Instance::new(addr, port)).unwrap_err();
+            assert!(err.to_string().contains(want), "{addr:?}: {err}");
+        }
+        let err = check_instance(&Instance::new("foo bar", 80)).unwrap_err();
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the cause is kept"
+        );
     }
 
     #[test]
@@ -307,6 +486,27 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("idle_ttl"), "{err}");
+    }
+
+    #[test]
+    fn the_schemes_table_feeds_from_url_kinds_and_errors() {
+        assert_eq!(kinds(), ["file", "eureka", "consul", "nacos"]);
+        assert!(is_kind("consul") && is_kind("eureka") && !is_kind("consul+https"));
+        assert!(!is_kind("dns") && !is_kind(""));
+        let err = from_url("gopher://x").err().unwrap().to_string();
+        assert!(
+            err.contains("supported: file, eureka, eureka+https, consul, consul+https, nacos"),
+            "{err}"
+        );
+        // Every row builds a source of its kind (the URL is only parsed, nothing is dialled).
+        for s in SCHEMES {
+            let url = match s.kind {
+                "file" => "file:///nonexistent/services.toml".to_string(),
+                _ => format!("{}://127.0.0.1:1", s.scheme),
+            };
+            let src = from_url(&url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(src.kind(), s.kind, "{url}");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //!   (default `DEFAULT_GROUP`; one group per source — add another source for another group),
 //!   `clusters` (comma-separated; empty means all), `list_interval` (service-list poll, default
 //!   [`DEFAULT_LIST_INTERVAL`]), `grpc_port`, `cache_dir` (the SDK's write-only disk cache,
-//!   default `<tmp>/edge-agent-nacos`). Durations take `ms`, `s`, `m`. Unknown parameters are
+//!   default this source's own directory, see below). Durations take `ms`, `s`, `m`. Unknown parameters are
 //!   refused.
 //! - Credentials: `NACOS_USERNAME` / `NACOS_PASSWORD` (HTTP login, token refreshed by the SDK).
 //!   Never in the URL, never in [`Discovery::describe`], `Debug` or logs. Access-key (Aliyun
@@ -43,7 +43,15 @@
 //!   push. Protection against a suspicious mass removal is the agent's guard.
 //! - `naming_load_cache_at_start(false)`: the SDK's disk cache is never read, so it cannot
 //!   resurrect instances older than the agent's own last good view (the agent has its own disk
-//!   snapshot). The SDK still writes it (to `cache_dir`).
+//!   snapshot). The SDK still writes it: nacos-sdk 0.8.3 always attaches its disk store (there
+//!   is no option to turn it off), so it goes to a directory of this source's own,
+//!   `<state dir>/nacos-sdk-cache/<servers>@<namespace>@<group>` (characters other than
+//!   letters, digits, `.`, `_`, `-` replaced by `_`), created with mode `0700` before the SDK
+//!   starts. The state directory is `EDGE_AGENT_STATE_DIR`, else the agent's default
+//!   ([`crate::state_dir`]); the variable is read from the environment, so a `--state-dir` flag
+//!   given to the agent instead of the variable is not seen here. `cache_dir=` overrides the
+//!   location (used as given, permissions left to its owner). Before, every agent on the host
+//!   shared the predictable `/tmp/edge-agent-nacos/`.
 //!
 //! # Outages and reconnect
 //! The SDK reconnects its gRPC stream by itself and re-subscribes (its "redo" tasks). But its
@@ -55,15 +63,24 @@
 //!
 //! # Mapping
 //! Identity `ip:port#cluster`; weight `round(w × 100)` (Nacos weights are floats, 1.0 → 100;
-//! 0 means no traffic); healthy = `healthy && enabled` — instances Nacos marks unhealthy or
-//! disabled are kept in the set with `healthy = false` and carry no traffic. Metadata: the
+//! 0 means no traffic); healthy = `healthy && enabled`. Which instances reach the set is the
+//! server's choice, and for disabled ones the usual answer is none: rnacos 0.8.8 (the server
+//! the integration tests run) leaves instances with `enabled = false` out of every instance
+//! list it sends, direct queries and pushes alike, so a disabled instance is *absent* from the
+//! set (as if deregistered) until it is enabled again. Unhealthy instances are asked for too
+//! (the adapter does not request healthy ones only): where the server lists them they stay in
+//! the set with `healthy = false`, where it drops them they are absent; either way they carry
+//! no traffic. A disabled instance that a server does list is kept with `healthy = false`. Metadata: the
 //! instance's metadata plus `cluster` and `ephemeral`; zone from metadata `zone`. With
-//! `clusters=` set, instances of other clusters are dropped client-side too. Ports outside
-//! 1..=65535 are skipped with a `parse` error.
+//! `clusters=` set, instances of other clusters are dropped client-side too. An instance whose
+//! port is outside 1..=65535 or whose address is not a valid host ([`crate::check_instance`])
+//! is skipped with a `parse` error naming the service, the instance and the address; the rest
+//! of the set is delivered.
 //!
 //! [`get_service_list`]: nacos_sdk::api::naming::NamingService::get_service_list
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -91,6 +108,8 @@ pub const LIST_PAGE: i32 = 500;
 pub const MAX_PAGES: i32 = 100;
 /// Default port of a Nacos server.
 pub const DEFAULT_PORT: u16 = 8848;
+/// Under the state directory, the folder holding each source's SDK cache directory.
+pub const CACHE_SUBDIR: &str = "nacos-sdk-cache";
 /// Retry delay after the client could not be built.
 pub const BUILD_RETRY: Duration = Duration::from_secs(1);
 
@@ -116,7 +135,7 @@ pub struct NacosDiscovery {
     clusters: Vec<String>,
     list_interval: Duration,
     grpc_port: Option<u16>,
-    cache_dir: std::path::PathBuf,
+    cache_dir: CacheDir,
     username: Option<String>,
     password: Option<Secret>,
     /// Lower-cased name → name as Nacos spells it, once a list call succeeded.
@@ -132,6 +151,51 @@ impl fmt::Debug for NacosDiscovery {
             .field("password", &self.password)
             .finish_non_exhaustive()
     }
+}
+
+/// Where the SDK writes its disk cache (which nothing reads: see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CacheDir {
+    /// `cache_dir=` from the URL, used as it is.
+    Given(PathBuf),
+    /// This source's own directory under the state directory, created `0700` before the SDK
+    /// starts.
+    Own(PathBuf),
+}
+
+impl CacheDir {
+    fn path(&self) -> &Path {
+        match self {
+            CacheDir::Given(p) | CacheDir::Own(p) => p,
+        }
+    }
+
+    /// Creates the source's own directory (and any missing parent) with mode `0700`, and
+    /// narrows an existing one to `0700`. A `cache_dir=` directory is left to its owner.
+    fn prepare(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let CacheDir::Own(dir) = self else {
+            return Ok(());
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    }
+}
+
+/// `s` as one path component: ASCII letters, digits, `.`, `_` and `-` kept, anything else `_`.
+fn file_name(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// `host[:port]` → `host:port` (default port 8848), validated.
@@ -189,7 +253,7 @@ impl NacosDiscovery {
         let mut clusters = Vec::new();
         let mut list_interval = DEFAULT_LIST_INTERVAL;
         let mut grpc_port = None;
-        let mut cache_dir = std::env::temp_dir().join("edge-agent-nacos");
+        let mut cache_dir = None;
         for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
             let value = value.trim().to_string();
             match key.as_ref() {
@@ -218,7 +282,7 @@ impl NacosDiscovery {
                             .ok_or_else(|| invalid(format!("grpc_port={value:?}")))?,
                     )
                 }
-                "cache_dir" if !value.is_empty() => cache_dir = value.into(),
+                "cache_dir" if !value.is_empty() => cache_dir = Some(PathBuf::from(value)),
                 other => return Err(invalid(format!("unknown parameter {other:?}"))),
             }
         }
@@ -238,6 +302,27 @@ impl NacosDiscovery {
                 "set both {ENV_USERNAME} and {ENV_PASSWORD}, or neither"
             )));
         }
+        let cache_dir = match cache_dir {
+            Some(dir) => CacheDir::Given(dir),
+            None => {
+                let state = crate::state_dir(env).ok_or_else(|| {
+                    invalid(format!(
+                        "no directory for the Nacos SDK's cache: set {} or cache_dir=",
+                        crate::ENV_STATE_DIR
+                    ))
+                })?;
+                let source = format!(
+                    "{}@{}@{group}",
+                    servers.join(","),
+                    if namespace.is_empty() {
+                        "public"
+                    } else {
+                        &namespace
+                    }
+                );
+                CacheDir::Own(state.join(CACHE_SUBDIR).join(file_name(&source)))
+            }
+        };
         let (want_tx, want_rx) = mpsc::unbounded_channel();
         Ok(NacosDiscovery {
             servers,
@@ -271,7 +356,7 @@ impl NacosDiscovery {
             .app_name("edge-agent")
             .naming_push_empty_protection(false)
             .naming_load_cache_at_start(false)
-            .cache_dir(self.cache_dir.clone());
+            .cache_dir(self.cache_dir.path().to_path_buf());
         if let Some(port) = self.grpc_port {
             p = p.remote_grpc_port(port);
         }
@@ -314,27 +399,57 @@ impl NacosDiscovery {
         Ok(names)
     }
 
-    async fn query(&self, naming: &NamingService, name: &str) -> Result<Vec<Instance>, String> {
+    async fn query(
+        &self,
+        naming: &NamingService,
+        name: &str,
+    ) -> Result<Vec<ServiceInstance>, String> {
         let call =
             naming.get_all_instances(name.to_string(), self.group(), self.clusters.clone(), false);
         match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Ok(Ok(set)) => Ok(self.map_set(&set)),
+            Ok(Ok(set)) => Ok(set),
             Ok(Err(e)) => Err(format!("query {name:?}: {e}")),
             Err(_) => Err(format!("query {name:?}: no answer within {CALL_TIMEOUT:?}")),
         }
     }
 
-    fn map_set(&self, set: &[ServiceInstance]) -> Vec<Instance> {
-        set.iter()
-            .filter(|i| {
-                self.clusters.is_empty()
-                    || self
-                        .clusters
-                        .iter()
-                        .any(|c| Some(c) == i.cluster_name.as_ref())
-            })
-            .filter_map(|i| map_instance(i).ok())
-            .collect()
+    /// The instances of `set` in the source's clusters, and one message per instance skipped
+    /// because it could not be mapped (bad port or address).
+    fn map_set(&self, set: &[ServiceInstance]) -> (Vec<Instance>, Vec<String>) {
+        let mut out = Vec::with_capacity(set.len());
+        let mut problems = Vec::new();
+        let wanted = set.iter().filter(|i| {
+            self.clusters.is_empty()
+                || self
+                    .clusters
+                    .iter()
+                    .any(|c| Some(c) == i.cluster_name.as_ref())
+        });
+        for i in wanted {
+            match map_instance(i) {
+                Ok(inst) => out.push(inst),
+                Err(e) => problems.push(format!("{e}; skipped")),
+            }
+        }
+        (out, problems)
+    }
+
+    /// Sends `set` as the complete set of `service`, then a `parse` error per instance skipped.
+    /// `false` when the agent has gone away.
+    async fn send_set(&self, sink: &Sink, service: String, set: &[ServiceInstance]) -> bool {
+        let (instances, problems) = self.map_set(set);
+        let ev = Event::Service {
+            service: service.clone(),
+            update: Update::Reset(instances),
+        };
+        if !sink.send(ev).await {
+            return false;
+        }
+        for p in problems {
+            sink.error(ErrorKind::Parse, format!("nacos service {service}: {p}"))
+                .await;
+        }
+        true
     }
 }
 
@@ -367,6 +482,7 @@ pub fn map_instance(i: &ServiceInstance) -> Result<Instance, String> {
     inst.healthy = i.healthy && i.enabled;
     inst.zone = metadata.get("zone").cloned();
     inst.metadata = metadata;
+    crate::check_instance(&inst).map_err(|e| format!("instance {:?}: {e}", inst.id))?;
     Ok(inst)
 }
 
@@ -397,6 +513,17 @@ impl NacosDiscovery {
             return;
         };
         let naming = loop {
+            if let Err(e) = self.cache_dir.prepare() {
+                let msg = format!(
+                    "nacos: SDK cache directory {}: {e}",
+                    self.cache_dir.path().display()
+                );
+                if !sink.error(ErrorKind::Io, msg).await {
+                    return;
+                }
+                tokio::time::sleep(BUILD_RETRY).await;
+                continue;
+            }
             match self.client().await {
                 Ok(c) => break c,
                 Err(e) => {
@@ -430,11 +557,8 @@ impl NacosDiscovery {
                 }
                 Some((name, set)) = push_rx.recv() => {
                     let service = name.to_ascii_lowercase();
-                    if subscribed.contains_key(&service) {
-                        let update = Update::Reset(self.map_set(&set));
-                        if !sink.send(Event::Service { service, update }).await {
-                            return;
-                        }
+                    if subscribed.contains_key(&service) && !self.send_set(&sink, service, &set).await {
+                        return;
                     }
                 }
             }
@@ -501,11 +625,7 @@ impl NacosDiscovery {
             for (service, real) in resync.into_iter().chain(new) {
                 match self.query(&naming, &real).await {
                     Ok(set) => {
-                        let ev = Event::Service {
-                            service: service.clone(),
-                            update: Update::Reset(set),
-                        };
-                        if !sink.send(ev).await {
+                        if !self.send_set(&sink, service.clone(), &set).await {
                             return;
                         }
                     }
@@ -634,6 +754,49 @@ mod tests {
         assert!(src("nacos://h", &[("NACOS_ACCESS_KEY", "k")]).is_err());
     }
 
+    /// Defect 21: the SDK's cache goes to this source's own `0700` directory under the state
+    /// directory, not to the shared `/tmp/edge-agent-nacos/`. The SDK creates its store's
+    /// folders before it connects, so no Nacos server is needed to see where they go.
+    #[tokio::test]
+    async fn the_sdk_cache_is_private_to_the_source() {
+        use std::os::unix::fs::PermissionsExt;
+        let state = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("nacos://127.0.0.1:{port}?namespace=dev&group=G");
+        let state_str = state.path().to_str().unwrap();
+        let s = src(&url, &[("EDGE_AGENT_STATE_DIR", state_str)]).unwrap();
+        let dir = state
+            .path()
+            .join(CACHE_SUBDIR)
+            .join(format!("127.0.0.1_{port}_dev_G"));
+        assert_eq!(s.cache_dir, CacheDir::Own(dir.clone()));
+        assert!(!dir.starts_with(std::env::temp_dir().join("edge-agent-nacos")));
+        // cache_dir= is used as given.
+        let given = src(&format!("{url}&cache_dir=/srv/nacos"), &[]).unwrap();
+        assert_eq!(given.cache_dir, CacheDir::Given("/srv/nacos".into()));
+
+        let (tx, _rx) = mpsc::channel(64);
+        let task = tokio::spawn(Arc::new(s).run(Sink::new(0, tx)));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !dir.join("naming").is_dir() {
+            assert!(
+                Instant::now() < deadline,
+                "the SDK wrote nothing under {}",
+                dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        task.abort();
+        for d in [state.path().join(CACHE_SUBDIR), dir] {
+            let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+    }
+
     #[test]
     fn instance_mapping() {
         let mut i = ServiceInstance {
@@ -655,6 +818,42 @@ mod tests {
         i.port = 70000;
         assert!(map_instance(&i).is_err());
         assert_eq!(weight_of(1.0), 100);
+    }
+
+    /// Defect 1: in a service's set, the instance with a bad address is skipped and named, the
+    /// rest are delivered (before, a bad port was dropped silently and a bad address kept).
+    #[test]
+    fn a_set_keeps_its_good_instances_and_names_the_bad_ones() {
+        let s = src("nacos://h", &[]).unwrap();
+        let one = |ip: &str, port: i32| ServiceInstance {
+            ip: ip.into(),
+            port,
+            cluster_name: Some("c".into()),
+            ..Default::default()
+        };
+        let set = [one("10.0.0.1", 80), one("foo bar", 80), one("10.0.0.3", 0)];
+        let (instances, problems) = s.map_set(&set);
+        let ids: Vec<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["10.0.0.1:80#c"]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("\"foo bar\""), "{problems:?}");
+        assert!(problems[1].contains("10.0.0.3:0"), "{problems:?}");
+    }
+
+    /// Defect 1: an address `http::uri::Authority` refuses is refused, naming the instance and
+    /// the address.
+    #[test]
+    fn an_address_that_cannot_be_dialled_is_refused_by_name() {
+        for ip in ["foo bar", "é.example", ""] {
+            let i = ServiceInstance {
+                ip: ip.into(),
+                port: 8080,
+                cluster_name: Some("a".into()),
+                ..Default::default()
+            };
+            let err = map_instance(&i).unwrap_err();
+            assert!(err.contains(&format!("{ip}:8080#a")), "{err}");
+        }
         assert_eq!(weight_of(0.0), 0);
         assert_eq!(weight_of(-1.0), 0);
         assert_eq!(weight_of(f64::NAN), 0);

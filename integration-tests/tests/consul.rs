@@ -640,3 +640,45 @@ async fn too_many_connections_is_named_in_the_error() {
     println!("{line}");
     assert!(line.contains("service watches"), "{line}");
 }
+
+/// Defect 1: an instance whose address is not a valid host (`"foo bar"`) is skipped with a
+/// `parse` error naming it; the service's other instance keeps serving. Before, the agent made
+/// it the endpoint `invalid.invalid:1` and sent it traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_with_an_unusable_address_is_skipped_and_named() {
+    let _serial = SERIAL.lock().await;
+    let consul = Consul::start(None).await;
+    let a = Backend::start("a").await;
+    consul.register("mixed", "mixed-a", a.addr, 1).await;
+    let bad = json!({
+        "ID": "mixed-bad", "Name": "mixed", "Address": "foo bar", "Port": 8080,
+        "Check": {"TTL": "30m", "Status": "passing"},
+    });
+    consul.put("/v1/agent/service/register", Some(bad)).await;
+    let agent = start_agent(&agent_env(&consul.url())).await;
+    until_served_by(&agent, "mixed", &["a"], "the good instance serves alone").await;
+    let line = eventually(
+        PROPAGATION,
+        "a parse error naming the bad instance in the agent's log",
+        || async {
+            agent
+                .log_text()
+                .lines()
+                .find(|l| l.contains("mixed-bad") && l.contains("foo bar"))
+                .map(String::from)
+        },
+    )
+    .await;
+    assert!(line.contains("consul service mixed"), "{line}");
+    let err = eventually(PROPAGATION, "the parse error in /upstreams", || async {
+        source(&agent).await["last_error"]
+            .as_str()
+            .filter(|e| e.contains("mixed-bad"))
+            .map(String::from)
+    })
+    .await;
+    assert!(err.contains("foo bar"), "{err}");
+    let up = agent.upstreams().await.to_string();
+    assert!(!up.contains("invalid.invalid"), "{up}");
+    assert!(a.hits() > 0);
+}
