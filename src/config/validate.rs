@@ -39,7 +39,11 @@ pub(super) fn build(cli: &Cli, file: &FileConfig, errs: &mut Vec<String>) -> Con
         "agent.balancer",
     )
     .unwrap_or(("EDGE_AGENT_BALANCER", DEFAULT_BALANCER.to_string()));
-    let default_balancer = check_balancer(bname, &bval, errs);
+    let default_options = Options {
+        hash_on: None,
+        ewma_decay: crate::load::DEFAULT_DECAY,
+    };
+    let default_spec = balancer_spec(bname, &bval, "agent", &default_options, errs);
     let shutdown_grace = match pick(
         &cli.shutdown_grace,
         &a.shutdown_grace,
@@ -77,12 +81,8 @@ pub(super) fn build(cli: &Cli, file: &FileConfig, errs: &mut Vec<String>) -> Con
     if matches!(cli.admin_token.as_deref(), Some(t) if t.trim().is_empty()) {
         errs.push("EDGE_AGENT_ADMIN_TOKEN: empty token".into());
     }
-    let upstreams = upstreams(&file.upstream, &default_balancer, errs);
-    let default_settings =
-        UpstreamSettings::with_balancer(Spec::named(&default_balancer).unwrap_or_else(|e| {
-            errs.push(format!("{bname}={default_balancer:?}: {e}"));
-            Spec::round_robin()
-        }));
+    let upstreams = upstreams(&file.upstream, default_spec.name(), errs);
+    let default_settings = UpstreamSettings::with_balancer(default_spec);
     let routes = routes(&file.route, &upstreams, errs);
     let guard = guard(cli, &file.guard, errs);
     Config {
@@ -197,18 +197,6 @@ fn registries(cli: &Cli, a: &AgentFile, errs: &mut Vec<String>) -> Vec<String> {
     list
 }
 
-fn check_balancer(name: &str, v: &str, errs: &mut Vec<String>) -> String {
-    let v = v.trim();
-    if crate::balancer::kind(v).is_none() {
-        errs.push(format!(
-            "{name}={v:?}: unknown balancer (known: {})",
-            crate::balancer::names().join(", ")
-        ));
-        return DEFAULT_BALANCER.to_string();
-    }
-    v.to_string()
-}
-
 fn duration(name: &str, v: &str, errs: &mut Vec<String>) -> Option<Duration> {
     match humantime::parse_duration(v.trim()) {
         Ok(d) if d.is_zero() => {
@@ -240,10 +228,6 @@ fn upstreams(
         } else if !seen.insert(id.clone()) {
             errs.push(format!("{at}.id = {id:?}: duplicate upstream id"));
         }
-        let balancer = match &u.balancer {
-            Some(b) => check_balancer(&format!("{at}.balancer"), b, errs),
-            None => default_balancer.to_string(),
-        };
         let mut settings = UpstreamSettings::default();
         if let Some(v) = &u.connect_timeout {
             settings.connect_timeout = duration(&format!("{at}.connect_timeout"), v, errs)
@@ -270,7 +254,14 @@ fn upstreams(
         if let Some(v) = &u.slow_start {
             settings.slow_start = duration(&format!("{at}.slow_start"), v, errs);
         }
-        settings.balancer = balancer_spec(&at, &balancer, u, settings.ewma_decay, errs);
+        let options = Options {
+            hash_on: u.hash_on.as_deref(),
+            ewma_decay: settings.ewma_decay,
+        };
+        settings.balancer = match &u.balancer {
+            Some(b) => balancer_spec(&format!("{at}.balancer"), b, &at, &options, errs),
+            None => balancer_spec("", default_balancer, &at, &options, errs),
+        };
         if let Some(c) = &u.checks {
             if let Some(p) = &c.passive {
                 settings.passive = passive(&at, p, errs);
@@ -319,21 +310,26 @@ fn upstreams(
     out
 }
 
-/// The upstream's balancer with its own settings; an option it does not read (`hash_on` for
-/// anything but `chash`) is refused naming the field and the balancer.
+/// The balancer `name` (given as `field`) with its own settings from the options of the
+/// upstream at `at`. Every problem is reported naming its field and value, and round robin
+/// stands in: an unknown name, an option the balancer does not read (`hash_on` for anything
+/// but `chash`), an invalid option value.
 fn balancer_spec(
-    at: &str,
+    field: &str,
     name: &str,
-    u: &UpstreamFile,
-    ewma_decay: Duration,
+    at: &str,
+    options: &Options,
     errs: &mut Vec<String>,
 ) -> Spec {
-    let options = Options {
-        hash_on: u.hash_on.as_deref(),
-        ewma_decay,
-    };
-    match Spec::new(name, &options) {
+    let name = name.trim();
+    match Spec::new(name, options) {
         Ok(spec) => spec,
+        Err(SpecError::Unknown { known, .. }) => {
+            errs.push(format!(
+                "{field}={name:?}: unknown balancer (known: {known})"
+            ));
+            Spec::round_robin()
+        }
         Err(SpecError::NotRead {
             option: "hash_on",
             balancer,
@@ -341,7 +337,17 @@ fn balancer_spec(
         }) => {
             errs.push(format!(
                 "{at}.hash_on = {:?}: read only by balancer {readers}, not by {balancer:?} (set balancer = \"chash\" or remove hash_on)",
-                u.hash_on.as_deref().unwrap_or_default()
+                options.hash_on.unwrap_or_default()
+            ));
+            Spec::round_robin()
+        }
+        Err(SpecError::NotRead {
+            option,
+            balancer,
+            readers,
+        }) => {
+            errs.push(format!(
+                "{at}.{option}: read only by balancer {readers}, not by {balancer:?}"
             ));
             Spec::round_robin()
         }
@@ -349,8 +355,6 @@ fn balancer_spec(
             errs.push(format!("{at}.{e}"));
             Spec::round_robin()
         }
-        // The name was checked by check_balancer, which reported it.
-        Err(_) => Spec::round_robin(),
     }
 }
 
