@@ -116,10 +116,7 @@ impl<'a> Attempt<'a> {
     /// Records the try's latency and outcome and returns the in-flight guard, which the
     /// response body holds until it is done.
     pub fn finish(self, outcome: Outcome) -> InFlight {
-        self.finish_at(outcome, clock::now_ms())
-    }
-
-    fn finish_at(self, outcome: Outcome, now: u64) -> InFlight {
+        let now = clock::now_ms();
         let (ep, fb) = (self.ep, self.feedback);
         let state = &ep.state;
         let rtt = self.started.elapsed();
