@@ -10,6 +10,24 @@ fn registry(dir: &tempfile::TempDir) -> (std::path::PathBuf, String) {
     (path, url)
 }
 
+/// An agent on the file registry at `url` with `toml` as its config file (written to `dir`)
+/// and `env` besides.
+async fn agent_with_config(
+    dir: &tempfile::TempDir,
+    url: &str,
+    toml: &str,
+    env: &[(&str, &str)],
+) -> Agent {
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let mut all = vec![
+        ("EDGE_AGENT_REGISTRY", url),
+        ("EDGE_AGENT_CONFIG", cfg.to_str().unwrap()),
+    ];
+    all.extend_from_slice(env);
+    Agent::start(&all).await
+}
+
 #[tokio::test]
 async fn proxies_by_host_and_by_path_prefix() {
     let a = Backend::start("a").await;
@@ -230,17 +248,8 @@ async fn errors_map_to_502_503_504_and_connect_failures_retry() {
             ("empty", &[(live.addr, 0)]),
         ],
     );
-    let cfg = dir.path().join("agent.toml");
-    std::fs::write(
-        &cfg,
-        "[[upstream]]\nid = \"slow\"\nread_timeout = \"300ms\"\n",
-    )
-    .unwrap();
-    let agent = Agent::start(&[
-        ("EDGE_AGENT_REGISTRY", &url),
-        ("EDGE_AGENT_CONFIG", cfg.to_str().unwrap()),
-    ])
-    .await;
+    let toml = "[[upstream]]\nid = \"slow\"\nread_timeout = \"300ms\"\n";
+    let agent = agent_with_config(&dir, &url, toml, &[]).await;
     // One of two endpoints refuses connections: every GET still succeeds (retried).
     for _ in 0..20 {
         let (status, backend, body) = agent.get("mixed", "/").await;
@@ -273,18 +282,9 @@ async fn a_retried_error_answer_gives_its_connection_back() {
     let dir = tempfile::tempdir().unwrap();
     let (path, url) = registry(&dir);
     write_services(&path, &[("svc", &[(bad.addr, 1), (good.addr, 1)])]);
-    let cfg = dir.path().join("agent.toml");
     // Passive health off, so the failing endpoint stays in and every request meets it.
-    std::fs::write(
-        &cfg,
-        "[[upstream]]\nid = \"svc\"\n[upstream.checks.passive]\nenabled = false\n",
-    )
-    .unwrap();
-    let agent = Agent::start(&[
-        ("EDGE_AGENT_REGISTRY", &url),
-        ("EDGE_AGENT_CONFIG", cfg.to_str().unwrap()),
-    ])
-    .await;
+    let toml = "[[upstream]]\nid = \"svc\"\n[upstream.checks.passive]\nenabled = false\n";
+    let agent = agent_with_config(&dir, &url, toml, &[]).await;
     for _ in 0..10 {
         let (status, backend, body) = agent.get("svc", "/").await;
         assert_eq!((status, backend.as_str()), (200, "good"), "{body}");
@@ -650,18 +650,8 @@ async fn the_removal_guard_keeps_a_service_when_the_registry_suddenly_forgets_it
     let dir = tempfile::tempdir().unwrap();
     let (path, url) = registry(&dir);
     write_services(&path, &[("svc", &[(a.addr, 1), (b.addr, 1), (c.addr, 1)])]);
-    let cfg = dir.path().join("agent.toml");
-    std::fs::write(
-        &cfg,
-        "[guard]\nconfirm_window = \"2s\"\nconfirm_answers = 100\n",
-    )
-    .unwrap();
-    let agent = Agent::start(&[
-        ("EDGE_AGENT_REGISTRY", &url),
-        ("EDGE_AGENT_CONFIG", cfg.to_str().unwrap()),
-        ("EDGE_AGENT_REMOVAL_GUARD", "on"),
-    ])
-    .await;
+    let toml = "[guard]\nconfirm_window = \"2s\"\nconfirm_answers = 100\n";
+    let agent = agent_with_config(&dir, &url, toml, &[("EDGE_AGENT_REMOVAL_GUARD", "on")]).await;
     assert_eq!(agent.get("svc", "/").await.0, 200);
     // The file loses every service (a truncated deploy): held, still serving.
     let held_at = std::time::Instant::now();
