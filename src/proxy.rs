@@ -169,7 +169,6 @@ impl Proxy {
         peer: &Peer,
     ) -> Result<Response<RespBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
-        let (body, body_fault) = ClientBody::new(body);
         let settings = upstream.settings();
         let runtime = &upstream.runtime;
         let deadline = Instant::now() + settings.retry_timeout;
@@ -190,7 +189,14 @@ impl Proxy {
         runtime.retry_budget.deposit();
         let replayable = body.is_end_stream();
         let max_tries = if replayable { 1 + settings.retries } else { 1 };
-        let mut body = if replayable { None } else { Some(body) };
+        // Only a body that streams is watched for its own framing faults: a body-less request
+        // (the common case) allocates nothing for it.
+        let (mut body, body_fault) = if replayable {
+            (None, None)
+        } else {
+            let (body, fault) = ClientBody::new(body);
+            (Some(body), Some(fault))
+        };
         let feedback = upstream.feedback();
         let mut last = ProxyError::NoEndpoint;
         let mut last_response = None;
@@ -249,7 +255,7 @@ impl Proxy {
                     return Ok(resp);
                 }
                 Err(e) => {
-                    if let Some(e) = client_fault(&body_fault) {
+                    if let Some(e) = body_fault.as_ref().and_then(client_fault) {
                         // The client's body broke, not the endpoint: nothing is recorded
                         // against it (the dropped attempt only releases its count).
                         drop(try_);
