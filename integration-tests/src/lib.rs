@@ -229,6 +229,15 @@ impl Agent {
 
     /// Starts the agent without waiting for anything.
     pub fn spawn(env: &[(&str, &str)]) -> Agent {
+        Self::spawn_with(env, None)
+    }
+
+    /// As [`Agent::spawn`], with at most `max_fds` open file descriptors (`ulimit -n`).
+    pub fn spawn_with_fd_limit(env: &[(&str, &str)], max_fds: u32) -> Agent {
+        Self::spawn_with(env, Some(max_fds))
+    }
+
+    fn spawn_with(env: &[(&str, &str)], max_fds: Option<u32>) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let n = AGENTS.fetch_add(1, Ordering::SeqCst);
         let log = dir.path().join(format!("agent-{n}.log"));
@@ -243,7 +252,17 @@ impl Agent {
             get("EDGE_AGENT_ADMIN_LISTEN").unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let state = get("EDGE_AGENT_STATE_DIR")
             .unwrap_or_else(|| dir.path().join("state").display().to_string());
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = match max_fds {
+            None => Command::new(agent_bin()),
+            Some(n) => {
+                // The shell sets the limit and execs the agent: same process, same pid.
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\""))
+                    .arg(agent_bin());
+                c
+            }
+        };
         cmd.current_dir(workspace_root())
             .env("EDGE_AGENT_STATE_DIR", &state)
             // The mass-deregistration guard delays removals by design; tests of propagation
@@ -274,6 +293,25 @@ impl Agent {
 
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// CPU time (user + system) the agent process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("the agent's /proc stat");
+        // Fields after the command name (which may hold spaces) start at the state, field 3;
+        // utime and stime are fields 14 and 15, in clock ticks.
+        let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        let per_second: u64 = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100);
+        Duration::from_millis(ticks * 1000 / per_second)
     }
 
     pub fn log_text(&self) -> String {

@@ -311,6 +311,46 @@ async fn a_retried_error_answer_gives_its_connection_back() {
     assert_eq!(in_flight, 0);
 }
 
+/// Defect 5 of #12: an accept error on the admin listener was a bare `continue`, so an agent
+/// out of file descriptors spun a core retrying it. It backs off as the proxy listener does.
+/// The agent runs with 64 descriptors; 100 connections held open on the admin port exhaust
+/// them (each waits up to the 10 s header timeout), and the agent's CPU time over the next
+/// second shows whether it spins (about 1 s) or waits (a few ms per back-off).
+#[tokio::test]
+async fn an_admin_listener_out_of_descriptors_backs_off() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("svc", &[(a.addr, 1)])]);
+    let agent = Agent::spawn_with_fd_limit(&[("EDGE_AGENT_REGISTRY", &url)], 64);
+    agent.wait_ready().await;
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(tokio::net::TcpStream::connect(agent.admin).await.unwrap());
+    }
+    eventually(
+        Duration::from_secs(5),
+        "an accept error in the log",
+        || async {
+            agent
+                .log_text()
+                .contains("listener=\"admin\"")
+                .then_some(())
+        },
+    )
+    .await;
+    let before = agent.cpu_time();
+    // The measurement window itself (the connections stay open through it).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = agent.cpu_time() - before;
+    eprintln!("agent CPU over 1 s with the admin listener out of descriptors: {used:?}");
+    assert!(
+        used < Duration::from_millis(500),
+        "the agent used {used:?} of CPU in 1 s with its admin listener out of descriptors"
+    );
+    drop(held);
+}
+
 #[tokio::test]
 async fn admin_shows_the_traffic() {
     let a = Backend::start("a").await;
