@@ -1,18 +1,25 @@
-//! Weighted least connections: the endpoint with the lowest `(in_flight + 1) / weight`, among
-//! two drawn at random (power of two choices, as Envoy's least-request balancer does).
+//! Weighted least connections: the endpoint with the lowest `(in_flight + 1) / weight`. Up to
+//! [`FULL_SCAN_MAX`] endpoints every usable one is compared (exact, as nginx, HAProxy and
+//! APISIX do); above that, two drawn at random (power of two choices, as Envoy's
+//! least-request balancer does).
+//!
+//! The full scan starts at a rotating offset and keeps the first strictly cheapest endpoint it
+//! meets, so equal costs (idle endpoints of one weight) take turns instead of always going to
+//! the first in the list (#17).
 //!
 //! In-flight counts are the RAII guards the proxy holds per attempt
 //! ([`crate::endpoint::InFlight`]), so a cancelled request cannot leave a count behind. A pick
 //! reads two atomics; the comparison is exact (cross-multiplied integers, no floats). Sampling
 //! two instead of scanning all keeps a pick O(1) with a thousand endpoints and avoids the herd
 //! effect of every concurrent picker choosing the same least-loaded endpoint from counts that
-//! are a moment old. Ties (equal cost, e.g. equal weights at rest) go to the first draw, which is
-//! uniformly random, so they are broken fairly.
+//! are a moment old. Ties between the two draws go to the first, which is uniformly random, so
+//! they are broken fairly.
 //!
 //! The `+ 1` prices the request being placed: with weights 1 and 3 an idle weight-3 endpoint
 //! wins over an idle weight-1 one, and it keeps winning until it holds three times as many. So
 //! the weight ratio shows in the shares under concurrency; with strictly sequential traffic
 //! (never more than one request in flight) the heavier of the two drawn endpoints always wins.
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::{two_choices, Balancer, Kind, Options, PickContext, Rng, Settings, Tried};
@@ -35,14 +42,42 @@ impl Settings for LeastConnSettings {
     }
 }
 
+/// Up to this many endpoints a pick scans them all (exact least connections); above it, power
+/// of two choices. Sixteen atomic loads cost about what two random draws and their rejections
+/// do, and small upstreams are where users notice an inexact pick.
+pub const FULL_SCAN_MAX: usize = 16;
+
 pub struct LeastConn {
     rng: Rng,
+    /// Where the next full scan starts: rotates so that ties take turns.
+    cursor: AtomicUsize,
 }
 
 impl LeastConn {
     /// A balancer drawing from `rng` (seed it for reproducible tests).
     pub fn with_rng(rng: Rng) -> Self {
-        LeastConn { rng }
+        LeastConn {
+            rng,
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// The cheapest usable endpoint not yet tried, scanning from a rotating start.
+    fn scan(&self, endpoints: &[Endpoint], ctx: &PickContext, tried: &Tried) -> Option<usize> {
+        let n = endpoints.len();
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best: Option<usize> = None;
+        for step in 0..n {
+            let i = (start + step) % n;
+            if tried.contains(i) || !ctx.usable(&endpoints[i]) {
+                continue;
+            }
+            match best {
+                Some(b) if !cheaper(&endpoints[i], &endpoints[b]) => {}
+                _ => best = Some(i),
+            }
+        }
+        best
     }
 }
 
@@ -55,6 +90,12 @@ fn cheaper(a: &Endpoint, b: &Endpoint) -> bool {
 
 impl Balancer for LeastConn {
     fn next(&self, endpoints: &[Endpoint], ctx: &PickContext, tried: &Tried) -> Option<usize> {
+        if endpoints.is_empty() {
+            return None;
+        }
+        if endpoints.len() <= FULL_SCAN_MAX {
+            return self.scan(endpoints, ctx, tried);
+        }
         let (a, b) = two_choices(endpoints.len(), &self.rng, |i| {
             !tried.contains(i) && ctx.usable(&endpoints[i])
         })?;
@@ -115,23 +156,48 @@ mod tests {
     }
 
     #[test]
-    fn favours_fewer_in_flight() {
+    fn a_small_upstream_gets_the_exact_least_loaded() {
         let eps = endpoints(&[1, 1, 1]);
         let b = balancer(&eps, 11);
         let _held: Vec<InFlight> = (0..5).map(|_| InFlight::start(&eps[0].state)).collect();
         let _one = InFlight::start(&eps[1].state);
-        let mut counts = [0; 3];
-        for _ in 0..3_000 {
-            counts[b.next(&eps, &ctx(), &Tried::default()).unwrap()] += 1;
+        // A full scan: the idle endpoint wins every pick (P2C would give it two thirds).
+        for _ in 0..300 {
+            assert_eq!(b.next(&eps, &ctx(), &Tried::default()), Some(2));
         }
-        eprintln!("least_conn in-flight 5/1/0: {counts:?}");
-        // Endpoint 0 loses every draw; 1 wins only against 0 (a third of the pairs), 2 wins
-        // the other two thirds.
-        assert_eq!(counts[0], 0, "{counts:?}");
-        assert!(
-            (counts[2] as f64 / 3_000.0 - 2.0 / 3.0).abs() < 0.04,
-            "{counts:?}"
-        );
+        // Tried, the next cheapest.
+        let mut tried = Tried::default();
+        tried.insert(2);
+        assert_eq!(b.next(&eps, &ctx(), &tried), Some(1));
+    }
+
+    #[test]
+    fn ties_in_a_small_upstream_take_turns() {
+        let eps = endpoints(&[1, 1, 1, 1]);
+        let b = balancer(&eps, 2);
+        let picks: Vec<usize> = (0..8)
+            .map(|_| b.next(&eps, &ctx(), &Tried::default()).unwrap())
+            .collect();
+        assert_eq!(picks, vec![0, 1, 2, 3, 0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_large_upstream_samples_two() {
+        let eps = endpoints(&[1; FULL_SCAN_MAX + 1]);
+        let b = balancer(&eps, 11);
+        let _held: Vec<InFlight> = (0..FULL_SCAN_MAX)
+            .map(|i| InFlight::start(&eps[i].state))
+            .collect();
+        let mut idle = 0;
+        for _ in 0..3_000 {
+            if b.next(&eps, &ctx(), &Tried::default()) == Some(FULL_SCAN_MAX) {
+                idle += 1;
+            }
+        }
+        // The one idle endpoint wins only when drawn: about 2 of 17 picks, not all.
+        let share = idle as f64 / 3_000.0;
+        eprintln!("least_conn 17 endpoints, one idle: {share}");
+        assert!((share - 2.0 / 17.0).abs() < 0.04, "{share}");
     }
 
     #[test]
