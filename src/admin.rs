@@ -146,6 +146,7 @@ impl Admin {
                         "in_flight": e.state.in_flight(),
                         "ejected": e.state.health.ejected(),
                         "ejected_for_ms": e.state.health.ejected_for_ms(now),
+                        "backoff_ms": e.state.health.backoff_left_ms(now),
                         "ejections": e.state.health.ejections(),
                         "consecutive_failures": e.state.health.consecutive_failures(),
                         "active_check_up": e.state.health.active_up(),

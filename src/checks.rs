@@ -17,8 +17,8 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 pub const PROBE_TICK: Duration = Duration::from_millis(100);
 
 /// Returns expired ejections and recomputes the panic flag of every upstream in the table:
-/// when the share of endpoints the agent considers healthy falls below `panic_threshold`, the
-/// upstream balances over all of them (logged on entry and exit, `edge_agent_upstream_panic`).
+/// when the share of endpoints the agent considers healthy (up, and not backing off after a
+/// 429) falls below `panic_threshold`, the upstream balances over all of them (logged on entry and exit, `edge_agent_upstream_panic`).
 pub fn sweep(state: &State, now: u64) {
     let table = state.table.load();
     for up in table.upstreams.values() {
@@ -31,7 +31,7 @@ pub fn sweep(state: &State, now: u64) {
             }
             if ep.healthy && ep.weight > 0 {
                 eligible += 1;
-                if h.is_up() {
+                if h.is_up() && !h.backed_off(now) {
                     healthy += 1;
                 }
             }

@@ -126,6 +126,9 @@ impl<'a> Attempt<'a> {
                 state.failures.fetch_add(1, Ordering::Relaxed);
                 state.ewma.failure(rtt, now, fb.decay);
             }
+            Outcome::Backoff(d) => {
+                tracing::debug!(upstream = fb.upstream, endpoint = %ep.authority, for_ms = d.as_millis() as u64, "endpoint backs off (rate limited)");
+            }
         }
         let share = || {
             let ejected = fb
@@ -271,7 +274,8 @@ impl Endpoint {
     }
 
     /// Whether a balancer may pick the endpoint now: registry-healthy with weight, up by the
-    /// agent's checks (unless the upstream is in `panic` mode), and admitted by slow start
+    /// agent's checks and not backing off after a 429 (unless the upstream is in `panic` mode:
+    /// then all of them), and admitted by slow start
     /// (a draw from `rng` against the ramp's factor).
     #[inline]
     pub fn usable(
@@ -283,7 +287,7 @@ impl Endpoint {
     ) -> bool {
         self.healthy
             && self.weight > 0
-            && (panic || self.state.health.is_up())
+            && (panic || (self.state.health.is_up() && !self.state.health.backed_off(now_ms)))
             && (self.state.health.joined_ms == 0 || self.admitted(now_ms, slow_start, rng))
     }
 

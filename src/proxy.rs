@@ -234,7 +234,14 @@ impl Proxy {
             match send(ep, out, settings.connect_timeout, timeout).await {
                 Ok((resp, conn)) => {
                     let status = resp.status().as_u16();
-                    let outcome = if settings.passive.failed_status(status) {
+                    let outcome = if let Some(d) = retry::backoff(
+                        status,
+                        resp.headers(),
+                        settings.max_retry_after,
+                        std::time::SystemTime::now,
+                    ) {
+                        Outcome::Backoff(d)
+                    } else if settings.passive.failed_status(status) {
                         Outcome::Failure
                     } else {
                         Outcome::Success

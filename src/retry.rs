@@ -7,8 +7,9 @@
 //! body is never retried (its body is streamed and cannot be replayed). A [`RetryBudget`] per
 //! upstream (20% of requests plus a small reserve) stops retry storms.
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime};
 
-use http::Method;
+use http::{HeaderMap, Method};
 
 use crate::error::ProxyError;
 
@@ -26,6 +27,46 @@ pub const RETRY_BUDGET_MAX: i64 = 10_000;
 /// Largest body of a retryable error answer that is read (and its connection kept) before the
 /// next try; a larger one is given to the client as it is, without a retry.
 pub const RETRY_BODY_LIMIT: usize = 64 * 1024;
+
+/// Longest back-off a `Retry-After` may ask for (`max_retry_after`).
+pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// Back-off after a 429 that gives no (readable) `Retry-After`.
+pub const DEFAULT_RATE_LIMIT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How long an endpoint asked not to be sent new requests: a 429 (with its `Retry-After`, else
+/// [`DEFAULT_RATE_LIMIT_BACKOFF`]) or a 503 with a `Retry-After`; `None` for anything else.
+/// `Retry-After` is delay-seconds or an HTTP date (RFC 9110 §10.2.3); the result is capped at
+/// `max`. A 503 whose `Retry-After` cannot be read is an ordinary 503. `now` is asked only
+/// for an HTTP date.
+#[inline]
+pub fn backoff(
+    status: u16,
+    headers: &HeaderMap,
+    max: Duration,
+    now: impl FnOnce() -> SystemTime,
+) -> Option<Duration> {
+    if status != 429 && status != 503 {
+        return None;
+    }
+    let asked = headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| retry_after(v.trim(), now));
+    match (status, asked) {
+        (_, Some(d)) => Some(d.min(max)),
+        (429, None) => Some(DEFAULT_RATE_LIMIT_BACKOFF.min(max)),
+        _ => None,
+    }
+}
+
+/// A `Retry-After` value: seconds, or an HTTP date (a date in the past is no delay).
+fn retry_after(v: &str, now: impl FnOnce() -> SystemTime) -> Option<Duration> {
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now()).unwrap_or(Duration::ZERO))
+}
 
 /// Methods safe to retry after the request may have reached the upstream.
 pub fn idempotent(m: &Method) -> bool {
@@ -86,6 +127,56 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_retry_after(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::RETRY_AFTER, v.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn a_429_or_a_503_with_retry_after_backs_off_for_the_time_asked_capped() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let max = DEFAULT_MAX_RETRY_AFTER;
+        let none = HeaderMap::new();
+        assert_eq!(
+            backoff(429, &with_retry_after("2"), max, || now),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            backoff(503, &with_retry_after("7"), max, || now),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            backoff(429, &none, max, || now),
+            Some(DEFAULT_RATE_LIMIT_BACKOFF)
+        );
+        assert_eq!(
+            backoff(429, &with_retry_after("soon"), max, || now),
+            Some(DEFAULT_RATE_LIMIT_BACKOFF)
+        );
+        // A 503 without a readable Retry-After is an ordinary failure.
+        assert_eq!(backoff(503, &none, max, || now), None);
+        assert_eq!(backoff(503, &with_retry_after("-1"), max, || now), None);
+        assert_eq!(backoff(200, &with_retry_after("5"), max, || now), None);
+        assert_eq!(backoff(502, &with_retry_after("5"), max, || now), None);
+        // Capped.
+        assert_eq!(
+            backoff(429, &with_retry_after("3600"), max, || now),
+            Some(max)
+        );
+        // An HTTP date, 30 s ahead; one in the past is no delay.
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(
+            backoff(429, &with_retry_after(&date), max, || now),
+            Some(Duration::from_secs(30))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(
+            backoff(503, &with_retry_after(&past), max, || now),
+            Some(Duration::ZERO)
+        );
+    }
 
     #[test]
     fn the_reserve_allows_ten_retries_then_one_per_five_requests() {

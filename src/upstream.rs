@@ -40,6 +40,8 @@ pub struct UpstreamSettings {
     /// How fast the endpoints' latency estimates forget (`load.rs`).
     pub ewma_decay: Duration,
     pub slow_start: Option<Duration>,
+    /// Longest back-off a 429's or 503's `Retry-After` may impose on an endpoint.
+    pub max_retry_after: Duration,
     pub passive: PassiveHealth,
     pub active: Option<ActiveHealth>,
 }
@@ -54,6 +56,7 @@ impl UpstreamSettings {
             retry_timeout: DEFAULT_RETRY_TIMEOUT,
             ewma_decay: crate::load::DEFAULT_DECAY,
             slow_start: None,
+            max_retry_after: crate::retry::DEFAULT_MAX_RETRY_AFTER,
             passive: PassiveHealth::default(),
             active: None,
         }

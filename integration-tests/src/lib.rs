@@ -85,6 +85,8 @@ where
 pub struct Behaviour {
     pub status: u16,
     pub delay: Duration,
+    /// Extra response headers.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Default for Behaviour {
@@ -92,6 +94,7 @@ impl Default for Behaviour {
         Behaviour {
             status: 200,
             delay: Duration::ZERO,
+            headers: Vec::new(),
         }
     }
 }
@@ -151,11 +154,13 @@ impl Backend {
                                 tokio::time::sleep(beh.delay).await;
                             }
                             let body = format!("{n} {}", req.uri());
-                            let resp = Response::builder()
+                            let mut resp = Response::builder()
                                 .status(beh.status)
-                                .header("x-backend", n.as_str())
-                                .body(Full::new(Bytes::from(body)))
-                                .unwrap();
+                                .header("x-backend", n.as_str());
+                            for (k, v) in &beh.headers {
+                                resp = resp.header(k.as_str(), v.as_str());
+                            }
+                            let resp = resp.body(Full::new(Bytes::from(body))).unwrap();
                             Ok::<_, Infallible>(resp)
                         }
                     });

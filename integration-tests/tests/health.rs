@@ -162,3 +162,83 @@ async fn panic_mode_balances_over_all_when_too_few_are_healthy() {
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert!(agent.log_text().contains("panic mode"), "logged");
 }
+
+/// #17: a 429 with `Retry-After: 2` is not a health failure but keeps new requests off the
+/// endpoint for the time asked; then it gets traffic again, and it was never ejected.
+#[tokio::test]
+async fn a_429_with_retry_after_backs_the_endpoint_off_without_ejecting_it() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let limited = Backend::start_with(
+        "limited",
+        Behaviour {
+            status: 429,
+            headers: vec![("retry-after".into(), "2".into())],
+            ..Default::default()
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("services.toml");
+    write_services(
+        &path,
+        &[("svc", &[(a.addr, 1), (b.addr, 1), (limited.addr, 1)])],
+    );
+    let url = format!("file://{}", path.display());
+    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", &url)]).await;
+
+    // Round robin reaches `limited` within three requests; its 429 goes to the client (a 429
+    // is not retried).
+    let mut first_429 = None;
+    for _ in 0..3 {
+        let (status, backend, _) = agent.get("svc", "/").await;
+        if status == 429 {
+            assert_eq!(backend, "limited");
+            first_429 = Some(std::time::Instant::now());
+            break;
+        }
+        assert_eq!(status, 200);
+    }
+    let t0 = first_429.expect("a 429 from the limited backend within 3 requests");
+    assert_eq!(limited.hits(), 1);
+    let e = endpoint(&agent.upstreams().await, "svc", &limited.addr.to_string()).clone();
+    assert_eq!(e["ejected"], false, "{e}");
+    assert!(e["backoff_ms"].as_u64().unwrap() > 1_000, "{e}");
+
+    // For the next 1.5 s every request goes to a or b.
+    let mut during = 0;
+    while t0.elapsed() < Duration::from_millis(1_500) {
+        let (status, backend, _) = agent.get("svc", "/").await;
+        assert_eq!(status, 200, "from {backend}");
+        during += 1;
+    }
+    assert!(
+        during >= 10,
+        "only {during} requests in the back-off window"
+    );
+    assert_eq!(
+        limited.hits(),
+        1,
+        "the limited backend got traffic while backing off"
+    );
+
+    // Then it is picked again; by then the back-off is over.
+    limited.set(Behaviour::default());
+    eventually(Duration::from_secs(5), "limited picked again", || async {
+        agent.get("svc", "/").await;
+        (limited.hits() > 1).then_some(())
+    })
+    .await;
+    let waited = t0.elapsed();
+    eprintln!("429 Retry-After: 2 → picked again after {waited:?}, {during} requests between");
+    assert!(waited >= Duration::from_millis(1_900), "{waited:?}");
+    assert!(
+        waited < Duration::from_millis(3_500),
+        "{waited:?}: the back-off outlived its Retry-After"
+    );
+    let m = agent.metrics().await;
+    assert!(
+        !m.contains("edge_agent_ejections_total{upstream=\"svc\"} 1"),
+        "{m}"
+    );
+}

@@ -67,6 +67,8 @@ pub struct UpstreamFile {
     pub ewma_decay: Option<String>,
     /// Ramp new endpoints' share up over this window.
     pub slow_start: Option<String>,
+    /// Cap on the back-off a `Retry-After` asks for.
+    pub max_retry_after: Option<String>,
     pub checks: Option<ChecksFile>,
 }
 

@@ -254,6 +254,10 @@ fn upstreams(
         if let Some(v) = &u.slow_start {
             settings.slow_start = duration(&format!("{at}.slow_start"), v, errs);
         }
+        if let Some(v) = &u.max_retry_after {
+            settings.max_retry_after = duration(&format!("{at}.max_retry_after"), v, errs)
+                .unwrap_or(crate::retry::DEFAULT_MAX_RETRY_AFTER);
+        }
         let options = Options {
             hash_on: u.hash_on.as_deref(),
             ewma_decay: settings.ewma_decay,

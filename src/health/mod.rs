@@ -46,6 +46,9 @@ pub struct Health {
     /// Positive: consecutive probe successes; negative: failures.
     streak: AtomicI32,
     next_probe_ms: AtomicU64,
+    /// Until when the endpoint asked not to be sent new requests (429, or 503 with
+    /// `Retry-After`); 0 = never. Not a health failure: see [`Outcome::Backoff`].
+    backoff_until_ms: AtomicU64,
     /// When the endpoint joined (for slow start); 0 = no ramp.
     pub joined_ms: u64,
 }
@@ -67,6 +70,7 @@ impl Health {
             active_up: AtomicBool::new(!initially_unhealthy),
             streak: AtomicI32::new(0),
             next_probe_ms: AtomicU64::new(0),
+            backoff_until_ms: AtomicU64::new(0),
             joined_ms,
         }
     }
@@ -90,6 +94,25 @@ impl Health {
 
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive.load(Ordering::Relaxed)
+    }
+
+    /// Whether the endpoint asked, at `now`, not to get new requests yet.
+    #[inline]
+    pub fn backed_off(&self, now: u64) -> bool {
+        self.backoff_until_ms.load(Ordering::Relaxed) > now
+    }
+
+    /// Milliseconds of back-off left at `now`.
+    pub fn backoff_left_ms(&self, now: u64) -> u64 {
+        self.backoff_until_ms
+            .load(Ordering::Relaxed)
+            .saturating_sub(now)
+    }
+
+    /// No new requests until `now + d` (a later back-off already set is kept).
+    pub fn back_off(&self, now: u64, d: Duration) {
+        self.backoff_until_ms
+            .fetch_max(now + d.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Milliseconds of ejection left at `now`.
@@ -125,6 +148,11 @@ impl Health {
 pub enum Outcome {
     Success,
     Failure,
+    /// The endpoint is rate limiting (429, or 503 with `Retry-After`): neither a success nor a
+    /// failure. Passive health and the latency estimate are left as they are (a fast 429
+    /// counted as a success would pull traffic *towards* the limited endpoint), and the
+    /// endpoint gets no new request for the given time.
+    Backoff(Duration),
 }
 
 #[cfg(test)]

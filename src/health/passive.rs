@@ -84,6 +84,10 @@ pub fn record(
     now: u64,
     share: impl FnOnce() -> (usize, usize),
 ) -> Verdict {
+    if let Outcome::Backoff(d) = outcome {
+        h.back_off(now, d);
+        return Verdict::Noted;
+    }
     if outcome == Outcome::Success {
         if h.consecutive.load(Ordering::Relaxed) != 0 {
             h.consecutive.store(0, Ordering::Relaxed);
