@@ -83,8 +83,10 @@ pub async fn probe_loop(state: Arc<State>) {
                 let (up, ep, cfg) = (up.clone(), ep.clone(), cfg.clone());
                 tokio::spawn(async move {
                     let connect_timeout = up.settings().connect_timeout;
+                    let tls = up.tls_for(&ep);
                     let ok =
-                        active::probe(&ep.state.pool, &ep.authority, &cfg, connect_timeout).await;
+                        active::probe(&ep.state.pool, &ep.authority, tls, &cfg, connect_timeout)
+                            .await;
                     match active::apply(&ep.state.health, &cfg, ok) {
                         Some(true) => {
                             tracing::info!(upstream = %up.id, endpoint = %ep.authority, "active check: endpoint healthy")

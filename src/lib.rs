@@ -11,8 +11,8 @@
 //! own layer, so no two units import each other (`tests/layers.rs` fails on a cycle):
 //!
 //! ```text
-//! 1  clock  rng  error  framing  metrics  guard  state_file   leaves
-//! 2  load  pool  health/{passive,active}              per-endpoint measures and connections
+//! 1  clock  rng  error  framing  metrics  guard  state_file  tls   leaves
+//! 2  load  dial  pool  health/{passive,active}        per-endpoint measures and connections
 //! 3  endpoint                                         Endpoint, EndpointState, Attempt
 //! 4  balancer/{roundrobin,chash,ewma,least_conn}      Spec, Kind, REGISTRY, Candidates
 //! 5  retry  upstream  route                           an upstream and its settings; routing
@@ -31,6 +31,7 @@ pub mod cache;
 pub mod checks;
 pub mod clock;
 pub mod config;
+pub mod dial;
 pub mod endpoint;
 pub mod error;
 pub mod framing;
@@ -48,6 +49,7 @@ pub mod server;
 pub mod state;
 pub mod state_file;
 pub mod table;
+pub mod tls;
 pub mod upstream;
 
 use anyhow::Context as _;

@@ -20,13 +20,14 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
 
+use crate::dial;
 use crate::error::{ProxyError, Sent};
 use crate::framing::ClientBody;
+use crate::tls::ClientTls;
 
 /// Request body sent upstream: the client's (watched for its own framing faults), or empty for
 /// a replayed body-less request or a probe.
@@ -105,7 +106,8 @@ impl ConnPool {
         idle.push_back(Idle { conn, since: now });
     }
 
-    /// Sends `req` on a pooled connection, or on a new one to `authority`. Returns the response
+    /// Sends `req` on a pooled connection, or on a new one to `authority` (over TLS with
+    /// `tls`). Returns the response
     /// and the connection, to be handed back with [`ConnPool::put`] once the response body is
     /// finished.
     ///
@@ -115,6 +117,7 @@ impl ConnPool {
     pub async fn send(
         &self,
         authority: &Authority,
+        tls: Option<&ClientTls>,
         mut req: Request<ReqBody>,
         connect_timeout: Duration,
     ) -> Result<(Response<Incoming>, Conn), ProxyError> {
@@ -133,7 +136,7 @@ impl ConnPool {
                 },
             }
         }
-        let mut conn = connect(authority, connect_timeout).await?;
+        let mut conn = connect(authority, tls, connect_timeout).await?;
         match conn.try_send_request(req).await {
             Ok(resp) => Ok((resp, conn)),
             Err(e) => {
@@ -151,27 +154,22 @@ impl ConnPool {
     }
 }
 
-/// Dials `authority` and starts an HTTP/1 connection on it; the connection's I/O runs in a task
-/// of its own until the peer closes it or every handle to it is dropped.
-async fn connect(authority: &Authority, timeout: Duration) -> Result<Conn, ProxyError> {
-    let stream = match authority.port_u16() {
-        Some(_) => tokio::time::timeout(timeout, TcpStream::connect(authority.as_str())).await,
-        None => tokio::time::timeout(timeout, TcpStream::connect((authority.host(), 80u16))).await,
-    };
-    let failed = |source: crate::error::BoxError| ProxyError::Connect {
-        authority: authority.to_string(),
-        source,
-    };
-    let stream = match stream {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(failed(e.into())),
-        Err(_) => return Err(failed(format!("no connection within {timeout:?}").into())),
-    };
-    let _ = stream.set_nodelay(true);
+/// Dials `authority` (through `dial.rs`: TCP, and TLS when the upstream has it) and starts an
+/// HTTP/1 connection on it; the connection's I/O runs in a task of its own until the peer closes
+/// it or every handle to it is dropped.
+async fn connect(
+    authority: &Authority,
+    tls: Option<&ClientTls>,
+    timeout: Duration,
+) -> Result<Conn, ProxyError> {
+    let dialed = dial::dial(authority, tls, timeout).await?;
     let (conn, io) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(dialed.io))
         .await
-        .map_err(|e| failed(e.into()))?;
+        .map_err(|e| ProxyError::Connect {
+            authority: authority.to_string(),
+            source: e.into(),
+        })?;
     tokio::spawn(async move {
         if let Err(e) = io.await {
             tracing::debug!(error = %e, "upstream connection ended with an error");
@@ -233,7 +231,7 @@ mod tests {
         let pool = ConnPool::default();
         for _ in 0..5 {
             let (resp, conn) = pool
-                .send(&authority, get(&authority), Duration::from_secs(1))
+                .send(&authority, None, get(&authority), Duration::from_secs(1))
                 .await
                 .unwrap();
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
@@ -255,7 +253,7 @@ mod tests {
         let pool = ConnPool::default();
         for i in 0..5 {
             let (resp, conn) = pool
-                .send(&authority, get(&authority), Duration::from_secs(1))
+                .send(&authority, None, get(&authority), Duration::from_secs(1))
                 .await
                 .unwrap_or_else(|e| panic!("request {i}: {e}"));
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
@@ -281,7 +279,7 @@ mod tests {
         };
         let authority: Authority = format!("127.0.0.1:{port}").parse().unwrap();
         let err = ConnPool::default()
-            .send(&authority, get(&authority), Duration::from_secs(1))
+            .send(&authority, None, get(&authority), Duration::from_secs(1))
             .await
             .unwrap_err();
         assert!(matches!(err, ProxyError::Connect { .. }), "{err}");

@@ -44,6 +44,7 @@ use crate::pool::{self, ReqBody};
 use crate::retry::{self, RETRY_BODY_LIMIT};
 use crate::route::NoRoute;
 use crate::state::State;
+use crate::tls::ClientTls;
 use crate::upstream::Upstream;
 
 /// Response body sent to the client.
@@ -231,7 +232,15 @@ impl Proxy {
             }
             let try_ = Attempt::start(ep, &feedback);
             let timeout = remaining.min(settings.read_timeout);
-            match send(ep, out, settings.connect_timeout, timeout).await {
+            match send(
+                ep,
+                upstream.tls_for(ep),
+                out,
+                settings.connect_timeout,
+                timeout,
+            )
+            .await
+            {
                 Ok((resp, conn)) => {
                     let status = resp.status().as_u16();
                     let outcome = if let Some(d) = retry::backoff(
@@ -291,11 +300,12 @@ impl Proxy {
 /// Sends `req` to `ep` on its pool, waiting at most `timeout` for the response head.
 async fn send(
     ep: &Endpoint,
+    tls: Option<&ClientTls>,
     req: Request<ReqBody>,
     connect_timeout: Duration,
     timeout: Duration,
 ) -> Result<(Response<Incoming>, pool::Conn), ProxyError> {
-    let sent = ep.state.pool.send(&ep.authority, req, connect_timeout);
+    let sent = ep.state.pool.send(&ep.authority, tls, req, connect_timeout);
     match tokio::time::timeout(timeout, sent).await {
         Ok(result) => result,
         Err(_) => Err(ProxyError::Timeout),

@@ -16,6 +16,7 @@ use crate::health::passive::PassiveHealth;
 use crate::metrics::UpstreamMetrics;
 use crate::retry::RetryBudget;
 use crate::rng::Rng;
+use crate::tls::ClientTls;
 
 /// How long an upstream may take to accept a TCP connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -44,6 +45,8 @@ pub struct UpstreamSettings {
     pub max_retry_after: Duration,
     pub passive: PassiveHealth,
     pub active: Option<ActiveHealth>,
+    /// TLS to the endpoints (`tls = true`); `None`: clear text.
+    pub tls: Option<ClientTls>,
 }
 
 impl UpstreamSettings {
@@ -59,6 +62,7 @@ impl UpstreamSettings {
             max_retry_after: crate::retry::DEFAULT_MAX_RETRY_AFTER,
             passive: PassiveHealth::default(),
             active: None,
+            tls: None,
         }
     }
 }
@@ -128,6 +132,11 @@ impl Upstream {
 
     pub fn settings(&self) -> &UpstreamSettings {
         &self.runtime.settings
+    }
+
+    /// The TLS setup to dial `ep` with; `None`: clear text.
+    pub fn tls_for(&self, _ep: &Endpoint) -> Option<&ClientTls> {
+        self.runtime.settings.tls.as_ref()
     }
 
     /// Where a try at one of the upstream's endpoints reports.

@@ -12,6 +12,7 @@ use rand::Rng as _;
 
 use super::Health;
 use crate::pool::ConnPool;
+use crate::tls::ClientTls;
 
 /// How often an endpoint is probed.
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -72,6 +73,7 @@ pub fn due(h: &Health, cfg: &ActiveHealth, now: u64) -> bool {
 pub async fn probe(
     pool: &ConnPool,
     authority: &Authority,
+    tls: Option<&ClientTls>,
     cfg: &ActiveHealth,
     connect_timeout: Duration,
 ) -> bool {
@@ -97,7 +99,7 @@ pub async fn probe(
         http::HeaderValue::from_static("edge-agent-health-check"),
     );
     let probe = async {
-        let (resp, conn) = pool.send(authority, req, connect_timeout).await.ok()?;
+        let (resp, conn) = pool.send(authority, tls, req, connect_timeout).await.ok()?;
         let status = resp.status().as_u16();
         // Read the answer to the end so the connection can be reused; a health page larger
         // than PROBE_BODY_LIMIT is not buffered, its connection is dropped instead.
