@@ -11,7 +11,7 @@
 //! own layer, so no two units import each other (`tests/layers.rs` fails on a cycle):
 //!
 //! ```text
-//! 1  clock  rng  error  framing  metrics  guard  state_file  tls   leaves
+//! 1  clock  rng  error  framing  metrics  access_log  guard  state_file  tls   leaves
 //! 2  load  dial  pool  health/{passive,active}        per-endpoint measures and connections
 //! 3  endpoint                                         Endpoint, EndpointState, Attempt
 //! 4  balancer/{roundrobin,chash,ewma,least_conn}      Spec, Kind, REGISTRY, Candidates
@@ -25,6 +25,7 @@
 //! tables; the request path only reads them.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod balancer;
 pub mod cache;
@@ -62,11 +63,14 @@ use crate::state::{SourceStatus, State};
 
 /// Capacity of the discovery event channel; adapters wait when the cache falls behind.
 pub const EVENT_QUEUE: usize = 1024;
+/// How long the agent waits at exit for the access-log writer to take the queued lines.
+pub const ACCESS_LOG_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs the agent until SIGTERM or SIGINT, then drains. The listeners are bound before this
 /// returns control to the runtime, so a bind error is reported naming the variable.
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     let prometheus = metrics::install();
+    let access_log = access_log::AccessLog::start(&config.access_log)?;
     let mut sources = Vec::with_capacity(config.registries.len());
     let mut statuses = Vec::with_capacity(config.registries.len());
     for url in &config.registries {
@@ -117,6 +121,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     tokio::spawn(checks::sweep_loop(state.clone()));
     tokio::spawn(checks::probe_loop(state.clone()));
     tokio::spawn(reload::run(cli, config.clone(), control_tx));
+    tokio::spawn(reload::reopen_on_usr1(access_log.clone()));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let admin = admin::Admin::new(state.clone(), prometheus, config.admin_token.clone());
@@ -131,7 +136,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         registries = config.registries.len(),
         "edge-agent started"
     );
-    let proxy = proxy::Proxy::new(state);
+    let proxy = proxy::Proxy::with_access_log(state, access_log.clone(), config.request_id);
     let serving = tokio::spawn(server::serve_proxy(
         proxy_listener,
         proxy,
@@ -142,6 +147,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     tracing::info!("shutdown signal received: no longer accepting connections");
     let _ = shutdown_tx.send(true);
     let left = serving.await.unwrap_or(0);
+    access_log.drain(ACCESS_LOG_DRAIN).await;
     tracing::info!(connections_cut = left, "edge-agent stopped");
     Ok(())
 }

@@ -23,6 +23,7 @@ pub const UPSTREAM_PANIC: &str = "edge_agent_upstream_panic";
 pub const EJECTIONS: &str = "edge_agent_ejections_total";
 pub const RETRY_BUDGET_EXHAUSTED: &str = "edge_agent_retry_budget_exhausted_total";
 pub const CHASH_FALLBACK: &str = "edge_agent_chash_fallback_total";
+pub const ACCESS_LOG_DROPPED: &str = "edge_agent_access_log_dropped_total";
 
 /// Histogram buckets for request duration, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -114,10 +115,14 @@ fn describe() {
         CHASH_FALLBACK,
         "chash requests without their key, balanced round robin instead."
     );
+    metrics::describe_counter!(
+        ACCESS_LOG_DROPPED,
+        "Access-log lines dropped because the writer fell behind (its queue was full)."
+    );
 }
 
 /// Every metric name, for the test that each has HELP text.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     REQUESTS_TOTAL,
     REQUEST_DURATION,
     ENDPOINTS,
@@ -132,6 +137,7 @@ pub const ALL: [&str; 14] = [
     EJECTIONS,
     RETRY_BUDGET_EXHAUSTED,
     CHASH_FALLBACK,
+    ACCESS_LOG_DROPPED,
 ];
 
 /// Metric handles for one upstream.
@@ -220,6 +226,7 @@ mod tests {
         metrics::gauge!(ENDPOINTS, "upstream" => "help-test", "state" => "healthy").set(1.0);
         metrics::gauge!(UPSTREAM_PANIC, "upstream" => "help-test").set(0.0);
         metrics::gauge!(DISCOVERY_STALENESS, "source" => "file").set(0.0);
+        metrics::counter!(ACCESS_LOG_DROPPED).increment(0);
         for name in [
             DISCOVERY_UPDATES,
             DISCOVERY_ERRORS,

@@ -33,6 +33,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Empty, Full};
 use hyper::body::Incoming;
 
+use crate::access_log::{self, AccessLog, Logged, Tried, X_REQUEST_ID};
 use crate::balancer::PickContext;
 use crate::clock;
 use crate::endpoint::{Attempt, Endpoint, InFlight};
@@ -49,6 +50,8 @@ use crate::upstream::Upstream;
 
 /// Response body sent to the client.
 pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
+/// The response body as it leaves the proxy: counted for the access log (`access_log.rs`).
+pub type ClientResponse = Response<Logged<RespBody>>;
 /// How long a request for a service not yet watched waits for an on-demand source's first
 /// answer.
 pub const DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,6 +60,10 @@ pub const DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Proxy {
     state: Arc<State>,
     limits: Limits,
+    access_log: AccessLog,
+    /// `EDGE_AGENT_REQUEST_ID=on`: requests without `x-request-id` get one, drawn from `ids`.
+    request_id: bool,
+    ids: crate::rng::Rng,
 }
 
 /// Per-connection facts the handler needs.
@@ -79,34 +86,61 @@ impl Peer {
 
 impl Proxy {
     pub fn new(state: Arc<State>) -> Arc<Self> {
+        Self::with_access_log(state, AccessLog::off(), false)
+    }
+
+    /// A proxy that writes `access_log` and, with `request_id`, adds `x-request-id`.
+    pub fn with_access_log(state: Arc<State>, access_log: AccessLog, request_id: bool) -> Arc<Self> {
         Arc::new(Proxy {
             state,
             limits: Limits::default(),
+            access_log,
+            request_id,
+            ids: crate::rng::Rng::from_entropy(),
         })
     }
 
-    /// Handles one request. Never fails: errors become responses.
+    /// Handles one request. Never fails: errors become responses. Its access-log line (when
+    /// there is a log) is sent when the response body ends.
     pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: &Peer,
+    ) -> Result<ClientResponse, Infallible> {
+        let start = Instant::now();
+        if self.request_id && !req.headers().contains_key(&X_REQUEST_ID) {
+            let id = access_log::new_request_id(self.ids.next_u64(), self.ids.next_u64());
+            req.headers_mut().insert(&X_REQUEST_ID, id);
+        }
+        let pending = self.access_log.begin(&req, peer.ip, start);
+        let mut tried = Tried::new(pending.is_some());
+        let resp = self.respond(req, peer, start, &mut tried).await;
+        Ok(Logged::wrap(resp, pending, tried))
+    }
+
+    async fn respond(
         &self,
         req: Request<Incoming>,
         peer: &Peer,
-    ) -> Result<Response<RespBody>, Infallible> {
-        let start = Instant::now();
+        start: Instant,
+        tried: &mut Tried,
+    ) -> Response<RespBody> {
         if let Err(e) = framing::check_request_head(&req, &self.limits) {
             tracing::debug!(error = %e, "request refused");
             let e = ProxyError::from(e);
             m::unrouted(e.status().as_u16());
-            return Ok(refusal(&e, ""));
+            return refusal(&e, "");
         }
         let (upstream, strip) = match self.route(&req).await {
             Ok(r) => r,
             Err(body) => {
                 m::unrouted(404);
-                return Ok(text(StatusCode::NOT_FOUND, body));
+                return text(StatusCode::NOT_FOUND, body);
             }
         };
+        tried.routed(&upstream.id);
         upstream.runtime.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = match self.forward(&upstream, req, strip, peer).await {
+        let resp = match self.forward(&upstream, req, strip, peer, tried).await {
             Ok(resp) => resp,
             Err(e) => {
                 if matches!(e, ProxyError::NoEndpoint) {
@@ -120,7 +154,7 @@ impl Proxy {
             .runtime
             .metrics
             .request(resp.status().as_u16(), start.elapsed());
-        Ok(resp)
+        resp
     }
 
     /// The upstream for a request and the path prefix to strip, or the 404 body. A zero-config
@@ -168,6 +202,7 @@ impl Proxy {
         req: Request<Incoming>,
         strip: usize,
         peer: &Peer,
+        tried: &mut Tried,
     ) -> Result<Response<RespBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let settings = upstream.settings();
@@ -231,6 +266,7 @@ impl Proxy {
                     .insert(header::HOST, authority_header(&ep.authority));
             }
             let try_ = Attempt::start(ep, &feedback);
+            tried.start(attempt, &ep.authority);
             let timeout = remaining.min(settings.read_timeout);
             match send(
                 ep,
@@ -242,6 +278,7 @@ impl Proxy {
             .await
             {
                 Ok((resp, conn)) => {
+                    tried.answered();
                     let status = resp.status().as_u16();
                     let outcome = if let Some(d) = retry::backoff(
                         status,

@@ -3,7 +3,7 @@
 //! The new configuration is loaded and validated whole (with the same flags and environment the
 //! agent started with) before it is handed to the cache; an invalid one is logged with every
 //! error and counted in `edge_agent_config_reloads_total{result="error"}`, and the old one keeps
-//! serving. Listen addresses, registries and the admin token need a restart; a reload that
+//! serving. Listen addresses, registries, the admin token and the access-log settings need a restart; a reload that
 //! changes them says so in the log and applies the rest.
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,6 +11,7 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use crate::access_log::AccessLog;
 use crate::cache::Control;
 use crate::config::{Cli, Config};
 use crate::metrics as m;
@@ -81,6 +82,24 @@ async fn reload_loop(
     }
 }
 
+/// Reopens the access-log file on every SIGUSR1 (logrotate's `postrotate`). The handler is
+/// installed even when there is no access log, so a stray SIGUSR1 does not kill the agent
+/// (its default action).
+pub async fn reopen_on_usr1(log: AccessLog) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = match signal(SignalKind::user_defined1()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGUSR1 handler: the access log is not reopened");
+            return;
+        }
+    };
+    while usr1.recv().await.is_some() {
+        tracing::info!("SIGUSR1: reopening the access log");
+        log.reopen();
+    }
+}
+
 /// The next SIGHUP, or never when there is no handler.
 async fn hangup(hup: &mut Option<tokio::signal::unix::Signal>) {
     match hup {
@@ -105,6 +124,12 @@ pub fn needs_restart(running: &Config, next: &Config) -> Vec<&'static str> {
     }
     if next.admin_token != running.admin_token {
         v.push("EDGE_AGENT_ADMIN_TOKEN");
+    }
+    if next.access_log != running.access_log {
+        v.push("EDGE_AGENT_ACCESS_LOG");
+    }
+    if next.request_id != running.request_id {
+        v.push("EDGE_AGENT_REQUEST_ID");
     }
     v
 }

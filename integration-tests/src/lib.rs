@@ -218,6 +218,9 @@ pub struct Agent {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     pub log: PathBuf,
+    /// The agent's stdout, when started with [`Agent::spawn_piped`] (nobody reads it unless
+    /// the test does).
+    pub stdout: Option<std::process::ChildStdout>,
     _dir: tempfile::TempDir,
 }
 
@@ -237,12 +240,22 @@ impl Agent {
         Self::spawn_with(env, None)
     }
 
+    /// As [`Agent::spawn`], with stdout a pipe held in [`Agent::stdout`] (stderr still goes
+    /// to the log file).
+    pub fn spawn_piped(env: &[(&str, &str)]) -> Agent {
+        Self::spawn_inner(env, None, true)
+    }
+
     /// As [`Agent::spawn`], with at most `max_fds` open file descriptors (`ulimit -n`).
     pub fn spawn_with_fd_limit(env: &[(&str, &str)], max_fds: u32) -> Agent {
         Self::spawn_with(env, Some(max_fds))
     }
 
     fn spawn_with(env: &[(&str, &str)], max_fds: Option<u32>) -> Agent {
+        Self::spawn_inner(env, max_fds, false)
+    }
+
+    fn spawn_inner(env: &[(&str, &str)], max_fds: Option<u32>, piped: bool) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let n = AGENTS.fetch_add(1, Ordering::SeqCst);
         let log = dir.path().join(format!("agent-{n}.log"));
@@ -285,8 +298,12 @@ impl Agent {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("spawn edge-agent");
+        if piped {
+            cmd.stdout(Stdio::piped());
+        }
+        let mut child = cmd.spawn().expect("spawn edge-agent");
         Agent {
+            stdout: child.stdout.take(),
             child: Some(child),
             // A test may pass an invalid address on purpose (to see it refused).
             proxy: proxy.parse().unwrap_or_else(|_| ([127, 0, 0, 1], 0).into()),

@@ -21,6 +21,10 @@ Environment (each also a flag; flags and variables override the config file):
   EDGE_AGENT_ADMIN_TOKEN     bearer token required by the admin API (except /healthz) [default: none]
   EDGE_AGENT_REMOVAL_GUARD   hold updates that remove most of a service: on/off [default: on]
   EDGE_AGENT_LOG_FORMAT      text or json                      [default: text]
+  EDGE_AGENT_ACCESS_LOG      off, stdout or a file path (reopened on SIGUSR1) [default: off]
+  EDGE_AGENT_ACCESS_LOG_FORMAT json or text (nginx combined + upstream fields) [default: json]
+  EDGE_AGENT_ACCESS_LOG_QUERY on: keep the query string in the logged path [default: off]
+  EDGE_AGENT_REQUEST_ID      on: add x-request-id to requests without one [default: off]
   RUST_LOG                   log filter, e.g. info,edge_agent=debug [default: info]
   TOKIO_WORKER_THREADS       proxy worker threads; 1 runs everything on one thread [default: one per CPU]",
         balancers = balancer::names().join(", "),
@@ -76,6 +80,18 @@ pub struct Cli {
     /// Log format: text or json [default: text]
     #[arg(long, env = "EDGE_AGENT_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
+    /// Access log: off, stdout or a file path [default: off]
+    #[arg(long, env = "EDGE_AGENT_ACCESS_LOG", global = true)]
+    pub access_log: Option<String>,
+    /// Access-log format: json or text [default: json]
+    #[arg(long, env = "EDGE_AGENT_ACCESS_LOG_FORMAT", global = true)]
+    pub access_log_format: Option<String>,
+    /// Keep the query string in the access log's path: on or off [default: off]
+    #[arg(long, env = "EDGE_AGENT_ACCESS_LOG_QUERY", global = true)]
+    pub access_log_query: Option<String>,
+    /// Add x-request-id to requests that have none: on or off [default: off]
+    #[arg(long, env = "EDGE_AGENT_REQUEST_ID", global = true)]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Subcommand, Clone)]

@@ -70,6 +70,10 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     pub admin_token: Option<String>,
     pub log_json: bool,
+    /// `EDGE_AGENT_ACCESS_LOG*` (restart to change).
+    pub access_log: crate::access_log::Settings,
+    /// `EDGE_AGENT_REQUEST_ID=on`: add `x-request-id` to requests without one.
+    pub request_id: bool,
     /// The part that a reload may change.
     pub dynamic: Dynamic,
 }

@@ -81,6 +81,20 @@ pub(super) fn build(cli: &Cli, file: &FileConfig, errs: &mut Vec<String>) -> Con
     if matches!(cli.admin_token.as_deref(), Some(t) if t.trim().is_empty()) {
         errs.push("EDGE_AGENT_ADMIN_TOKEN: empty token".into());
     }
+    let access_log = crate::access_log::Settings::parse(
+        cli.access_log.as_deref(),
+        cli.access_log_format.as_deref(),
+        cli.access_log_query.as_deref(),
+    )
+    .unwrap_or_else(|e| {
+        errs.extend(e);
+        Default::default()
+    });
+    let request_id = crate::access_log::on_off("EDGE_AGENT_REQUEST_ID", cli.request_id.as_deref())
+        .unwrap_or_else(|e| {
+            errs.push(e);
+            false
+        });
     let upstreams = upstreams(&file.upstream, default_spec.name(), errs);
     let default_settings = UpstreamSettings::with_balancer(default_spec);
     let routes = routes(&file.route, &upstreams, errs);
@@ -94,6 +108,8 @@ pub(super) fn build(cli: &Cli, file: &FileConfig, errs: &mut Vec<String>) -> Con
         state_dir: cli.state_dir.clone(),
         admin_token: cli.admin_token.clone().filter(|t| !t.trim().is_empty()),
         log_json,
+        access_log,
+        request_id,
         dynamic: Dynamic {
             default_settings,
             domain_suffix,
