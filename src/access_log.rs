@@ -485,7 +485,10 @@ impl Entry {
     }
 
     fn trace_id(&self) -> Option<&str> {
-        self.p.traceparent.as_ref().and_then(|v| trace_id(v.as_bytes()))
+        self.p
+            .traceparent
+            .as_ref()
+            .and_then(|v| trace_id(v.as_bytes()))
     }
 
     fn request_id(&self) -> Option<&str> {
@@ -590,7 +593,9 @@ fn nginx_time(rfc3339: &str) -> String {
 /// A value for the text format: spaces, quotes and control characters escaped, so a line
 /// stays one line with whitespace-separated fields.
 fn text_safe(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
+    if s.bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
         return s.into();
     }
     let mut o = String::with_capacity(s.len() + 8);
@@ -726,7 +731,10 @@ mod tests {
             trace_id(b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
             None
         );
-        assert_eq!(trace_id(b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"), None);
+        assert_eq!(
+            trace_id(b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+            None
+        );
         assert_eq!(trace_id(b"garbage"), None);
         assert_eq!(
             trace_id(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"),
@@ -746,13 +754,22 @@ mod tests {
     #[test]
     fn settings_name_the_variable_and_value() {
         let e = Settings::parse(Some("stdout"), Some("xml"), Some("maybe")).unwrap_err();
-        assert!(e[0].contains("EDGE_AGENT_ACCESS_LOG_FORMAT=\"xml\""), "{e:?}");
-        assert!(e[1].contains("EDGE_AGENT_ACCESS_LOG_QUERY=\"maybe\""), "{e:?}");
+        assert!(
+            e[0].contains("EDGE_AGENT_ACCESS_LOG_FORMAT=\"xml\""),
+            "{e:?}"
+        );
+        assert!(
+            e[1].contains("EDGE_AGENT_ACCESS_LOG_QUERY=\"maybe\""),
+            "{e:?}"
+        );
         let s = Settings::parse(Some("/tmp/x.log"), Some("text"), Some("on")).unwrap();
         assert_eq!(s.target, Target::File("/tmp/x.log".into()));
         assert_eq!(s.format, Format::Text);
         assert!(s.query);
-        assert_eq!(Settings::parse(None, None, None).unwrap(), Settings::default());
+        assert_eq!(
+            Settings::parse(None, None, None).unwrap(),
+            Settings::default()
+        );
     }
 
     #[test]
@@ -839,11 +856,11 @@ mod tests {
             .body(())
             .unwrap();
         let line = lines(Format::Text, true, req, tried);
+        assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+        assert!(line.contains("] \"GET /a?q=1 HTTP/1.1\" 201 0 host=svc upstream=svc endpoint=127.0.0.1:9 tries=2 bytes_in=0 "), "{line}");
         assert!(
-            line.starts_with("127.0.0.1 - - ["),
+            line.contains(" upstream_ms=3 trace_id=- request_id=- ts="),
             "{line}"
         );
-        assert!(line.contains("] \"GET /a?q=1 HTTP/1.1\" 201 0 host=svc upstream=svc endpoint=127.0.0.1:9 tries=2 bytes_in=0 "), "{line}");
-        assert!(line.contains(" upstream_ms=3 trace_id=- request_id=- ts="), "{line}");
     }
 }

@@ -90,7 +90,11 @@ impl Proxy {
     }
 
     /// A proxy that writes `access_log` and, with `request_id`, adds `x-request-id`.
-    pub fn with_access_log(state: Arc<State>, access_log: AccessLog, request_id: bool) -> Arc<Self> {
+    pub fn with_access_log(
+        state: Arc<State>,
+        access_log: AccessLog,
+        request_id: bool,
+    ) -> Arc<Self> {
         Arc::new(Proxy {
             state,
             limits: Limits::default(),

@@ -19,10 +19,14 @@ fn lines(path: &Path) -> Vec<Value> {
 
 /// Waits for the log at `path` to hold `n` lines, and returns them.
 async fn wait_lines(path: &Path, n: usize) -> Vec<Value> {
-    eventually(Duration::from_secs(10), &format!("{n} access-log lines"), || async {
-        let l = lines(path);
-        (l.len() >= n).then_some(l)
-    })
+    eventually(
+        Duration::from_secs(10),
+        &format!("{n} access-log lines"),
+        || async {
+            let l = lines(path);
+            (l.len() >= n).then_some(l)
+        },
+    )
     .await
 }
 
@@ -49,7 +53,10 @@ async fn every_field_for_a_200_a_502_after_a_retry_a_404_and_a_traced_request() 
     let services = dir.path().join("services.toml");
     write_services(
         &services,
-        &[("svc", &[(ok.addr, 1)]), ("flaky", &[(bad1.addr, 1), (bad2.addr, 1)])],
+        &[
+            ("svc", &[(ok.addr, 1)]),
+            ("flaky", &[(bad1.addr, 1), (bad2.addr, 1)]),
+        ],
     );
     let log = dir.path().join("access.log");
     let registry = format!("file://{}", services.display());
@@ -112,7 +119,11 @@ async fn every_field_for_a_200_a_502_after_a_retry_a_404_and_a_traced_request() 
     assert_eq!(e["status"], 502, "{e}");
     assert_eq!(e["upstream"], "flaky", "{e}");
     assert_eq!(e["tries"], 2, "{e}");
-    let last = body.starts_with(b"bad1").then_some(bad1.addr).unwrap_or(bad2.addr);
+    let last = if body.starts_with(b"bad1") {
+        bad1.addr
+    } else {
+        bad2.addr
+    };
     assert_eq!(e["endpoint"], last.to_string(), "{e}");
     assert_eq!(e["bytes_out"], body.len() as u64, "{e}");
     assert!(e["upstream_ms"].as_f64().is_some(), "{e}");
@@ -189,7 +200,10 @@ async fn text_format_keeps_the_query_when_asked() {
     assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
     assert!(line.contains("\"GET /q?a=1 HTTP/1.1\" 200 "), "{line}");
     assert!(
-        line.contains(&format!(" host=svc upstream=svc endpoint={} tries=1 ", ok.addr)),
+        line.contains(&format!(
+            " host=svc upstream=svc endpoint={} tries=1 ",
+            ok.addr
+        )),
         "{line}"
     );
 }
@@ -217,11 +231,15 @@ async fn sigusr1_reopens_the_file_after_logrotate_moved_it() {
     assert!(!log.exists());
     agent.signal(nix::sys::signal::Signal::SIGUSR1);
     // The writer reopens on the signal; lines after it go to a new file at the old path.
-    let l = eventually(Duration::from_secs(10), "a line in the reopened file", || async {
-        assert_eq!(agent.get("svc", "/after").await.0, 200);
-        let l = lines(&log);
-        (!l.is_empty()).then_some(l)
-    })
+    let l = eventually(
+        Duration::from_secs(10),
+        "a line in the reopened file",
+        || async {
+            assert_eq!(agent.get("svc", "/after").await.0, 200);
+            let l = lines(&log);
+            (!l.is_empty()).then_some(l)
+        },
+    )
     .await;
     assert_eq!(l[0]["path"], "/after", "{l:?}");
     let old = lines(&rotated);
