@@ -18,7 +18,7 @@
 //! 5  retry  upstream  route                           an upstream and its settings; routing
 //! 6  state  table  cache  checks  proxy  admin        shared state; tasks; the request path
 //! 7  config/{env,file,validate}                       parses into the types above
-//! 8  server  reload  lib                              listeners, reloads, start-up
+//! 8  server  reload  status  lib                              listeners, reloads, start-up
 //! ```
 //!
 //! Data moves one way: sources push into the cache task, which publishes immutable routing
@@ -49,6 +49,7 @@ pub mod route;
 pub mod server;
 pub mod state;
 pub mod state_file;
+pub mod status;
 pub mod table;
 pub mod tls;
 pub mod upstream;

@@ -29,6 +29,9 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if let Some(Command::Status { json }) = cli.command {
+        return ExitCode::from(edge_agent::status::run(&config, json));
+    }
     edge_agent::init_logging(config.log_json);
     // Adapters that keep files of their own (the Nacos SDK's cache) read the state directory
     // from the environment; a `--state-dir` flag given instead of the variable is passed on.

@@ -100,6 +100,14 @@ pub enum Command {
     Run,
     /// Validate the environment and config file, print every error, exit 0 when valid
     CheckConfig,
+    /// Print a running agent's sources, upstreams and endpoints (from its admin API); exit 0
+    /// when ready with an available endpoint in every upstream, 1 when not, 3 when the admin
+    /// API cannot be read
+    Status {
+        /// Print the raw /upstreams document
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[cfg(test)]
