@@ -134,6 +134,9 @@ impl Admin {
                     "retries": u.settings().retries,
                     "connect_timeout_ms": u.settings().connect_timeout.as_millis() as u64,
                     "read_timeout_ms": u.settings().read_timeout.as_millis() as u64,
+                    "in_flight": u.runtime.requests_in_flight.taken(),
+                    "max_requests": u.settings().breakers.max_requests,
+                    "max_retries": u.settings().breakers.max_retries,
                     "last_update_unix": u.updated_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
                     "staleness_seconds": round3(staleness),
                     "endpoints": u.endpoints.iter().map(|e| json!({

@@ -4,6 +4,8 @@
 //! that is safe (`retry.rs` decides). Each keeps its cause as a `#[source]`.
 use http::StatusCode;
 
+use crate::breaker::Limit;
+
 /// A boxed error cause.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -46,6 +48,9 @@ pub enum ProxyError {
     /// retried, never held against an endpoint; the connection is closed after the answer).
     #[error(transparent)]
     Framing(#[from] FramingError),
+    /// One of the upstream's circuit breakers is full (`breaker.rs`): answered at once.
+    #[error("over the upstream's max_{} limit", .0.name())]
+    Overflow(Limit),
 }
 
 /// Why a request's framing was refused (see `framing.rs`). Each names the header and the value
@@ -112,7 +117,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoint | ProxyError::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Framing(e) => e.status(),
@@ -136,7 +141,7 @@ impl ProxyError {
             ProxyError::Timeout => Some("timeout"),
             ProxyError::Upstream { .. } => Some("reset"),
             ProxyError::NoEndpoint => Some("no_endpoint"),
-            ProxyError::BadRequest(_) | ProxyError::Framing(_) => None,
+            ProxyError::BadRequest(_) | ProxyError::Framing(_) | ProxyError::Overflow(_) => None,
         }
     }
 
@@ -153,6 +158,10 @@ impl ProxyError {
             ProxyError::Upstream { .. } => format!("edge-agent: upstream {upstream:?} failed\n"),
             ProxyError::BadRequest(why) => format!("edge-agent: bad request: {why}\n"),
             ProxyError::Framing(e) => format!("edge-agent: {e}\n"),
+            ProxyError::Overflow(limit) => format!(
+                "edge-agent: upstream {upstream:?} is over its max_{} limit\n",
+                limit.name()
+            ),
         }
     }
 }

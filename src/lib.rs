@@ -11,7 +11,7 @@
 //! own layer, so no two units import each other (`tests/layers.rs` fails on a cycle):
 //!
 //! ```text
-//! 1  clock  rng  error  framing  metrics  access_log  guard  state_file  tls   leaves
+//! 1  clock  rng  breaker  error  framing  metrics  access_log  guard  state_file  tls   leaves
 //! 2  load  dial  pool  health/{passive,active}        per-endpoint measures and connections
 //! 3  endpoint                                         Endpoint, EndpointState, Attempt
 //! 4  balancer/{roundrobin,chash,ewma,least_conn}      Spec, Kind, REGISTRY, Candidates
@@ -28,6 +28,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod balancer;
+pub mod breaker;
 pub mod cache;
 pub mod checks;
 pub mod clock;

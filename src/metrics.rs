@@ -24,6 +24,7 @@ pub const EJECTIONS: &str = "edge_agent_ejections_total";
 pub const RETRY_BUDGET_EXHAUSTED: &str = "edge_agent_retry_budget_exhausted_total";
 pub const CHASH_FALLBACK: &str = "edge_agent_chash_fallback_total";
 pub const ACCESS_LOG_DROPPED: &str = "edge_agent_access_log_dropped_total";
+pub const OVERFLOW: &str = "edge_agent_overflow_total";
 
 /// Histogram buckets for request duration, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -119,10 +120,14 @@ fn describe() {
         ACCESS_LOG_DROPPED,
         "Access-log lines dropped because the writer fell behind (its queue was full)."
     );
+    metrics::describe_counter!(
+        OVERFLOW,
+        "Requests answered 503 at once (or not retried) because an upstream's circuit breaker was full, by upstream and limit."
+    );
 }
 
 /// Every metric name, for the test that each has HELP text.
-pub const ALL: [&str; 15] = [
+pub const ALL: &[&str] = &[
     REQUESTS_TOTAL,
     REQUEST_DURATION,
     ENDPOINTS,
@@ -138,6 +143,7 @@ pub const ALL: [&str; 15] = [
     RETRY_BUDGET_EXHAUSTED,
     CHASH_FALLBACK,
     ACCESS_LOG_DROPPED,
+    OVERFLOW,
 ];
 
 /// Metric handles for one upstream.
@@ -187,6 +193,13 @@ impl UpstreamMetrics {
         self.ejections.increment(1);
     }
 
+    /// A request over one of the upstream's circuit breakers (a rare path: the counter is
+    /// looked up when it happens).
+    pub fn overflow(&self, limit: &'static str) {
+        metrics::counter!(OVERFLOW, "upstream" => self.upstream.clone(), "limit" => limit)
+            .increment(1);
+    }
+
     pub fn retry_budget_exhausted(&self) {
         self.budget_exhausted.increment(1);
     }
@@ -222,6 +235,7 @@ mod tests {
         m.ejection();
         m.retry_budget_exhausted();
         m.chash_fallback();
+        m.overflow("requests");
         m.upstream_error("connect");
         metrics::gauge!(ENDPOINTS, "upstream" => "help-test", "state" => "healthy").set(1.0);
         metrics::gauge!(UPSTREAM_PANIC, "upstream" => "help-test").set(0.0);
@@ -236,7 +250,7 @@ mod tests {
             metrics::counter!(name, "source" => "file").increment(1);
         }
         let text = handle.render();
-        for name in ALL {
+        for &name in ALL {
             assert!(
                 text.contains(&format!("# HELP {name} ")),
                 "no HELP for {name} in:\n{text}"

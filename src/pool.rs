@@ -11,8 +11,14 @@
 //! A request is never lost to a stale keep-alive connection: hyper hands back a request it did
 //! not start writing (`try_send_request`), and it is sent on the next pooled connection or on a
 //! fresh one, without counting against the endpoint.
+//!
+//! Circuit breakers (`breaker.rs`): every open connection holds a place in the pool's
+//! [`Gate`] for its life, up to the upstream's `max_connections`. At the limit a request waits
+//! for a connection to come back (or close), at most `connect_timeout`, and only if fewer than
+//! `max_pending` requests of its upstream wait already; otherwise it is refused at once
+//! ([`ProxyError::Overflow`]).
 use std::collections::VecDeque;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
@@ -24,6 +30,7 @@ use hyper_util::rt::TokioIo;
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
 
+use crate::breaker::{Gate, Limit, Slot};
 use crate::dial;
 use crate::error::{ProxyError, Sent};
 use crate::framing::ClientBody;
@@ -45,6 +52,28 @@ pub type Conn = SendRequest<ReqBody>;
 #[derive(Default)]
 pub struct ConnPool {
     idle: Mutex<VecDeque<Idle>>,
+    /// Connections open now, idle or busy (`max_connections`).
+    open: Gate,
+    /// Woken when a connection comes back or closes, for requests waiting at the limit.
+    freed: Arc<tokio::sync::Notify>,
+}
+
+/// The limits a request is sent under: its upstream's `max_connections` (per endpoint) and
+/// `max_pending`, with the upstream's count of requests waiting (`None`: no count kept).
+#[derive(Debug, Clone, Copy)]
+pub struct Admission<'a> {
+    pub max_connections: u32,
+    pub max_pending: u32,
+    pub pending: Option<&'a Gate>,
+}
+
+impl Admission<'static> {
+    /// No limits: health probes, tests.
+    pub const UNLIMITED: Admission<'static> = Admission {
+        max_connections: u32::MAX,
+        max_pending: u32::MAX,
+        pending: None,
+    };
 }
 
 struct Idle {
@@ -56,6 +85,7 @@ impl std::fmt::Debug for ConnPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnPool")
             .field("idle", &self.idle_count())
+            .field("open", &self.open.taken())
             .finish()
     }
 }
@@ -68,6 +98,11 @@ impl ConnPool {
     /// Idle connections held now.
     pub fn idle_count(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Connections open now, idle or busy.
+    pub fn open_count(&self) -> u32 {
+        self.open.taken()
     }
 
     /// The newest idle connection ready for a request, if any. Closed ones are dropped; one
@@ -104,6 +139,8 @@ impl ConnPool {
             idle.pop_front();
         }
         idle.push_back(Idle { conn, since: now });
+        drop(idle);
+        self.freed.notify_one();
     }
 
     /// Sends `req` on a pooled connection, or on a new one to `authority` (over TLS with
@@ -120,23 +157,63 @@ impl ConnPool {
         tls: Option<&ClientTls>,
         mut req: Request<ReqBody>,
         connect_timeout: Duration,
+        admission: Admission<'_>,
     ) -> Result<(Response<Incoming>, Conn), ProxyError> {
-        while let Some(mut conn) = self.take() {
-            match conn.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, conn)),
-                Err(mut e) => match e.take_message() {
-                    // Never written: the connection was closing. Try the next one.
-                    Some(r) => req = r,
-                    None => {
-                        return Err(ProxyError::Upstream {
-                            sent: Sent::Maybe,
-                            source: e.into_error(),
-                        })
-                    }
-                },
+        let mut waited: Option<(Option<Slot>, tokio::time::Instant)> = None;
+        let slot = loop {
+            while let Some(mut conn) = self.take() {
+                match conn.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, conn)),
+                    Err(mut e) => match e.take_message() {
+                        // Never written: the connection was closing. Try the next one.
+                        Some(r) => req = r,
+                        None => {
+                            return Err(ProxyError::Upstream {
+                                sent: Sent::Maybe,
+                                source: e.into_error(),
+                            })
+                        }
+                    },
+                }
             }
-        }
-        let mut conn = connect(authority, tls, connect_timeout).await?;
+            if let Some(slot) = self.open.enter(admission.max_connections) {
+                break slot;
+            }
+            // At max_connections: wait for one to come back or close, as one of at most
+            // max_pending, for at most connect_timeout in all.
+            let until = match &waited {
+                Some((_, until)) => *until,
+                None => {
+                    let p = match admission.pending {
+                        Some(g) => match g.enter(admission.max_pending) {
+                            Some(p) => Some(p),
+                            None => return Err(ProxyError::Overflow(Limit::Pending)),
+                        },
+                        None => None,
+                    };
+                    let until = tokio::time::Instant::now() + connect_timeout;
+                    waited = Some((p, until));
+                    until
+                }
+            };
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            // Look again now that a wake-up cannot be missed.
+            if self.lock().iter().any(|c| c.conn.is_ready())
+                || self.open.taken() < admission.max_connections
+            {
+                continue;
+            }
+            if tokio::time::timeout_at(until, freed).await.is_err() {
+                return Err(ProxyError::Overflow(Limit::Connections));
+            }
+        };
+        drop(waited);
+        let mut conn = connect(authority, tls, connect_timeout, slot, self.freed.clone())
+            .await
+            // The place was given back: a waiter may take it.
+            .inspect_err(|_| self.freed.notify_one())?;
         match conn.try_send_request(req).await {
             Ok(resp) => Ok((resp, conn)),
             Err(e) => {
@@ -156,11 +233,14 @@ impl ConnPool {
 
 /// Dials `authority` (through `dial.rs`: TCP, and TLS when the upstream has it) and starts an
 /// HTTP/1 connection on it; the connection's I/O runs in a task of its own until the peer closes
-/// it or every handle to it is dropped.
+/// it or every handle to it is dropped. `slot` is the connection's place under
+/// `max_connections`, given back (and `freed` woken) when it closes.
 async fn connect(
     authority: &Authority,
     tls: Option<&ClientTls>,
     timeout: Duration,
+    slot: Slot,
+    freed: Arc<tokio::sync::Notify>,
 ) -> Result<Conn, ProxyError> {
     let dialed = dial::dial(authority, tls, timeout).await?;
     let (conn, io) = http1::Builder::new()
@@ -174,6 +254,8 @@ async fn connect(
         if let Err(e) = io.await {
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
+        drop(slot);
+        freed.notify_one();
     });
     Ok(conn)
 }
@@ -231,7 +313,13 @@ mod tests {
         let pool = ConnPool::default();
         for _ in 0..5 {
             let (resp, conn) = pool
-                .send(&authority, None, get(&authority), Duration::from_secs(1))
+                .send(
+                    &authority,
+                    None,
+                    get(&authority),
+                    Duration::from_secs(1),
+                    Admission::UNLIMITED,
+                )
                 .await
                 .unwrap();
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
@@ -253,7 +341,13 @@ mod tests {
         let pool = ConnPool::default();
         for i in 0..5 {
             let (resp, conn) = pool
-                .send(&authority, None, get(&authority), Duration::from_secs(1))
+                .send(
+                    &authority,
+                    None,
+                    get(&authority),
+                    Duration::from_secs(1),
+                    Admission::UNLIMITED,
+                )
                 .await
                 .unwrap_or_else(|e| panic!("request {i}: {e}"));
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
@@ -279,7 +373,13 @@ mod tests {
         };
         let authority: Authority = format!("127.0.0.1:{port}").parse().unwrap();
         let err = ConnPool::default()
-            .send(&authority, None, get(&authority), Duration::from_secs(1))
+            .send(
+                &authority,
+                None,
+                get(&authority),
+                Duration::from_secs(1),
+                Admission::UNLIMITED,
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, ProxyError::Connect { .. }), "{err}");

@@ -35,6 +35,7 @@ use hyper::body::Incoming;
 
 use crate::access_log::{self, AccessLog, Logged, Tried, X_REQUEST_ID};
 use crate::balancer::PickContext;
+use crate::breaker::{Limit, Slot};
 use crate::clock;
 use crate::endpoint::{Attempt, Endpoint, InFlight};
 use crate::error::{FramingError, ProxyError, Sent};
@@ -144,11 +145,29 @@ impl Proxy {
         };
         tried.routed(&upstream.id);
         upstream.runtime.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = match self.forward(&upstream, req, strip, peer, tried).await {
+        let max_requests = upstream.settings().breakers.max_requests;
+        let resp = match upstream.runtime.requests_in_flight.enter(max_requests) {
+            None => Err(ProxyError::Overflow(Limit::Requests)),
+            Some(slot) => self
+                .forward(&upstream, req, strip, peer, tried)
+                .await
+                .map(|mut resp| {
+                    // The place is held until the client has the whole body.
+                    if let Either::Left(body) = resp.body_mut() {
+                        body.slot = Some(slot);
+                    }
+                    resp
+                }),
+        };
+        let resp = match resp {
             Ok(resp) => resp,
             Err(e) => {
-                if matches!(e, ProxyError::NoEndpoint) {
-                    upstream.runtime.metrics.upstream_error("no_endpoint");
+                match e {
+                    ProxyError::NoEndpoint => {
+                        upstream.runtime.metrics.upstream_error("no_endpoint")
+                    }
+                    ProxyError::Overflow(limit) => upstream.runtime.metrics.overflow(limit.name()),
+                    _ => {}
                 }
                 tracing::debug!(upstream = %upstream.id, error = %crate::error::chain(&e), "request failed");
                 refusal(&e, &upstream.id)
@@ -240,11 +259,30 @@ impl Proxy {
         let feedback = upstream.feedback();
         let mut last = ProxyError::NoEndpoint;
         let mut last_response = None;
+        // The place of the retry in flight (`max_retries`), held until the next try or the end.
+        let mut _retry_slot: Option<Slot> = None;
         for (attempt, ep) in (1..=max_tries).zip(upstream.candidates(ctx)) {
             if attempt > 1 {
                 if !runtime.retry_budget.withdraw() {
                     runtime.metrics.retry_budget_exhausted();
                     break;
+                }
+                _retry_slot = None;
+                match runtime
+                    .retries_in_flight
+                    .enter(settings.breakers.max_retries)
+                {
+                    Some(slot) => _retry_slot = Some(slot),
+                    None => {
+                        runtime.metrics.overflow(Limit::Retries.name());
+                        return match last_response {
+                            Some(mut resp) => {
+                                mark_overflow(&mut resp, Limit::Retries);
+                                Ok(resp)
+                            }
+                            None => Err(ProxyError::Overflow(Limit::Retries)),
+                        };
+                    }
                 }
                 runtime.metrics.retry();
             }
@@ -272,12 +310,18 @@ impl Proxy {
             let try_ = Attempt::start(ep, &feedback);
             tried.start(attempt, &ep.authority);
             let timeout = remaining.min(settings.read_timeout);
+            let admission = pool::Admission {
+                max_connections: settings.breakers.max_connections,
+                max_pending: settings.breakers.max_pending,
+                pending: Some(&runtime.pending),
+            };
             match send(
                 ep,
                 upstream.tls_for(ep),
                 out,
                 settings.connect_timeout,
                 timeout,
+                admission,
             )
             .await
             {
@@ -318,6 +362,11 @@ impl Proxy {
                         drop(try_);
                         return Err(e);
                     }
+                    if let ProxyError::Overflow(_) = e {
+                        // A circuit breaker, not the endpoint: nothing recorded, no retry.
+                        drop(try_);
+                        return Err(e);
+                    }
                     drop(try_.finish(Outcome::Failure));
                     if let Some(kind) = e.upstream_kind() {
                         runtime.metrics.upstream_error(kind);
@@ -345,8 +394,12 @@ async fn send(
     req: Request<ReqBody>,
     connect_timeout: Duration,
     timeout: Duration,
+    admission: pool::Admission<'_>,
 ) -> Result<(Response<Incoming>, pool::Conn), ProxyError> {
-    let sent = ep.state.pool.send(&ep.authority, tls, req, connect_timeout);
+    let sent = ep
+        .state
+        .pool
+        .send(&ep.authority, tls, req, connect_timeout, admission);
     match tokio::time::timeout(timeout, sent).await {
         Ok(result) => result,
         Err(_) => Err(ProxyError::Timeout),
@@ -373,6 +426,7 @@ fn into_client_response(
             inner: body,
             conn: Some(conn),
             in_flight,
+            slot: None,
         }),
     )
 }
@@ -419,6 +473,8 @@ pub struct UpstreamBody {
     inner: Incoming,
     conn: Option<pool::Conn>,
     in_flight: InFlight,
+    /// The request's place under the upstream's `max_requests`.
+    slot: Option<Slot>,
 }
 
 impl Drop for UpstreamBody {
@@ -559,11 +615,23 @@ fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
 /// client's idea of where the next request starts cannot be trusted.
 fn refusal(e: &ProxyError, upstream: &str) -> Response<RespBody> {
     let mut resp = text(e.status(), e.body(upstream));
-    if matches!(e, ProxyError::Framing(_)) {
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    match e {
+        ProxyError::Framing(_) => {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        ProxyError::Overflow(limit) => mark_overflow(&mut resp, *limit),
+        _ => {}
     }
     resp
+}
+
+/// Names the circuit breaker a response ran into: `x-edge-agent-overflow: <limit>`.
+fn mark_overflow(resp: &mut Response<RespBody>, limit: Limit) {
+    resp.headers_mut().insert(
+        HeaderName::from_static("x-edge-agent-overflow"),
+        HeaderValue::from_static(limit.name()),
+    );
 }
 
 /// The client error behind a failed exchange, when the client's body stream failed.

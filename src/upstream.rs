@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::balancer::{Balancer, Candidates, PickContext, Spec};
+use crate::breaker::{CircuitBreakers, Gate};
 use crate::endpoint::{Endpoint, Feedback};
 use crate::health::active::ActiveHealth;
 use crate::health::passive::PassiveHealth;
@@ -43,6 +44,7 @@ pub struct UpstreamSettings {
     pub slow_start: Option<Duration>,
     /// Longest back-off a 429's or 503's `Retry-After` may impose on an endpoint.
     pub max_retry_after: Duration,
+    pub breakers: CircuitBreakers,
     pub passive: PassiveHealth,
     pub active: Option<ActiveHealth>,
     /// TLS to the endpoints (`tls = true`); `None`: clear text.
@@ -60,6 +62,7 @@ impl UpstreamSettings {
             ewma_decay: crate::load::DEFAULT_DECAY,
             slow_start: None,
             max_retry_after: crate::retry::DEFAULT_MAX_RETRY_AFTER,
+            breakers: CircuitBreakers::default(),
             passive: PassiveHealth::default(),
             active: None,
             tls: None,
@@ -95,6 +98,12 @@ pub struct UpstreamRuntime {
     /// Requests routed to the upstream (tells on-demand sources it is in use).
     pub requests: AtomicU64,
     pub retry_budget: RetryBudget,
+    /// Requests in flight (`max_requests`).
+    pub requests_in_flight: Gate,
+    /// Retries in flight (`max_retries`).
+    pub retries_in_flight: Gate,
+    /// Requests waiting for a connection (`max_pending`).
+    pub pending: Gate,
     /// Draws for slow-start admission.
     pub rng: Rng,
 }
@@ -107,6 +116,9 @@ impl UpstreamRuntime {
             panic: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             retry_budget: RetryBudget::default(),
+            requests_in_flight: Gate::default(),
+            retries_in_flight: Gate::default(),
+            pending: Gate::default(),
             rng: Rng::from_entropy(),
         }
     }

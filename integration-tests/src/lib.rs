@@ -498,3 +498,69 @@ pub async fn spread(agent: &Agent, host: &str, n: usize) -> HashMap<String, usiz
     }
     out
 }
+
+/// A file registry with `services` and a config file with `upstream` (TOML) in a temp dir; the
+/// agent started on both, and upstream `svc` (if listed) holding its endpoints.
+pub struct Setup {
+    pub registry: PathBuf,
+    _dir: tempfile::TempDir,
+    pub agent: Agent,
+}
+
+pub async fn setup(upstream: &str, services: &[(&str, &[(SocketAddr, u32)])]) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("services.toml");
+    write_services(&registry, services);
+    let cfg = dir.path().join("edge-agent.toml");
+    std::fs::write(&cfg, upstream).unwrap();
+    let url = format!("file://{}", registry.display());
+    let agent = Agent::start(&[
+        ("EDGE_AGENT_REGISTRY", &url),
+        ("EDGE_AGENT_CONFIG", cfg.to_str().unwrap()),
+    ])
+    .await;
+    // `/ready` can come before the configured upstream has its endpoints: wait for them.
+    let n = services
+        .iter()
+        .find(|(name, _)| *name == "svc")
+        .map_or(0, |(_, i)| i.len());
+    wait_endpoints(&agent, n).await;
+    Setup {
+        registry,
+        _dir: dir,
+        agent,
+    }
+}
+
+/// Waits until upstream `svc` lists `n` endpoints in `/upstreams`.
+pub async fn wait_endpoints(agent: &Agent, n: usize) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("svc to have {n} endpoints"),
+        || async {
+            let u = agent.upstreams().await;
+            let count = u["upstreams"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|x| x["id"] == "svc")
+                .and_then(|x| x["endpoints"].as_array().map(Vec::len));
+            (count == Some(n)).then_some(())
+        },
+    )
+    .await;
+}
+
+/// `in_flight` of the endpoint at `addr` in upstream `svc`.
+pub async fn in_flight(agent: &Agent, addr: SocketAddr) -> u64 {
+    let u = agent.upstreams().await;
+    u["upstreams"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|x| x["id"] == "svc")
+        .flat_map(|x| x["endpoints"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["address"] == addr.to_string().as_str())
+        .and_then(|e| e["in_flight"].as_u64())
+        .unwrap_or(0)
+}

@@ -69,6 +69,12 @@ pub struct UpstreamFile {
     pub slow_start: Option<String>,
     /// Cap on the back-off a `Retry-After` asks for.
     pub max_retry_after: Option<String>,
+    /// Circuit breakers (`breaker.rs`): connections per endpoint, requests waiting for a
+    /// connection, requests in flight, retries in flight.
+    pub max_connections: Option<i64>,
+    pub max_pending: Option<i64>,
+    pub max_requests: Option<i64>,
+    pub max_retries: Option<i64>,
     pub checks: Option<ChecksFile>,
 }
 

@@ -186,3 +186,40 @@ fn hash_on_is_refused_for_a_balancer_that_does_not_hash() {
     assert!(e.contains("upstream[0].hash_on = \"ip\""), "{e}");
     assert!(load_toml("[[upstream]]\nid = \"a\"\nbalancer = \"chash\"\n").is_ok());
 }
+
+#[test]
+fn circuit_breaker_limits_are_read_and_zero_or_negative_refused() {
+    let c = load_toml(
+        "[[upstream]]\nid = \"a\"\nmax_requests = 10\nmax_retries = 1\nmax_connections = 5\nmax_pending = 7\n",
+    )
+    .unwrap();
+    let b = c.dynamic.upstreams[0].settings.breakers;
+    assert_eq!(
+        (
+            b.max_requests,
+            b.max_retries,
+            b.max_connections,
+            b.max_pending
+        ),
+        (10, 1, 5, 7)
+    );
+    let d = load_toml("[[upstream]]\nid = \"a\"\n")
+        .unwrap()
+        .dynamic
+        .upstreams[0]
+        .settings
+        .breakers;
+    assert_eq!(d, crate::breaker::CircuitBreakers::default());
+    for (key, v) in [
+        ("max_requests", "0"),
+        ("max_retries", "-1"),
+        ("max_connections", "0"),
+        ("max_pending", "99999999999"),
+    ] {
+        let e = err_of(&format!("[[upstream]]\nid = \"a\"\n{key} = {v}\n"));
+        assert!(
+            e.contains(&format!("upstream[0].{key} = {v}: must be")),
+            "{e}"
+        );
+    }
+}

@@ -274,6 +274,23 @@ fn upstreams(
             settings.max_retry_after = duration(&format!("{at}.max_retry_after"), v, errs)
                 .unwrap_or(crate::retry::DEFAULT_MAX_RETRY_AFTER);
         }
+        let b = &mut settings.breakers;
+        for (key, value, into) in [
+            ("max_connections", u.max_connections, &mut b.max_connections),
+            ("max_pending", u.max_pending, &mut b.max_pending),
+            ("max_requests", u.max_requests, &mut b.max_requests),
+            ("max_retries", u.max_retries, &mut b.max_retries),
+        ] {
+            if let Some(v) = value {
+                match u32::try_from(v) {
+                    Ok(n) if n >= 1 => *into = n,
+                    _ => errs.push(format!(
+                        "{at}.{key} = {v}: must be a whole number from 1 to {}",
+                        u32::MAX
+                    )),
+                }
+            }
+        }
         let options = Options {
             hash_on: u.hash_on.as_deref(),
             ewma_decay: settings.ewma_decay,

@@ -11,7 +11,7 @@ use http_body_util::{Either, Empty};
 use rand::Rng as _;
 
 use super::Health;
-use crate::pool::ConnPool;
+use crate::pool::{Admission, ConnPool};
 use crate::tls::ClientTls;
 
 /// How often an endpoint is probed.
@@ -99,7 +99,10 @@ pub async fn probe(
         http::HeaderValue::from_static("edge-agent-health-check"),
     );
     let probe = async {
-        let (resp, conn) = pool.send(authority, tls, req, connect_timeout).await.ok()?;
+        let (resp, conn) = pool
+            .send(authority, tls, req, connect_timeout, Admission::UNLIMITED)
+            .await
+            .ok()?;
         let status = resp.status().as_u16();
         // Read the answer to the end so the connection can be reused; a health page larger
         // than PROBE_BODY_LIMIT is not buffered, its connection is dropped instead.

@@ -1,0 +1,159 @@
+//! Overload end to end (#17): circuit breakers answer at once instead of queueing. Real backends
+//! on loopback, the file registry, the built binary.
+use std::time::{Duration, Instant};
+
+use integration_tests::{client, eventually, in_flight, setup, Backend, Behaviour};
+
+/// `max_requests = 10` and 50 concurrent clients against a backend that holds every request:
+/// exactly 10 reach it, the other 40 get the overflow 503 at once, the metric counts 40, and
+/// every place is given back when the held requests finish.
+#[tokio::test]
+async fn max_requests_answers_the_overflow_at_once_and_leaks_nothing() {
+    let slow = Backend::start_with(
+        "slow",
+        Behaviour {
+            delay: Duration::from_secs(3),
+            ..Default::default()
+        },
+    )
+    .await;
+    let s = setup(
+        "[[upstream]]\nid = \"svc\"\nmax_requests = 10\nread_timeout = \"10s\"\n",
+        &[("svc", &[(slow.addr, 1)])],
+    )
+    .await;
+    let url = s.agent.url("/");
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = client()
+                    .get(url)
+                    .header("host", "svc")
+                    .send()
+                    .await
+                    .expect("request through the agent");
+                let overflow = r
+                    .headers()
+                    .get("x-edge-agent-overflow")
+                    .map(|v| v.to_str().unwrap().to_string());
+                (r.status().as_u16(), overflow, t.elapsed())
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut refused = Vec::new();
+    for t in tasks {
+        let (status, overflow, took) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            503 => {
+                assert_eq!(overflow.as_deref(), Some("requests"));
+                refused.push(took);
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    refused.sort();
+    let slowest = refused.last().copied().unwrap_or_default();
+    eprintln!(
+        "max_requests=10, 50 clients: {ok} answered, {} refused (slowest refusal {slowest:?}), all done in {:?}",
+        refused.len(),
+        started.elapsed()
+    );
+    assert_eq!(ok, 10);
+    assert_eq!(refused.len(), 40);
+    assert!(
+        slowest < Duration::from_millis(100),
+        "refusals waited: {refused:?}"
+    );
+    assert_eq!(slow.hits(), 10, "only 10 requests may reach the backend");
+    let m = s.agent.metrics().await;
+    assert!(
+        m.contains("edge_agent_overflow_total{upstream=\"svc\",limit=\"requests\"} 40"),
+        "{m}"
+    );
+    // Every place is back: the next request goes through, in-flight is 0.
+    assert_eq!(in_flight(&s.agent, slow.addr).await, 0);
+    slow.set(Behaviour::default());
+    let (status, _, _) = s.agent.get("svc", "/").await;
+    assert_eq!(status, 200);
+    eventually(Duration::from_secs(5), "in-flight back to 0", || async {
+        let u = s.agent.upstreams().await;
+        let up = u["upstreams"]
+            .as_array()?
+            .iter()
+            .find(|x| x["id"] == "svc")?
+            .clone();
+        (in_flight(&s.agent, slow.addr).await == 0 && up["in_flight"] == 0).then_some(())
+    })
+    .await;
+}
+
+/// `max_connections = 2` per endpoint, `max_pending = 3`: with 2 requests held, 3 more wait for
+/// a connection (and get one when the held ones finish, within `connect_timeout`), the rest are
+/// refused at once with `pending`; the backend never sees more than 2 connections.
+#[tokio::test]
+async fn max_connections_queues_up_to_max_pending_then_refuses() {
+    let slow = Backend::start_with(
+        "slow",
+        Behaviour {
+            delay: Duration::from_millis(700),
+            ..Default::default()
+        },
+    )
+    .await;
+    let s = setup(
+        "[[upstream]]\nid = \"svc\"\nmax_connections = 2\nmax_pending = 3\nconnect_timeout = \"5s\"\nretries = 0\n",
+        &[("svc", &[(slow.addr, 1)])],
+    )
+    .await;
+    let url = s.agent.url("/");
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = client()
+                    .get(url)
+                    .header("host", "svc")
+                    .send()
+                    .await
+                    .expect("request through the agent");
+                let overflow = r
+                    .headers()
+                    .get("x-edge-agent-overflow")
+                    .map(|v| v.to_str().unwrap().to_string());
+                (r.status().as_u16(), overflow, t.elapsed())
+            })
+        })
+        .collect();
+    let mut ok = Vec::new();
+    let mut refused = Vec::new();
+    for t in tasks {
+        let (status, overflow, took) = t.await.unwrap();
+        match (status, overflow.as_deref()) {
+            (200, None) => ok.push(took),
+            (503, Some("pending")) => refused.push(took),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    ok.sort();
+    eprintln!("max_connections=2 max_pending=3, 8 clients: answered after {ok:?}, refused after {refused:?}, backend saw {} connections", slow.connections());
+    assert_eq!(ok.len(), 5, "2 on connections + 3 that waited");
+    assert_eq!(refused.len(), 3);
+    assert!(
+        refused.iter().all(|d| *d < Duration::from_millis(300)),
+        "{refused:?}"
+    );
+    // The waiters were served on the connections the first two gave back.
+    assert!(ok[4] >= Duration::from_millis(1_300), "{ok:?}");
+    assert_eq!(slow.connections(), 2, "never more than max_connections");
+    let m = s.agent.metrics().await;
+    assert!(
+        m.contains("edge_agent_overflow_total{upstream=\"svc\",limit=\"pending\"} 3"),
+        "{m}"
+    );
+}
