@@ -3,6 +3,9 @@
 //! In `/upstreams`, an endpoint's `available` says whether it may take traffic now (registry
 //! healthy, a weight, not ejected, passing active checks); `registry_healthy` is what the
 //! registry says alone. `last_update_unix` is when the upstream's endpoint set last changed.
+//! `subset` shows the upstream's `subset` (selector), `fallback`, zone mode, the agent's zone
+//! and the zone shares now (local first); an endpoint's `in_subset` whether it matches the
+//! upstream's subset (every endpoint does when it has none), and `zone` its zone.
 //!
 //! It listens on loopback by default. With `EDGE_AGENT_ADMIN_TOKEN` set, every path but
 //! `/healthz` needs `Authorization: Bearer <token>` (compared in constant time).
@@ -18,6 +21,7 @@ use serde_json::{json, Value};
 
 use crate::clock;
 use crate::state::State;
+use crate::subset::Subsets;
 
 pub struct Admin {
     state: Arc<State>,
@@ -139,7 +143,9 @@ impl Admin {
                     "max_retries": u.settings().breakers.max_retries,
                     "last_update_unix": u.updated_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
                     "staleness_seconds": round3(staleness),
+                    "subset": subset_json(&u.subsets),
                     "endpoints": u.endpoints.iter().map(|e| json!({
+                        "in_subset": u.subsets.contains(e),
                         "id": &*e.id,
                         "address": e.authority.as_str(),
                         "weight": e.weight,
@@ -164,6 +170,24 @@ impl Admin {
         ups.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
         json!({ "ready": self.state.ready(), "sources": sources, "upstreams": ups })
     }
+}
+
+/// An upstream's subset and zone settings, and its zone shares now (`subset.rs`).
+fn subset_json(s: &Subsets) -> Value {
+    let set = &s.settings;
+    let shares: Vec<Value> = s
+        .zone_shares()
+        .into_iter()
+        .map(|(zone, share)| json!({ "zone": zone.as_deref(), "share": round3(share) }))
+        .collect();
+    json!({
+        "selector": (!set.selector.is_empty()).then_some(&set.selector.0),
+        "fallback": set.fallback.describe(),
+        "zone_aware": set.zone.mode.name(),
+        "local_zone": set.zone.local.as_deref(),
+        "zone_min_share": set.zone.min_share,
+        "zone_shares": shares,
+    })
 }
 
 fn round3(x: f64) -> f64 {

@@ -1,5 +1,5 @@
 //! The health tasks that walk the routing table: the sweeper (expired ejections back in, panic
-//! mode per upstream) and the active prober. The verdicts themselves live in `health/`; these
+//! mode per upstream, zone shares refreshed) and the active prober. The verdicts themselves live in `health/`; these
 //! loops only decide when and for which endpoints, and log what changed. Endpoints that left
 //! the table are neither swept nor probed.
 use std::sync::atomic::Ordering;
@@ -36,6 +36,8 @@ pub fn sweep(state: &State, now: u64) {
                 }
             }
         }
+        // Zone shares follow availability between rebuilds (`subset.rs`).
+        up.subsets.refresh();
         let threshold = up.settings().passive.panic_threshold as usize;
         let panic = eligible > 0 && healthy * 100 < threshold * eligible;
         if up.runtime.panic.swap(panic, Ordering::Relaxed) != panic {

@@ -12,8 +12,9 @@
 //! dropping an unfinished attempt (a cancelled request) records nothing and releases the count
 //! (tower's `load::peak_ewma` records on a handle the same way). A balancer that needs feedback
 //! reads this state and never touches the proxy.
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use discovery::Instance;
@@ -165,6 +166,8 @@ pub struct Endpoint {
     /// The registry's view of health (not the agent's: see [`Endpoint::available`]).
     pub healthy: bool,
     pub zone: Option<Arc<str>>,
+    /// The instance's metadata as its registry adapter mapped it (what subsets select on).
+    pub metadata: Arc<BTreeMap<String, String>>,
     /// Kind of the source it came from (`file`, `consul`, … or `static`).
     pub source: &'static str,
     pub state: Arc<EndpointState>,
@@ -221,12 +224,14 @@ impl Endpoint {
             weight: inst.weight,
             healthy: inst.healthy,
             zone: inst.zone.as_deref().map(Into::into),
+            metadata: metadata_of(inst),
             source,
             state,
         })
     }
 
-    /// The same endpoint (same state) with `inst`'s attributes (weight, health, zone, source);
+    /// The same endpoint (same state) with `inst`'s attributes (weight, health, zone, metadata,
+    /// source);
     /// `inst` must be this endpoint's instance ([`Endpoint::is`]).
     pub fn with_attributes_of(&self, inst: &Instance, source: &'static str) -> Self {
         Endpoint {
@@ -234,6 +239,7 @@ impl Endpoint {
             weight: inst.weight,
             healthy: inst.healthy,
             zone: inst.zone.as_deref().map(Into::into),
+            metadata: metadata_of(inst),
             source,
             ..self.clone()
         }
@@ -258,13 +264,14 @@ impl Endpoint {
         self.port == inst.port && *self.id == *inst.id && bare(self.host()) == bare(&inst.addr)
     }
 
-    /// Whether source, weight, health and zone are the instance's: with [`Endpoint::is`],
+    /// Whether source, weight, health, zone and metadata are the instance's: with [`Endpoint::is`],
     /// whether `from_instance(inst, source, _)` would build this very endpoint.
     pub fn has_attributes_of(&self, inst: &Instance, source: &'static str) -> bool {
         self.source == source
             && self.weight == inst.weight
             && self.healthy == inst.healthy
             && self.zone.as_deref() == inst.zone.as_deref()
+            && *self.metadata == inst.metadata
     }
 
     /// Whether the endpoint may take traffic as far as the registry and the agent's health
@@ -294,6 +301,16 @@ impl Endpoint {
     fn admitted(&self, now_ms: u64, slow_start: Option<Duration>, rng: &Rng) -> bool {
         let f = self.state.health.slow_start_factor(now_ms, slow_start);
         f >= 1.0 || rng.unit() < f
+    }
+}
+
+/// The instance's metadata, shared: every endpoint without metadata points at one empty map.
+fn metadata_of(inst: &Instance) -> Arc<BTreeMap<String, String>> {
+    static EMPTY: OnceLock<Arc<BTreeMap<String, String>>> = OnceLock::new();
+    if inst.metadata.is_empty() {
+        EMPTY.get_or_init(Default::default).clone()
+    } else {
+        Arc::new(inst.metadata.clone())
     }
 }
 

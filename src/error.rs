@@ -27,6 +27,10 @@ pub enum ProxyError {
     /// The upstream has no endpoint that may take traffic.
     #[error("no available endpoint")]
     NoEndpoint,
+    /// The request's subset or zone has no available endpoint and its fallback gives none; the
+    /// text names it (`subset version=v2`, `zone a`).
+    #[error("no available endpoint in {0}")]
+    Unavailable(String),
     /// The endpoint could not be connected to; nothing was sent.
     #[error("connect to {authority} failed")]
     Connect {
@@ -117,7 +121,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::NoEndpoint | ProxyError::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoint | ProxyError::Overflow(_) | ProxyError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Framing(e) => e.status(),
@@ -140,7 +146,7 @@ impl ProxyError {
             }
             ProxyError::Timeout => Some("timeout"),
             ProxyError::Upstream { .. } => Some("reset"),
-            ProxyError::NoEndpoint => Some("no_endpoint"),
+            ProxyError::NoEndpoint | ProxyError::Unavailable(_) => Some("no_endpoint"),
             ProxyError::BadRequest(_) | ProxyError::Framing(_) | ProxyError::Overflow(_) => None,
         }
     }
@@ -150,6 +156,9 @@ impl ProxyError {
         match self {
             ProxyError::NoEndpoint => {
                 format!("edge-agent: no available endpoint for upstream {upstream:?}\n")
+            }
+            ProxyError::Unavailable(what) => {
+                format!("edge-agent: no available endpoint in {what} of upstream {upstream:?}\n")
             }
             ProxyError::Connect { .. } | ProxyError::Upstream { sent: Sent::No, .. } => {
                 format!("edge-agent: could not connect to upstream {upstream:?}\n")

@@ -15,6 +15,7 @@
 //! 2  load  dial  pool  health/{passive,active}        per-endpoint measures and connections
 //! 3  endpoint                                         Endpoint, EndpointState, Attempt
 //! 4  balancer/{roundrobin,chash,ewma,least_conn}      Spec, Kind, REGISTRY, Candidates
+//!    zone  subset                                     zone shares; subsets, zone groups, Picks
 //! 5  retry  upstream  route                           an upstream and its settings; routing
 //! 6  state  table  cache  checks  proxy  admin        shared state; tasks; the request path
 //! 7  config/{env,file,validate}                       parses into the types above
@@ -51,9 +52,11 @@ pub mod server;
 pub mod state;
 pub mod state_file;
 pub mod status;
+pub mod subset;
 pub mod table;
 pub mod tls;
 pub mod upstream;
+pub mod zone;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;

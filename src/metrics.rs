@@ -25,6 +25,8 @@ pub const RETRY_BUDGET_EXHAUSTED: &str = "edge_agent_retry_budget_exhausted_tota
 pub const CHASH_FALLBACK: &str = "edge_agent_chash_fallback_total";
 pub const ACCESS_LOG_DROPPED: &str = "edge_agent_access_log_dropped_total";
 pub const OVERFLOW: &str = "edge_agent_overflow_total";
+pub const ZONE_SPILL: &str = "edge_agent_zone_spill_total";
+pub const SUBSET_FALLBACK: &str = "edge_agent_subset_fallback_total";
 
 /// Histogram buckets for request duration, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -124,6 +126,14 @@ fn describe() {
         OVERFLOW,
         "Requests answered 503 at once (or not retried) because an upstream's circuit breaker was full, by upstream and limit."
     );
+    metrics::describe_counter!(
+        ZONE_SPILL,
+        "Requests of a zone-aware upstream that started outside the local zone, by upstream."
+    );
+    metrics::describe_counter!(
+        SUBSET_FALLBACK,
+        "Requests whose subset had no available endpoint (or whose header named no subset), handled by the upstream's fallback, by upstream."
+    );
 }
 
 /// Every metric name, for the test that each has HELP text.
@@ -144,6 +154,8 @@ pub const ALL: &[&str] = &[
     CHASH_FALLBACK,
     ACCESS_LOG_DROPPED,
     OVERFLOW,
+    ZONE_SPILL,
+    SUBSET_FALLBACK,
 ];
 
 /// Metric handles for one upstream.
@@ -154,6 +166,8 @@ pub struct UpstreamMetrics {
     ejections: Counter,
     budget_exhausted: Counter,
     chash_fallback: Counter,
+    zone_spill: Counter,
+    subset_fallback: Counter,
     by_status: [OnceLock<Counter>; COMMON.len()],
 }
 
@@ -166,6 +180,8 @@ impl UpstreamMetrics {
             ejections: metrics::counter!(EJECTIONS, "upstream" => upstream.to_string()),
             budget_exhausted: metrics::counter!(RETRY_BUDGET_EXHAUSTED, "upstream" => upstream.to_string()),
             chash_fallback: metrics::counter!(CHASH_FALLBACK, "upstream" => upstream.to_string()),
+            zone_spill: metrics::counter!(ZONE_SPILL, "upstream" => upstream.to_string()),
+            subset_fallback: metrics::counter!(SUBSET_FALLBACK, "upstream" => upstream.to_string()),
             by_status: Default::default(),
         }
     }
@@ -209,6 +225,16 @@ impl UpstreamMetrics {
         self.chash_fallback.increment(1);
     }
 
+    /// A zone-aware request that started outside the local zone.
+    pub fn zone_spill(&self) {
+        self.zone_spill.increment(1);
+    }
+
+    /// A request handled by its upstream's subset `fallback`.
+    pub fn subset_fallback(&self) {
+        self.subset_fallback.increment(1);
+    }
+
     pub fn upstream_error(&self, kind: &'static str) {
         metrics::counter!(UPSTREAM_ERRORS, "upstream" => self.upstream.clone(), "kind" => kind)
             .increment(1);
@@ -236,6 +262,8 @@ mod tests {
         m.retry_budget_exhausted();
         m.chash_fallback();
         m.overflow("requests");
+        m.zone_spill();
+        m.subset_fallback();
         m.upstream_error("connect");
         metrics::gauge!(ENDPOINTS, "upstream" => "help-test", "state" => "healthy").set(1.0);
         metrics::gauge!(UPSTREAM_PANIC, "upstream" => "help-test").set(0.0);

@@ -44,10 +44,13 @@ use crate::health::Outcome;
 use crate::metrics as m;
 use crate::pool::{self, ReqBody};
 use crate::retry::{self, RETRY_BODY_LIMIT};
-use crate::route::NoRoute;
+use crate::route::{NoRoute, RequestFacts, Resolved, SubsetHeader};
 use crate::state::State;
 use crate::tls::ClientTls;
 use crate::upstream::Upstream;
+
+/// A routed request: its upstream, the path prefix to strip, the route's header subset rule.
+type Routed = (Arc<Upstream>, usize, Option<Arc<SubsetHeader>>);
 
 /// Response body sent to the client.
 pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
@@ -136,7 +139,7 @@ impl Proxy {
             m::unrouted(e.status().as_u16());
             return refusal(&e, "");
         }
-        let (upstream, strip) = match self.route(&req).await {
+        let (upstream, strip, subset_header) = match self.route(&req, peer).await {
             Ok(r) => r,
             Err(body) => {
                 m::unrouted(404);
@@ -149,7 +152,7 @@ impl Proxy {
         let resp = match upstream.runtime.requests_in_flight.enter(max_requests) {
             None => Err(ProxyError::Overflow(Limit::Requests)),
             Some(slot) => self
-                .forward(&upstream, req, strip, peer, tried)
+                .forward(&upstream, req, strip, peer, tried, subset_header.as_deref())
                 .await
                 .map(|mut resp| {
                     // The place is held until the client has the whole body.
@@ -163,7 +166,7 @@ impl Proxy {
             Ok(resp) => resp,
             Err(e) => {
                 match e {
-                    ProxyError::NoEndpoint => {
+                    ProxyError::NoEndpoint | ProxyError::Unavailable(_) => {
                         upstream.runtime.metrics.upstream_error("no_endpoint")
                     }
                     ProxyError::Overflow(limit) => upstream.runtime.metrics.overflow(limit.name()),
@@ -183,17 +186,23 @@ impl Proxy {
     /// The upstream for a request and the path prefix to strip, or the 404 body. A zero-config
     /// miss asks on-demand sources to watch the name and waits (up to [`DEMAND_TIMEOUT`]) for
     /// their first answer.
-    async fn route(&self, req: &Request<Incoming>) -> Result<(Arc<Upstream>, usize), String> {
+    async fn route(&self, req: &Request<Incoming>, peer: &Peer) -> Result<Routed, String> {
         let host = req
             .headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri().authority().map(|a| a.as_str()));
         let path = req.uri().path();
+        let facts = Some(RequestFacts {
+            headers: req.headers(),
+            uri: req.uri(),
+            client_ip: peer.ip,
+        });
+        let routed = |r: Resolved| (r.upstream.clone(), r.strip, r.subset_header.cloned());
         let missing = {
             let table = self.state.table.load();
-            match table.resolve(host, path) {
-                Ok(r) => return Ok((r.upstream.clone(), r.strip)),
+            match table.resolve_request(host, path, facts) {
+                Ok(r) => return Ok(routed(r)),
                 Err(NoRoute::Service(name))
                     if table.routes.is_empty() && !self.state.on_demand.is_empty() =>
                 {
@@ -207,8 +216,8 @@ impl Proxy {
             let deadline = tokio::time::sleep(DEMAND_TIMEOUT);
             tokio::pin!(deadline);
             loop {
-                if let Ok(r) = self.state.table.load().resolve(host, path) {
-                    return Ok((r.upstream.clone(), r.strip));
+                if let Ok(r) = self.state.table.load().resolve_request(host, path, facts) {
+                    return Ok(routed(r));
                 }
                 tokio::select! {
                     changed = version.changed() => if changed.is_err() { break },
@@ -226,6 +235,7 @@ impl Proxy {
         strip: usize,
         peer: &Peer,
         tried: &mut Tried,
+        subset_header: Option<&SubsetHeader>,
     ) -> Result<Response<RespBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let settings = upstream.settings();
@@ -243,6 +253,14 @@ impl Proxy {
             slow_start: settings.slow_start,
             rng: &runtime.rng,
         };
+        // A header-driven subset: the header's value, when the request has one.
+        let by_header = subset_header.and_then(|h| {
+            let v = parts.headers.get(&h.header)?.to_str().ok()?;
+            Some((&*h.key, v))
+        });
+        let candidates = upstream
+            .picks(by_header, ctx)
+            .map_err(|e| ProxyError::Unavailable(e.0))?;
         let path_and_query = rewrite_path(&parts.uri, strip)?;
         prepare_request_headers(&mut parts.headers, peer);
         runtime.retry_budget.deposit();
@@ -261,7 +279,7 @@ impl Proxy {
         let mut last_response = None;
         // The place of the retry in flight (`max_retries`), held until the next try or the end.
         let mut _retry_slot: Option<Slot> = None;
-        for (attempt, ep) in (1..=max_tries).zip(upstream.candidates(ctx)) {
+        for (attempt, ep) in (1..=max_tries).zip(candidates) {
             if attempt > 1 {
                 if !runtime.retry_budget.withdraw() {
                     runtime.metrics.retry_budget_exhausted();

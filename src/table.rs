@@ -21,6 +21,7 @@ use crate::health::Health;
 use crate::metrics as m;
 use crate::route::{Route, RouteConfig, RoutingTable};
 use crate::state::State;
+use crate::subset::Subsets;
 use crate::upstream::{Upstream, UpstreamConfig, UpstreamRuntime, UpstreamSettings};
 
 /// Settings a reload can change without a restart.
@@ -76,6 +77,7 @@ impl TableBuilder {
                 let up = self.build(
                     services,
                     &old,
+                    &upstreams,
                     &u.id,
                     u.service.as_deref(),
                     u.source.as_deref(),
@@ -96,7 +98,16 @@ impl TableBuilder {
                     continue;
                 }
                 if services.contains_key(&svc) {
-                    let up = self.build(services, &old, &svc, Some(&svc), None, &[], &settings);
+                    let up = self.build(
+                        services,
+                        &old,
+                        &upstreams,
+                        &svc,
+                        Some(&svc),
+                        None,
+                        &[],
+                        &settings,
+                    );
                     upstreams.insert(up.id.clone(), Arc::new(up));
                 } else if upstreams.remove(svc.as_str()).is_some() {
                     self.forget(&svc);
@@ -172,6 +183,7 @@ impl TableBuilder {
         &mut self,
         services: &Services,
         old: &RoutingTable,
+        built: &HashMap<Arc<str>, Arc<Upstream>>,
         id: &str,
         service: Option<&str>,
         source: Option<&str>,
@@ -203,7 +215,23 @@ impl TableBuilder {
             }
         }
         let previous = old.upstreams.get(id);
-        let endpoints = carry_over(previous.map(|u| &u.endpoints[..]), &found, settings);
+        // An endpoint another upstream of the same service has is the same endpoint: one state
+        // (health, EWMA, in-flight, pool) however many upstreams and subsets it is in.
+        let siblings: Vec<&Upstream> = match service {
+            Some(svc) => built
+                .values()
+                .chain(old.upstreams.values())
+                .filter(|u| &*u.id != id && u.service.as_deref() == Some(svc))
+                .map(|u| &**u)
+                .collect(),
+            None => Vec::new(),
+        };
+        let endpoints = carry_over(
+            previous.map(|u| &u.endpoints[..]),
+            &found,
+            settings,
+            &siblings,
+        );
         let (available, unavailable) = count_states(&endpoints);
         metrics::gauge!(m::ENDPOINTS, "upstream" => id.to_string(), "state" => "healthy")
             .set(available as f64);
@@ -214,12 +242,27 @@ impl TableBuilder {
             _ => SystemTime::now(),
         };
         let balancer = settings.balancer.build(&endpoints);
+        // The keys routes to this upstream pick subsets by (`subset_from_header`).
+        let header_keys: Vec<&str> = self
+            .dynamic
+            .routes
+            .iter()
+            .filter(|r| r.targets().any(|t| t == id))
+            .filter_map(|r| r.subset_from_header.as_ref().map(|h| h.key.as_str()))
+            .collect();
+        let subsets = Subsets::build(
+            &settings.balancer,
+            &endpoints,
+            &settings.subset,
+            &header_keys,
+        );
         Upstream {
             id: id.into(),
             service: service.map(Into::into),
             runtime,
             endpoints: endpoints.into_boxed_slice(),
             balancer,
+            subsets,
             updated_at,
         }
     }
@@ -233,6 +276,7 @@ fn same_endpoints(a: &[Endpoint], b: &[Endpoint]) -> bool {
                 && x.weight == y.weight
                 && x.healthy == y.healthy
                 && x.zone == y.zone
+                && x.metadata == y.metadata
                 && x.source == y.source
         })
 }
@@ -240,7 +284,9 @@ fn same_endpoints(a: &[Endpoint], b: &[Endpoint]) -> bool {
 /// The endpoints for `found`, carrying over from the upstream's previous endpoints (`old`) the
 /// state of every endpoint still there (health, EWMA, in-flight, pooled connections), keyed by
 /// (instance id, address). Newcomers get fresh state; after the first set they slow-start. An
-/// endpoint reported twice (two sources) is kept once, the first.
+/// endpoint reported twice (two sources) is kept once, the first. An endpoint new to this
+/// upstream that another upstream of the same service (a `sibling`: another subset of it, say)
+/// already has takes that one's state, so it stays one endpoint (#14).
 ///
 /// The common update (a weight, health or zone change, same endpoints in the same order) takes
 /// a path without hashing or allocation for unchanged endpoints: they are the old `Endpoint`s,
@@ -250,6 +296,7 @@ fn carry_over(
     old: Option<&[Endpoint]>,
     found: &[(&'static str, &Instance)],
     settings: &UpstreamSettings,
+    siblings: &[&Upstream],
 ) -> Vec<Endpoint> {
     let old = old.unwrap_or_default();
     // Endpoints in an upstream's first set start at full weight; later joiners slow-start.
@@ -275,10 +322,11 @@ fn carry_over(
             })
             .collect();
     }
-    let by_key: HashMap<(&str, &str), &Endpoint> = old
-        .iter()
-        .map(|ep| ((&*ep.id, ep.authority.as_str()), ep))
-        .collect();
+    let mut by_key: HashMap<(&str, &str), &Endpoint> = HashMap::new();
+    // Siblings first, so this upstream's own previous endpoints win.
+    for ep in siblings.iter().flat_map(|u| u.endpoints.iter()).chain(old) {
+        by_key.insert((&*ep.id, ep.authority.as_str()), ep);
+    }
     let mut seen: HashSet<(&str, String)> = HashSet::with_capacity(found.len());
     let mut endpoints = Vec::with_capacity(found.len());
     for (kind, inst) in found {
@@ -313,7 +361,7 @@ mod tests {
             .enumerate()
             .map(|(i, x)| (kinds[i.min(kinds.len() - 1)], x))
             .collect();
-        carry_over(old, &found, &UpstreamSettings::default())
+        carry_over(old, &found, &UpstreamSettings::default(), &[])
     }
 
     #[test]
@@ -400,6 +448,99 @@ mod tests {
         let second = carried(Some(&first), &insts, &["consul"]);
         for (a, b) in first.iter().zip(&second) {
             assert!(Arc::ptr_eq(&a.state, &b.state));
+        }
+    }
+
+    /// #14: re-tagging an instance moves it between subsets and keeps its state; the subset's
+    /// target shares the upstream's endpoint state.
+    #[test]
+    fn a_metadata_change_moves_an_endpoint_between_subsets_with_its_state() {
+        use crate::balancer::testing;
+        use crate::state::SourceStatus;
+        use crate::subset::Selector;
+        let state = State::new(vec![SourceStatus::new("file", "file://x".into())]);
+        let mut settings = UpstreamSettings::default();
+        settings.subset.selector = Selector([("version".into(), "v2".into())].into());
+        let dynamic = Dynamic {
+            upstreams: vec![UpstreamConfig {
+                id: "u".into(),
+                service: Some("svc".into()),
+                source: None,
+                nodes: vec![],
+                settings,
+            }],
+            ..Default::default()
+        };
+        let mut b = TableBuilder::new(state.clone(), dynamic);
+        let tagged = |v2: &[u16]| -> Services {
+            let set = (1..=3)
+                .map(|p| {
+                    let mut i = inst(p);
+                    let v = if v2.contains(&p) { "v2" } else { "v1" };
+                    i.metadata.insert("version".into(), v.into());
+                    i
+                })
+                .collect();
+            [("svc".to_string(), [(0usize, set)].into())].into()
+        };
+        let picked = |state: &State| {
+            let t = state.table.load();
+            let up = &t.upstreams["u"];
+            let mut v: Vec<u16> = up
+                .picks(None, testing::ctx())
+                .unwrap()
+                .map(|e| e.authority.port_u16().unwrap())
+                .collect();
+            v.sort();
+            (v, up.endpoints[0].state.clone())
+        };
+        b.rebuild(&tagged(&[2]), None);
+        let (first, state1) = picked(&state);
+        assert_eq!(first, vec![2]);
+        crate::health::passive::record(
+            &state1.health,
+            &Default::default(),
+            crate::health::Outcome::Failure,
+            clock::now_ms(),
+            || (0, 3),
+        );
+        b.rebuild(&tagged(&[1, 2]), None);
+        let (second, state1_after) = picked(&state);
+        assert_eq!(second, vec![1, 2], "endpoint 1 moved into the subset");
+        assert!(Arc::ptr_eq(&state1, &state1_after), "with its state");
+        assert_eq!(state1_after.health.consecutive_failures(), 1);
+    }
+
+    /// #14: two upstreams on one service (two subsets, say) share each endpoint's state.
+    #[test]
+    fn two_upstreams_on_one_service_share_endpoint_state() {
+        use crate::state::SourceStatus;
+        let state = State::new(vec![SourceStatus::new("file", "file://x".into())]);
+        let up = |id: &str| UpstreamConfig {
+            id: id.into(),
+            service: Some("svc".into()),
+            source: None,
+            nodes: vec![],
+            settings: UpstreamSettings::default(),
+        };
+        let dynamic = Dynamic {
+            upstreams: vec![up("a"), up("b")],
+            ..Default::default()
+        };
+        let mut b = TableBuilder::new(state.clone(), dynamic);
+        let services: Services = [(
+            "svc".to_string(),
+            [(0usize, (1..=3).map(inst).collect())].into(),
+        )]
+        .into();
+        b.rebuild(&services, None);
+        let t = state.table.load();
+        for (x, y) in t.upstreams["a"]
+            .endpoints
+            .iter()
+            .zip(t.upstreams["b"].endpoints.iter())
+        {
+            assert!(Arc::ptr_eq(&x.state, &y.state), "{}", x.authority);
         }
     }
 }

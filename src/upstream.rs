@@ -17,6 +17,7 @@ use crate::health::passive::PassiveHealth;
 use crate::metrics::UpstreamMetrics;
 use crate::retry::RetryBudget;
 use crate::rng::Rng;
+use crate::subset::{Picks, SubsetSettings, Subsets, Unavailable};
 use crate::tls::ClientTls;
 
 /// How long an upstream may take to accept a TCP connection.
@@ -49,6 +50,8 @@ pub struct UpstreamSettings {
     pub active: Option<ActiveHealth>,
     /// TLS to the endpoints (`tls = true`); `None`: clear text.
     pub tls: Option<ClientTls>,
+    /// `subset`, `fallback`, `zone_aware`, `zone_min_share` (`subset.rs`, `zone.rs`).
+    pub subset: SubsetSettings,
 }
 
 impl UpstreamSettings {
@@ -66,6 +69,7 @@ impl UpstreamSettings {
             passive: PassiveHealth::default(),
             active: None,
             tls: None,
+            subset: SubsetSettings::default(),
         }
     }
 }
@@ -132,6 +136,8 @@ pub struct Upstream {
     pub runtime: Arc<UpstreamRuntime>,
     pub endpoints: Box<[Endpoint]>,
     pub balancer: Box<dyn Balancer>,
+    /// Its subsets and zone groups, precomputed over `endpoints`.
+    pub subsets: Subsets,
     /// When the endpoint set last changed (kept across rebuilds that change nothing in it,
     /// reloads included).
     pub updated_at: SystemTime,
@@ -140,6 +146,21 @@ pub struct Upstream {
 impl Upstream {
     pub fn candidates<'a>(&'a self, ctx: PickContext<'a>) -> Candidates<'a> {
         Candidates::new(self.balancer.as_ref(), &self.endpoints, ctx)
+    }
+
+    /// The candidates for one request, by the upstream's subset, fallback and zones (see
+    /// `subset.rs`); `header` is the `(key, value)` a route's `subset_from_header` read.
+    pub fn picks<'a>(
+        &'a self,
+        header: Option<(&str, &str)>,
+        ctx: PickContext<'a>,
+    ) -> Result<Picks<'a>, Unavailable> {
+        self.subsets.picks(
+            (&self.endpoints, self.balancer.as_ref()),
+            header,
+            ctx,
+            &self.runtime.metrics,
+        )
     }
 
     pub fn settings(&self) -> &UpstreamSettings {

@@ -71,7 +71,9 @@
 //! (the adapter does not request healthy ones only): where the server lists them they stay in
 //! the set with `healthy = false`, where it drops them they are absent; either way they carry
 //! no traffic. A disabled instance that a server does list is kept with `healthy = false`. Metadata: the
-//! instance's metadata plus `cluster` and `ephemeral`; zone from metadata `zone`. With
+//! instance's metadata plus `cluster` (the `clusterName`) and `ephemeral`; zone, in this order:
+//! metadata `zone`, then the `clusterName` unless it is empty or Nacos's default cluster
+//! `DEFAULT` (which names no place). With
 //! `clusters=` set, instances of other clusters are dropped client-side too. An instance whose
 //! port is outside 1..=65535 or whose address is not a valid host ([`crate::check_instance`])
 //! is skipped with a `parse` error naming the service, the instance and the address; the rest
@@ -453,6 +455,9 @@ impl NacosDiscovery {
     }
 }
 
+/// Nacos's cluster for instances registered without one; it names no zone.
+pub const DEFAULT_CLUSTER: &str = "DEFAULT";
+
 /// Nacos float weight → integer weight: `round(w × 100)`, 0 for negative or non-finite.
 pub fn weight_of(w: f64) -> u32 {
     if w.is_finite() && w > 0.0 {
@@ -480,7 +485,11 @@ pub fn map_instance(i: &ServiceInstance) -> Result<Instance, String> {
     inst.id = format!("{}#{cluster}", inst.authority());
     inst.weight = weight_of(i.weight);
     inst.healthy = i.healthy && i.enabled;
-    inst.zone = metadata.get("zone").cloned();
+    inst.zone = metadata
+        .get("zone")
+        .filter(|z| !z.is_empty())
+        .cloned()
+        .or_else(|| Some(cluster.clone()).filter(|c| !c.is_empty() && c != DEFAULT_CLUSTER));
     inst.metadata = metadata;
     crate::check_instance(&inst).map_err(|e| format!("instance {:?}: {e}", inst.id))?;
     Ok(inst)
@@ -813,6 +822,11 @@ mod tests {
         assert_eq!(m.zone.as_deref(), Some("z1"));
         assert_eq!(m.metadata["cluster"], "a");
         assert_eq!(m.metadata["ephemeral"], "true");
+        // Without metadata `zone`, the cluster is the zone; the default cluster is none.
+        i.metadata.clear();
+        assert_eq!(map_instance(&i).unwrap().zone.as_deref(), Some("a"));
+        i.cluster_name = Some(DEFAULT_CLUSTER.into());
+        assert_eq!(map_instance(&i).unwrap().zone, None);
         i.enabled = false;
         assert!(!map_instance(&i).unwrap().healthy);
         i.port = 70000;

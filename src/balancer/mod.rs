@@ -296,15 +296,25 @@ impl<'a> Candidates<'a> {
             tried: Tried::default(),
         }
     }
+
+    /// The next candidate with its index in the endpoint list.
+    pub fn next_indexed(&mut self) -> Option<(usize, &'a Endpoint)> {
+        let i = self.balancer.next(self.endpoints, &self.ctx, &self.tried)?;
+        self.tried.insert(i);
+        self.endpoints.get(i).map(|e| (i, e))
+    }
+
+    /// Marks index `i` as tried (another list yielded the same endpoint).
+    pub fn skip(&mut self, i: usize) {
+        self.tried.insert(i);
+    }
 }
 
 impl<'a> Iterator for Candidates<'a> {
     type Item = &'a Endpoint;
 
     fn next(&mut self) -> Option<&'a Endpoint> {
-        let i = self.balancer.next(self.endpoints, &self.ctx, &self.tried)?;
-        self.tried.insert(i);
-        self.endpoints.get(i)
+        self.next_indexed().map(|(_, e)| e)
     }
 }
 

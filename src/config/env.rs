@@ -16,6 +16,7 @@ Environment (each also a flag; flags and variables override the config file):
   EDGE_AGENT_CONFIG          optional TOML file (upstreams, routes, [agent] settings)
   EDGE_AGENT_BALANCER        default balancer: {balancers} [default: roundrobin]
   EDGE_AGENT_DOMAIN_SUFFIX   suffix ignored in Host headers, e.g. .svc.local
+  EDGE_AGENT_ZONE            this host's zone, for zone_aware upstreams [default: unset]
   EDGE_AGENT_SHUTDOWN_GRACE  drain time after SIGTERM          [default: 10s]
   EDGE_AGENT_STATE_DIR       directory for the saved view      [default: /var/lib/edge-agent as root, else ~/.local/state/edge-agent]
   EDGE_AGENT_ADMIN_TOKEN     bearer token required by the admin API (except /healthz) [default: none]
@@ -60,6 +61,9 @@ pub struct Cli {
     /// Domain suffix stripped from Host headers before lookup
     #[arg(long, env = "EDGE_AGENT_DOMAIN_SUFFIX", global = true)]
     pub domain_suffix: Option<String>,
+    /// This host's zone, for upstreams with zone_aware [default: unset]
+    #[arg(long, env = "EDGE_AGENT_ZONE", global = true)]
+    pub zone: Option<String>,
     /// Drain time after SIGTERM [default: 10s]
     #[arg(long, env = "EDGE_AGENT_SHUTDOWN_GRACE", global = true)]
     pub shutdown_grace: Option<String>,

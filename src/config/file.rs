@@ -1,5 +1,6 @@
 //! The optional TOML file (`EDGE_AGENT_CONFIG`), as written: every field optional, unknown
 //! fields refused with their line. `validate.rs` turns it into the owning layers' types.
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -38,6 +39,8 @@ pub struct AgentFile {
     pub balancer: Option<String>,
     pub domain_suffix: Option<String>,
     pub shutdown_grace: Option<String>,
+    /// This host's zone (`EDGE_AGENT_ZONE` wins).
+    pub zone: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -76,6 +79,14 @@ pub struct UpstreamFile {
     pub max_requests: Option<i64>,
     pub max_retries: Option<i64>,
     pub checks: Option<ChecksFile>,
+    /// `subset = { version = "v2" }`: only endpoints whose metadata has every pair.
+    pub subset: Option<BTreeMap<String, toml::Value>>,
+    /// `"none"`, `"any"` or a subset table.
+    pub fallback: Option<toml::Value>,
+    /// `"off"`, `"prefer"`, `"strict"`.
+    pub zone_aware: Option<String>,
+    /// Percentage of the local zone's expected share (default 70).
+    pub zone_min_share: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Clone, Default)]
@@ -133,7 +144,26 @@ pub struct RouteFile {
     pub path_prefix: Option<String>,
     /// Strip the matched prefix before forwarding (default: true).
     pub strip_prefix: Option<bool>,
+    pub upstream: Option<String>,
+    /// `headers = { "x-canary" = "true" }`: every header must have exactly this value.
+    pub headers: Option<BTreeMap<String, String>>,
+    pub subset_from_header: Option<HeaderRuleFile>,
+    /// `split = [{ upstream = "a", weight = 90 }, …]`, instead of `upstream`.
+    pub split: Option<Vec<SplitFile>>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRuleFile {
+    pub header: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SplitFile {
     pub upstream: String,
+    pub weight: u32,
 }
 
 /// Reads and parses the TOML file; the error names the file and the line.

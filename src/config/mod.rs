@@ -42,6 +42,7 @@ use std::time::Duration;
 
 mod env;
 mod file;
+mod subsets;
 mod validate;
 
 pub use env::{Cli, Command};

@@ -223,3 +223,144 @@ fn circuit_breaker_limits_are_read_and_zero_or_negative_refused() {
         );
     }
 }
+
+/// #14: subsets, fallback, zones, header matches, header subsets and splits parse into the
+/// layers' types.
+#[test]
+fn subsets_zones_and_splits_parse() {
+    use crate::subset::{Fallback, Selector};
+    use crate::zone::ZoneMode;
+    let mut c = cli();
+    c.zone = Some("eu-1a".into());
+    let file: FileConfig = toml::from_str(
+        r#"
+[[upstream]]
+id = "pay-v2"
+service = "pay"
+subset = { version = "v2", build = 7 }
+fallback = { version = "v1" }
+zone_aware = "prefer"
+zone_min_share = 50
+
+[[upstream]]
+id = "pay-v1"
+service = "pay"
+fallback = "any"
+
+[[route]]
+host = "pay"
+headers = { "X-Canary" = "true" }
+split = [{ upstream = "pay-v1", weight = 90 }, { upstream = "pay-v2", weight = 10 }]
+
+[[route]]
+host = "pay"
+upstream = "pay-v1"
+subset_from_header = { header = "X-Version", key = "version" }
+"#,
+    )
+    .unwrap();
+    let mut errs = Vec::new();
+    let cfg = build(&c, &file, &mut errs);
+    assert!(errs.is_empty(), "{errs:?}");
+    let s = &cfg.dynamic.upstreams[0].settings.subset;
+    assert_eq!(
+        s.selector,
+        Selector(
+            [("version", "v2"), ("build", "7")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into()
+        )
+    );
+    assert_eq!(s.fallback.describe(), "version=v1");
+    assert_eq!(s.zone.mode, ZoneMode::Prefer);
+    assert_eq!(s.zone.local.as_deref(), Some("eu-1a"));
+    assert_eq!(s.zone.min_share, 50);
+    let any = &cfg.dynamic.upstreams[1].settings.subset;
+    assert_eq!(any.fallback, Fallback::Any);
+    assert_eq!(any.zone.mode, ZoneMode::Off);
+    assert_eq!(any.zone.min_share, crate::zone::DEFAULT_ZONE_MIN_SHARE);
+    let r = &cfg.dynamic.routes;
+    assert_eq!(r[0].headers, vec![("x-canary".into(), "true".into())]);
+    assert_eq!(
+        r[0].split,
+        vec![("pay-v1".into(), 90), ("pay-v2".into(), 10)]
+    );
+    assert!(r[0].upstream.is_empty());
+    let rule = r[1].subset_from_header.as_ref().unwrap();
+    assert_eq!(
+        (rule.header.as_str(), rule.key.as_str()),
+        ("x-version", "version")
+    );
+    // [agent] zone, when EDGE_AGENT_ZONE is unset.
+    let cfg =
+        load_toml("[agent]\nzone = \"b\"\n[[upstream]]\nid = \"a\"\nzone_aware = \"strict\"\n")
+            .unwrap();
+    assert_eq!(
+        cfg.dynamic.upstreams[0]
+            .settings
+            .subset
+            .zone
+            .local
+            .as_deref(),
+        Some("b")
+    );
+}
+
+/// #14 bad input: each refused naming the field and the value.
+#[test]
+fn bad_subsets_zones_and_splits_are_named() {
+    let e = err_of(
+        r#"
+[[upstream]]
+id = "a"
+subset = {}
+fallback = "sometimes"
+zone_aware = "strict"
+zone_min_share = 170
+
+[[upstream]]
+id = "b"
+zone_aware = "nearby"
+subset = { version = ["v1"] }
+
+[[route]]
+host = "x"
+split = [{ upstream = "a", weight = 0 }, { upstream = "nope", weight = 0 }]
+
+[[route]]
+host = "y"
+upstream = "a"
+split = [{ upstream = "b", weight = 1 }]
+
+[[route]]
+host = "z"
+upstream = "ghost"
+subset_from_header = { header = "x-version" }
+
+[[route]]
+host = "w"
+upstream = "a"
+headers = { "bad header" = "1" }
+subset_from_header = { key = "version" }
+"#,
+    );
+    for needle in [
+        "upstream[0].subset = {}: empty",
+        "upstream[0].fallback = \"sometimes\": expected \"none\", \"any\" or a subset table",
+        "upstream[0].zone_aware = \"strict\": this host has no zone; set EDGE_AGENT_ZONE",
+        "upstream[0].zone_min_share = 170",
+        "upstream[1].zone_aware = \"nearby\"",
+        "upstream[1].subset.version = [\"v1\"]: expected a string, number or boolean",
+        "route[0].split[1].upstream = \"nope\": no upstream with that id",
+        "route[0].split: weights sum to 0 (0 + 0)",
+        "route[1]: give either upstream or split, not both",
+        "route[2].upstream = \"ghost\": no upstream with that id",
+        "route[2].subset_from_header = { header = \"x-version\" }: no key",
+        "route[3].headers = \"bad header\": not a valid header name",
+        "route[3].subset_from_header: no header",
+    ] {
+        assert!(e.contains(needle), "missing {needle:?} in {e}");
+    }
+    let e = err_of("[[upstream]]\nid = \"a\"\n[[route]]\nhost = \"x\"\n");
+    assert!(e.contains("route[0]: give upstream or split"), "{e}");
+}

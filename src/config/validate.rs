@@ -95,7 +95,10 @@ pub(super) fn build(cli: &Cli, file: &FileConfig, errs: &mut Vec<String>) -> Con
             errs.push(e);
             false
         });
-    let upstreams = upstreams(&file.upstream, default_spec.name(), errs);
+    let zone = pick(&cli.zone, &a.zone, "EDGE_AGENT_ZONE", "agent.zone")
+        .map(|(_, v)| v.trim().to_string())
+        .filter(|v| !v.is_empty());
+    let upstreams = upstreams(&file.upstream, default_spec.name(), zone.as_deref(), errs);
     let default_settings = UpstreamSettings::with_balancer(default_spec);
     let routes = routes(&file.route, &upstreams, errs);
     let guard = guard(cli, &file.guard, errs);
@@ -232,6 +235,7 @@ fn duration(name: &str, v: &str, errs: &mut Vec<String>) -> Option<Duration> {
 fn upstreams(
     raw: &[UpstreamFile],
     default_balancer: &str,
+    zone: Option<&str>,
     errs: &mut Vec<String>,
 ) -> Vec<UpstreamConfig> {
     let mut seen = HashSet::new();
@@ -307,6 +311,7 @@ fn upstreams(
                 settings.active = Some(active(&at, a, errs));
             }
         }
+        settings.subset = super::subsets::upstream(&at, u, zone, errs);
         let mut nodes = Vec::with_capacity(u.nodes.len());
         for (j, n) in u.nodes.iter().enumerate() {
             match n.addr.trim().parse::<SocketAddr>() {
@@ -525,12 +530,8 @@ fn routes(raw: &[RouteFile], ups: &[UpstreamConfig], errs: &mut Vec<String>) -> 
     let mut out = Vec::with_capacity(raw.len());
     for (i, r) in raw.iter().enumerate() {
         let at = format!("route[{i}]");
-        if !ups.iter().any(|u| u.id == r.upstream) {
-            errs.push(format!(
-                "{at}.upstream = {:?}: no upstream with that id",
-                r.upstream
-            ));
-        }
+        let (upstream, headers, subset_from_header, split) =
+            super::subsets::route(&at, r, ups, errs);
         let host = r.host.as_ref().map(|h| h.trim().to_ascii_lowercase());
         let path_prefix = r.path_prefix.as_ref().map(|p| p.trim().to_string());
         if let Some(p) = &path_prefix {
@@ -538,14 +539,17 @@ fn routes(raw: &[RouteFile], ups: &[UpstreamConfig], errs: &mut Vec<String>) -> 
                 errs.push(format!("{at}.path_prefix = {p:?}: must start with '/'"));
             }
         }
-        if host.is_none() && path_prefix.is_none() {
-            errs.push(format!("{at}: give host, path_prefix or both"));
+        if host.is_none() && path_prefix.is_none() && headers.is_empty() {
+            errs.push(format!("{at}: give host, path_prefix or headers"));
         }
         out.push(RouteConfig {
             host,
             path_prefix,
             strip_prefix: r.strip_prefix.unwrap_or(true),
-            upstream: r.upstream.clone(),
+            upstream,
+            headers,
+            subset_from_header,
+            split,
         });
     }
     out

@@ -145,6 +145,7 @@ impl ConsulDiscovery {
 struct NodeJson {
     node: String,
     address: String,
+    meta: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -245,10 +246,27 @@ pub fn parse_health(body: &Value) -> Result<(Vec<Instance>, Vec<String>), String
                 .entry("tags".into())
                 .or_insert_with(|| tags.join(","));
         }
+        // Each tag as a key of its own, so `subset = { "tag:v2" = "true" }` selects by tag.
+        for t in tags.iter().filter(|t| !t.is_empty()) {
+            metadata
+                .entry(format!("tag:{t}"))
+                .or_insert_with(|| "true".into());
+        }
+        // Zone: the service's meta `zone`, else the node's meta `zone`.
+        let node_zone = node
+            .meta
+            .as_ref()
+            .and_then(|m| m.get("zone"))
+            .filter(|z| !z.is_empty())
+            .cloned();
         if !node.node.is_empty() {
             metadata.entry("node".into()).or_insert(node.node);
         }
-        inst.zone = metadata.get("zone").filter(|z| !z.is_empty()).cloned();
+        inst.zone = metadata
+            .get("zone")
+            .filter(|z| !z.is_empty())
+            .cloned()
+            .or(node_zone);
         inst.metadata = metadata;
         out.push(inst);
     }
@@ -305,7 +323,7 @@ mod tests {
                          "Port": 8080, "Meta": {"zone": "z1", "version": "2"},
                          "Weights": {"Passing": 3, "Warning": 1}},
              "Checks": []},
-            {"Node": {"Node": "n2", "Address": "10.0.0.2"},
+            {"Node": {"Node": "n2", "Address": "10.0.0.2", "Meta": {"zone": "node-zone"}},
              "Service": {"ID": "web-2", "Service": "web", "Tags": null, "Address": "192.168.1.5",
                          "Port": 8081, "Meta": null}},
             {"Node": {"Node": "n3", "Address": "10.0.0.3"},
@@ -321,12 +339,15 @@ mod tests {
         );
         assert_eq!(a.zone.as_deref(), Some("z1"));
         assert_eq!(a.metadata["tags"], "v2,canary");
+        assert_eq!(a.metadata["tag:v2"], "true");
+        assert_eq!(a.metadata["tag:canary"], "true");
         assert_eq!(a.metadata["version"], "2");
         assert_eq!(a.metadata["node"], "n1");
         let b = &set[1];
         assert_eq!(
-            (b.addr.as_str(), b.weight, b.zone.clone()),
-            ("192.168.1.5", 1, None)
+            (b.addr.as_str(), b.weight, b.zone.as_deref()),
+            ("192.168.1.5", 1, Some("node-zone")),
+            "no service meta zone: the node's"
         );
         assert!(!b.metadata.contains_key("tags"));
         assert_eq!(problems.len(), 2, "{problems:?}");

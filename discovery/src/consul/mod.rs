@@ -80,8 +80,10 @@
 //! [`crate::check_instance`] — are skipped with a `parse` error naming the instance and the
 //! address); weight
 //! `Service.Weights.Passing` (default [`DEFAULT_WEIGHT`]); healthy (only passing instances are
-//! asked for). Metadata: `Service.Meta` keys as-is, plus `tags` (comma-joined) and `node` unless
-//! the meta has its own. Zone: meta `zone`.
+//! asked for). Metadata: `Service.Meta` keys as-is, plus `tags` (comma-joined), each tag as
+//! `tag:<name> = "true"` (so a subset can select `{ "tag:v2" = "true" }`) and `node`, each unless
+//! the meta has its own. Zone, in this order: `Service.Meta.zone`, then `Node.Meta.zone`
+//! (an empty value counts as unset).
 //!
 //! # Errors
 //! Connection refused, timeouts, non-2xx statuses and bad JSON yield an error event (`connect`,

@@ -1,0 +1,761 @@
+//! Subsets and zone groups of an upstream, computed when the routing table is built.
+//!
+//! An upstream may select a subset of its service's endpoints by metadata (`subset = { version
+//! = "v2" }`: every listed key must match, values compared as strings), and routes may pick a
+//! subset per request from a header (`subset_from_header`). None of that is decided per
+//! request: when an upstream is built, every subset it can be asked for becomes a [`Target`], a
+//! precomputed balancer over the matching endpoints (for a header rule, one per value of the
+//! key that the endpoints carry). A request only looks its target up (one small hash lookup of
+//! the header value, no allocation) and walks the target's candidates.
+//!
+//! Endpoints in targets are clones of the upstream's endpoints: the same `Arc`ed state, so one
+//! endpoint in two subsets (or two upstreams) is one endpoint with one health, EWMA, in-flight
+//! count and pool, and a metadata change that moves it between subsets keeps all of it
+//! (`table.rs` carries state over by identity before the targets are built).
+//!
+//! `fallback` decides what happens when the subset has no endpoint a balancer may pick (or a
+//! header names a value no endpoint has), after Envoy's fallback policies: `none` (503 naming
+//! the subset), `any` (every endpoint of the upstream) or another subset. Retries stay in the
+//! target the first pick came from.
+//!
+//! Zones: with `zone_aware` on, each target is also split by zone into groups, the local one
+//! first. A request draws which group to start in from the target's zone shares (`zone.rs`),
+//! then (`prefer`) goes on to the rest of the target, skipping the endpoints it already
+//! tried; `strict` stays in the local group. The shares depend on availability, which changes
+//! without a rebuild (ejections, active checks): they are kept in atomics that
+//! [`Subsets::refresh`] recomputes when the table is built and on every health sweep
+//! (`checks.rs`, every 200 ms, which already walks every endpoint). A request reads them with
+//! relaxed loads; between sweeps they may lag an ejection by up to one sweep.
+//!
+//! Layer 4, beside the balancers: it builds balancers over endpoint lists and reads the zone
+//! arithmetic; `upstream.rs` holds the result.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use crate::balancer::{Balancer, Candidates, PickContext, Spec};
+use crate::endpoint::Endpoint;
+use crate::metrics::UpstreamMetrics;
+use crate::rng::mix64;
+use crate::zone::{self, Capacity, ZoneMode, ZoneSettings};
+
+/// A subset: every key must be in the endpoint's metadata with the same value.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Selector(pub BTreeMap<String, String>);
+
+impl Selector {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn matches(&self, ep: &Endpoint) -> bool {
+        self.0
+            .iter()
+            .all(|(k, v)| ep.metadata.get(k).is_some_and(|m| m == v))
+    }
+
+    /// `k1=v1,k2=v2`, for messages and the admin API.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        parts.join(",")
+    }
+
+    fn with(&self, key: &str, value: &str) -> Selector {
+        let mut s = self.clone();
+        s.0.insert(key.to_string(), value.to_string());
+        s
+    }
+}
+
+/// What a request gets when its subset has no available endpoint (`fallback`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Fallback {
+    /// 503 naming the subset (Envoy's NO_FALLBACK; the default).
+    #[default]
+    None,
+    /// Every endpoint of the upstream (ANY_ENDPOINT).
+    Any,
+    /// Another subset (DEFAULT_SUBSET).
+    Subset(Selector),
+}
+
+impl Fallback {
+    pub fn describe(&self) -> String {
+        match self {
+            Fallback::None => "none".into(),
+            Fallback::Any => "any".into(),
+            Fallback::Subset(s) => s.describe(),
+        }
+    }
+}
+
+/// An upstream's subset and zone settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SubsetSettings {
+    /// `subset`; empty: every endpoint.
+    pub selector: Selector,
+    pub fallback: Fallback,
+    pub zone: ZoneSettings,
+}
+
+/// Endpoints with their balancer, and where each sits in the list it was taken from.
+pub struct Group {
+    pub endpoints: Box<[Endpoint]>,
+    pub balancer: Box<dyn Balancer>,
+    /// `parent[i]`: the index of `endpoints[i]` in the target's full list.
+    parent: Box<[u32]>,
+}
+
+impl Group {
+    fn new(spec: &Spec, endpoints: Vec<Endpoint>, parent: Vec<u32>) -> Group {
+        Group {
+            balancer: spec.build(&endpoints),
+            endpoints: endpoints.into_boxed_slice(),
+            parent: parent.into_boxed_slice(),
+        }
+    }
+}
+
+/// A target split by zone: group 0 is the local zone (maybe empty), then one per other zone
+/// (endpoints without a zone form one), with the request shares as cumulative thresholds.
+pub struct ZoneSplit {
+    pub mode: ZoneMode,
+    pub local: Arc<str>,
+    pub min_share: u32,
+    pub groups: Box<[(Option<Arc<str>>, Group)]>,
+    /// Cumulative shares of [`SHARE_SCALE`], one per group.
+    cumulative: Box<[AtomicU32]>,
+}
+
+/// The fixed-point scale of zone shares (24 bits of a draw).
+pub const SHARE_SCALE: u32 = 1 << 24;
+
+impl ZoneSplit {
+    fn new(spec: &Spec, endpoints: &[Endpoint], local: &Arc<str>, z: &ZoneSettings) -> Self {
+        let mut by_zone: BTreeMap<Option<&str>, (Vec<Endpoint>, Vec<u32>)> = BTreeMap::new();
+        by_zone.insert(Some(local), Default::default());
+        for (i, ep) in endpoints.iter().enumerate() {
+            let (eps, idx) = by_zone.entry(ep.zone.as_deref()).or_default();
+            eps.push(ep.clone());
+            idx.push(i as u32);
+        }
+        let (eps, idx) = by_zone.remove(&Some(&**local)).unwrap_or_default();
+        let mut groups = vec![(Some(local.clone()), Group::new(spec, eps, idx))];
+        for (zone, (eps, idx)) in by_zone {
+            groups.push((zone.map(Into::into), Group::new(spec, eps, idx)));
+        }
+        let cumulative = groups.iter().map(|_| AtomicU32::new(SHARE_SCALE)).collect();
+        let split = ZoneSplit {
+            mode: z.mode,
+            local: local.clone(),
+            min_share: z.min_share,
+            groups: groups.into_boxed_slice(),
+            cumulative,
+        };
+        split.refresh();
+        split
+    }
+
+    /// Recomputes the shares from the endpoints' availability now.
+    pub fn refresh(&self) {
+        let caps: Vec<Capacity> = self
+            .groups
+            .iter()
+            .map(|(_, g)| capacity(&g.endpoints))
+            .collect();
+        let shares = zone::shares(caps[0], &caps[1..], self.min_share);
+        let mut sum = 0.0;
+        for (c, s) in self.cumulative.iter().zip(&shares) {
+            sum += s;
+            let v = (sum * f64::from(SHARE_SCALE))
+                .round()
+                .min(f64::from(SHARE_SCALE));
+            c.store(v as u32, Ordering::Relaxed);
+        }
+    }
+
+    /// The shares now, one per group (for the admin API and tests).
+    pub fn shares(&self) -> Vec<f64> {
+        let mut prev = 0u32;
+        self.cumulative
+            .iter()
+            .map(|c| {
+                let v = c.load(Ordering::Relaxed).max(prev);
+                let s = f64::from(v - prev) / f64::from(SHARE_SCALE);
+                prev = v;
+                s
+            })
+            .collect()
+    }
+
+    /// The group a request starts in: a draw (from the request's hash key when it has one, so
+    /// a user stays in one zone) against the cumulative shares.
+    fn choose(&self, ctx: &PickContext) -> usize {
+        let draw = match ctx.key {
+            Some(k) => mix64(k ^ 0x7a6f_6e65),
+            None => ctx.rng.next_u64(),
+        };
+        let x = (draw >> 40) as u32;
+        self.cumulative
+            .iter()
+            .position(|c| x < c.load(Ordering::Relaxed))
+            .unwrap_or(self.groups.len() - 1)
+    }
+}
+
+fn capacity(endpoints: &[Endpoint]) -> Capacity {
+    let mut c = Capacity::default();
+    for ep in endpoints.iter().filter(|e| e.weight > 0) {
+        c.expected += u64::from(ep.weight);
+        if ep.available() {
+            c.available += u64::from(ep.weight);
+        }
+    }
+    c
+}
+
+/// One subset an upstream may be asked for: its balancer, and its zone split when zones are on.
+pub struct Target {
+    /// The selector, as text (`version=v2`).
+    pub what: Box<str>,
+    pub group: Group,
+    pub zones: Option<ZoneSplit>,
+}
+
+impl Target {
+    fn new(spec: &Spec, all: &[Endpoint], selector: &Selector, z: &ZoneSettings) -> Target {
+        let (eps, idx): (Vec<Endpoint>, Vec<u32>) = all
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| selector.matches(e))
+            .map(|(i, e)| (e.clone(), i as u32))
+            .unzip();
+        let zones = z.active().map(|local| ZoneSplit::new(spec, &eps, local, z));
+        Target {
+            what: selector.describe().into(),
+            group: Group::new(spec, eps, idx),
+            zones,
+        }
+    }
+
+    fn picks<'a>(&'a self, ctx: PickContext<'a>) -> Picks<'a> {
+        Picks::over(
+            &self.group.endpoints,
+            self.group.balancer.as_ref(),
+            &self.zones,
+            ctx,
+        )
+    }
+}
+
+/// The endpoints to try for one request, in order, each at most once: the chosen zone group's
+/// candidates first (when zones are on), then (unless `strict`) the rest of the target's.
+pub struct Picks<'a> {
+    first: Option<(Candidates<'a>, &'a [u32])>,
+    rest: Option<Candidates<'a>>,
+    pending: Option<&'a Endpoint>,
+    /// The request starts outside the local zone.
+    pub spilled: bool,
+    strict: Option<&'a str>,
+}
+
+impl<'a> Picks<'a> {
+    fn over(
+        endpoints: &'a [Endpoint],
+        balancer: &'a dyn Balancer,
+        zones: &'a Option<ZoneSplit>,
+        ctx: PickContext<'a>,
+    ) -> Picks<'a> {
+        let all = Candidates::new(balancer, endpoints, ctx);
+        match zones {
+            None => Picks {
+                first: None,
+                rest: Some(all),
+                pending: None,
+                spilled: false,
+                strict: None,
+            },
+            Some(z) => {
+                let strict = z.mode == ZoneMode::Strict;
+                let k = if strict { 0 } else { z.choose(&ctx) };
+                let g = &z.groups[k].1;
+                Picks {
+                    first: Some((
+                        Candidates::new(g.balancer.as_ref(), &g.endpoints, ctx),
+                        &g.parent,
+                    )),
+                    rest: (!strict).then_some(all),
+                    pending: None,
+                    spilled: k != 0,
+                    strict: strict.then_some(&*z.local),
+                }
+            }
+        }
+    }
+
+    /// The first candidate, kept for `next`: `None` when there is none.
+    fn peek(&mut self) -> Option<&'a Endpoint> {
+        if self.pending.is_none() {
+            self.pending = self.next();
+        }
+        self.pending
+    }
+}
+
+impl<'a> Iterator for Picks<'a> {
+    type Item = &'a Endpoint;
+
+    fn next(&mut self) -> Option<&'a Endpoint> {
+        if let Some(ep) = self.pending.take() {
+            return Some(ep);
+        }
+        if let Some((first, parent)) = &mut self.first {
+            if let Some((i, ep)) = first.next_indexed() {
+                if let (Some(rest), Some(&p)) = (&mut self.rest, parent.get(i)) {
+                    rest.skip(p as usize);
+                }
+                return Some(ep);
+            }
+            self.first = None;
+        }
+        self.rest.as_mut()?.next()
+    }
+}
+
+/// Why a request found no endpoint in its subset or zone; the text names it (`version=v2`,
+/// `zone a`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable(pub String);
+
+/// The targets of one upstream.
+pub struct Subsets {
+    pub settings: SubsetSettings,
+    /// The zone split of every endpoint (zones on, no subset).
+    all_zones: Option<ZoneSplit>,
+    /// The upstream's subset (when it has one).
+    primary: Option<Target>,
+    /// `fallback = { … }`.
+    fallback: Option<Target>,
+    /// Per header-rule key: a target per value the endpoints carry.
+    by_header: Box<[(Box<str>, ByValue)]>,
+}
+
+/// A header rule's targets, by the value of its key.
+type ByValue = HashMap<Box<str>, Target>;
+
+impl Subsets {
+    /// The targets over `all` (the upstream's endpoints) for `settings`, with a target per
+    /// value of each key in `header_keys` (the keys routes to this upstream pick by).
+    pub fn build(
+        spec: &Spec,
+        all: &[Endpoint],
+        settings: &SubsetSettings,
+        header_keys: &[&str],
+    ) -> Subsets {
+        let z = &settings.zone;
+        let sel = &settings.selector;
+        let primary = (!sel.is_empty()).then(|| Target::new(spec, all, sel, z));
+        let all_zones = z.active().map(|local| ZoneSplit::new(spec, all, local, z));
+        let fallback = match &settings.fallback {
+            Fallback::Subset(s) => Some(Target::new(spec, all, s, z)),
+            _ => None,
+        };
+        let mut by_header = Vec::new();
+        let keys: BTreeSet<&str> = header_keys.iter().copied().collect();
+        for key in keys {
+            let values: BTreeSet<&str> = all
+                .iter()
+                .filter_map(|e| e.metadata.get(key).map(String::as_str))
+                .collect();
+            let targets = values
+                .into_iter()
+                .map(|v| (v.into(), Target::new(spec, all, &sel.with(key, v), z)))
+                .collect();
+            by_header.push((key.into(), targets));
+        }
+        Subsets {
+            settings: settings.clone(),
+            all_zones,
+            primary,
+            fallback,
+            by_header: by_header.into_boxed_slice(),
+        }
+    }
+
+    /// Whether `ep` is in the upstream's subset (every endpoint is when it has none).
+    pub fn contains(&self, ep: &Endpoint) -> bool {
+        self.settings.selector.matches(ep)
+    }
+
+    /// The zone shares of the upstream's default target: `(zone, share)` per group.
+    pub fn zone_shares(&self) -> Vec<(Option<Arc<str>>, f64)> {
+        let split = match &self.primary {
+            Some(t) => t.zones.as_ref(),
+            None => self.all_zones.as_ref(),
+        };
+        split
+            .map(|z| {
+                z.groups
+                    .iter()
+                    .map(|(n, _)| n.clone())
+                    .zip(z.shares())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Recomputes every zone split's shares (see the module doc).
+    pub fn refresh(&self) {
+        let targets = self
+            .primary
+            .iter()
+            .chain(&self.fallback)
+            .chain(self.by_header.iter().flat_map(|(_, m)| m.values()));
+        for z in targets
+            .filter_map(|t| t.zones.as_ref())
+            .chain(&self.all_zones)
+        {
+            z.refresh();
+        }
+    }
+
+    /// The candidates for one request. `header` is `(key, value)` when the request's route
+    /// picks a subset by a header the request has. Falls back (counted on
+    /// `edge_agent_subset_fallback_total`) when the subset has no candidate or the value is
+    /// unknown; counts a start outside the local zone on `edge_agent_zone_spill_total`.
+    pub fn picks<'a>(
+        &'a self,
+        all: (&'a [Endpoint], &'a dyn Balancer),
+        header: Option<(&str, &str)>,
+        ctx: PickContext<'a>,
+        metrics: &UpstreamMetrics,
+    ) -> Result<Picks<'a>, Unavailable> {
+        let target = match header {
+            Some((key, value)) => Some(
+                self.by_header
+                    .iter()
+                    .find(|(k, _)| &**k == key)
+                    .and_then(|(_, m)| m.get(value))
+                    .ok_or_else(|| self.settings.selector.with(key, value)),
+            ),
+            None => self.primary.as_ref().map(Ok),
+        };
+        let missing = match target {
+            None => return self.all(all, ctx, metrics),
+            Some(Ok(t)) => {
+                let mut p = t.picks(ctx);
+                if p.peek().is_some() {
+                    if p.spilled {
+                        metrics.zone_spill();
+                    }
+                    return Ok(p);
+                }
+                if let Some(zone) = p.strict {
+                    if self.settings.fallback == Fallback::None {
+                        return Err(Unavailable(format!("subset {} in zone {zone}", t.what)));
+                    }
+                }
+                t.what.to_string()
+            }
+            Some(Err(asked)) => asked.describe(),
+        };
+        metrics.subset_fallback();
+        match &self.settings.fallback {
+            Fallback::None => Err(Unavailable(format!("subset {missing}"))),
+            Fallback::Any => self.all(all, ctx, metrics),
+            Fallback::Subset(_) => {
+                let t = self.fallback.as_ref().expect("built with the settings");
+                let mut p = t.picks(ctx);
+                match (p.peek(), p.strict) {
+                    (None, Some(zone)) => Err(Unavailable(format!(
+                        "subset {missing} (or its fallback {}) in zone {zone}",
+                        t.what
+                    ))),
+                    _ => {
+                        if p.spilled {
+                            metrics.zone_spill();
+                        }
+                        Ok(p)
+                    }
+                }
+            }
+        }
+    }
+
+    fn all<'a>(
+        &'a self,
+        (endpoints, balancer): (&'a [Endpoint], &'a dyn Balancer),
+        ctx: PickContext<'a>,
+        metrics: &UpstreamMetrics,
+    ) -> Result<Picks<'a>, Unavailable> {
+        let mut p = Picks::over(endpoints, balancer, &self.all_zones, ctx);
+        if let Some(zone) = p.strict {
+            if p.peek().is_none() {
+                return Err(Unavailable(format!("zone {zone}")));
+            }
+        }
+        if p.spilled {
+            metrics.zone_spill();
+        }
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::testing;
+    use discovery::Instance;
+
+    fn eps(spec: &[(&str, &[(&str, &str)])]) -> Vec<Endpoint> {
+        spec.iter()
+            .enumerate()
+            .map(|(i, (zone, meta))| {
+                let mut inst = Instance::new("127.0.0.1", 20_000 + i as u16);
+                if !zone.is_empty() {
+                    inst.zone = Some(zone.to_string());
+                }
+                for (k, v) in meta.iter() {
+                    inst.metadata.insert(k.to_string(), v.to_string());
+                }
+                Endpoint::from_instance(&inst, "file", Default::default()).unwrap()
+            })
+            .collect()
+    }
+
+    fn sel(pairs: &[(&str, &str)]) -> Selector {
+        Selector(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn ports<'a>(p: impl Iterator<Item = &'a Endpoint>) -> Vec<u16> {
+        let mut v: Vec<u16> = p.map(|e| e.authority.port_u16().unwrap()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_matcher_needs_every_key_with_the_same_string() {
+        let e = eps(&[("", &[("version", "v2"), ("tag:canary", "true")])]);
+        assert!(sel(&[]).matches(&e[0]), "an empty subset is everything");
+        assert!(sel(&[("version", "v2")]).matches(&e[0]));
+        assert!(sel(&[("version", "v2"), ("tag:canary", "true")]).matches(&e[0]));
+        assert!(!sel(&[("version", "v1")]).matches(&e[0]));
+        assert!(
+            !sel(&[("version", "v2"), ("x", "")]).matches(&e[0]),
+            "absent ≠ empty"
+        );
+        assert!(!sel(&[("Version", "v2")]).matches(&e[0]), "keys are exact");
+        assert_eq!(
+            sel(&[("version", "v2"), ("a", "b")]).describe(),
+            "a=b,version=v2"
+        );
+    }
+
+    fn settings(selector: Selector, fallback: Fallback) -> SubsetSettings {
+        SubsetSettings {
+            selector,
+            fallback,
+            zone: ZoneSettings::default(),
+        }
+    }
+
+    #[test]
+    fn a_subset_gets_only_its_endpoints_and_fallback_decides_when_it_is_empty() {
+        let spec = Spec::round_robin();
+        let mut all = eps(&[
+            ("", &[("version", "v1")]),
+            ("", &[("version", "v2")]),
+            ("", &[("version", "v2")]),
+        ]);
+        let b = spec.build(&all);
+        let m = UpstreamMetrics::new("subset-test");
+        let s = Subsets::build(
+            &spec,
+            &all,
+            &settings(sel(&[("version", "v2")]), Fallback::None),
+            &[],
+        );
+        let got = ports(
+            s.picks((&all, b.as_ref()), None, testing::ctx(), &m)
+                .unwrap(),
+        );
+        assert_eq!(got, vec![20_001, 20_002]);
+        // One endpoint in the subset, one state: the target holds the upstream's own.
+        assert!(Arc::ptr_eq(
+            &s.primary.as_ref().unwrap().group.endpoints[0].state,
+            &all[1].state
+        ));
+
+        for e in &mut all[1..] {
+            e.healthy = false;
+        }
+        let b = spec.build(&all);
+        for (fallback, want) in [
+            (Fallback::Any, Ok(vec![20_000])),
+            (
+                Fallback::Subset(sel(&[("version", "v1")])),
+                Ok(vec![20_000]),
+            ),
+            (Fallback::None, Err(Unavailable("subset version=v2".into()))),
+        ] {
+            let s = Subsets::build(
+                &spec,
+                &all,
+                &settings(sel(&[("version", "v2")]), fallback.clone()),
+                &[],
+            );
+            let got = s
+                .picks((&all, b.as_ref()), None, testing::ctx(), &m)
+                .map(ports);
+            assert_eq!(got, want, "{fallback:?}");
+        }
+    }
+
+    #[test]
+    fn a_header_value_picks_its_subset_and_an_unknown_one_follows_fallback() {
+        let spec = Spec::round_robin();
+        let all = eps(&[
+            ("", &[("version", "v1")]),
+            ("", &[("version", "v2")]),
+            ("", &[]),
+        ]);
+        let b = spec.build(&all);
+        let m = UpstreamMetrics::new("subset-test");
+        let s = Subsets::build(
+            &spec,
+            &all,
+            &settings(sel(&[]), Fallback::None),
+            &["version"],
+        );
+        let pick = |h| {
+            s.picks((&all, b.as_ref()), h, testing::ctx(), &m)
+                .map(ports)
+        };
+        assert_eq!(pick(Some(("version", "v2"))), Ok(vec![20_001]));
+        assert_eq!(pick(Some(("version", "v1"))), Ok(vec![20_000]));
+        assert_eq!(
+            pick(None),
+            Ok(vec![20_000, 20_001, 20_002]),
+            "no header: the default"
+        );
+        assert_eq!(
+            pick(Some(("version", "v9"))),
+            Err(Unavailable("subset version=v9".into()))
+        );
+        let s = Subsets::build(
+            &spec,
+            &all,
+            &settings(sel(&[]), Fallback::Any),
+            &["version"],
+        );
+        let got = s
+            .picks(
+                (&all, b.as_ref()),
+                Some(("version", "v9")),
+                testing::ctx(),
+                &m,
+            )
+            .map(ports);
+        assert_eq!(got, Ok(vec![20_000, 20_001, 20_002]));
+    }
+
+    fn zoned(mode: ZoneMode) -> SubsetSettings {
+        SubsetSettings {
+            zone: ZoneSettings {
+                mode,
+                local: Some("a".into()),
+                min_share: zone::DEFAULT_ZONE_MIN_SHARE,
+            },
+            ..Default::default()
+        }
+    }
+
+    fn nine() -> Vec<Endpoint> {
+        eps(&[
+            ("a", &[]),
+            ("a", &[]),
+            ("a", &[]),
+            ("b", &[]),
+            ("b", &[]),
+            ("b", &[]),
+            ("c", &[]),
+            ("c", &[]),
+            ("c", &[]),
+        ])
+    }
+
+    /// Zones through the groups: all local while the local zone is whole; 2 of 3 local ejected
+    /// → after a refresh the first picks follow 3/7, 2/7, 2/7; every pick list still reaches
+    /// every usable endpoint once (prefer), or stays local (strict).
+    #[test]
+    fn zone_groups_start_local_and_spill_by_the_shares() {
+        let spec = Spec::round_robin();
+        let all = nine();
+        let b = spec.build(&all);
+        let m = UpstreamMetrics::new("zone-test");
+        let s = Subsets::build(&spec, &all, &zoned(ZoneMode::Prefer), &[]);
+        let firsts = |n: usize| {
+            let mut by = [0usize; 3];
+            for _ in 0..n {
+                let mut p = s
+                    .picks((&all, b.as_ref()), None, testing::ctx(), &m)
+                    .unwrap();
+                let e = p.next().unwrap();
+                by[(e.authority.port_u16().unwrap() - 20_000) as usize / 3] += 1;
+            }
+            by
+        };
+        assert_eq!(firsts(1_000), [1_000, 0, 0]);
+        let p = s
+            .picks((&all, b.as_ref()), None, testing::ctx(), &m)
+            .unwrap();
+        assert_eq!(
+            ports(p).len(),
+            9,
+            "prefer goes on to every zone, each endpoint once"
+        );
+        // Eject two local endpoints (by the agent's health), then sweep.
+        for e in &all[..2] {
+            for _ in 0..5 {
+                crate::health::passive::record(
+                    &e.state.health,
+                    &Default::default(),
+                    crate::health::Outcome::Failure,
+                    crate::clock::now_ms(),
+                    || (0, 9),
+                );
+            }
+            assert!(e.state.health.ejected());
+        }
+        s.refresh();
+        let shares: Vec<f64> = s.zone_shares().into_iter().map(|(_, x)| x).collect();
+        for (got, want) in shares.iter().zip([3.0 / 7.0, 2.0 / 7.0, 2.0 / 7.0]) {
+            assert!((got - want).abs() < 1e-6, "{shares:?}");
+        }
+        let by = firsts(14_000);
+        for (got, want) in by.iter().zip([6_000.0, 4_000.0, 4_000.0]) {
+            assert!((*got as f64 - want).abs() < 400.0, "{by:?}");
+        }
+        // Strict: only the local endpoint left; none → the error names the zone.
+        let s = Subsets::build(&spec, &all, &zoned(ZoneMode::Strict), &[]);
+        let p = s
+            .picks((&all, b.as_ref()), None, testing::ctx(), &m)
+            .unwrap();
+        assert_eq!(ports(p), vec![20_002]);
+        let mut gone = all.clone();
+        for e in &mut gone[..3] {
+            e.healthy = false;
+        }
+        let b = spec.build(&gone);
+        let s = Subsets::build(&spec, &gone, &zoned(ZoneMode::Strict), &[]);
+        assert_eq!(
+            s.picks((&gone, b.as_ref()), None, testing::ctx(), &m).err(),
+            Some(Unavailable("zone a".into()))
+        );
+    }
+}
