@@ -120,10 +120,22 @@ fn metrics_record(c: &mut Criterion) {
     let m = UpstreamMetrics::new("bench");
     let mut g = c.benchmark_group("metrics");
     g.bench_function("request_200", |bench| {
-        bench.iter(|| m.request(black_box(200), black_box(Duration::from_micros(850))))
+        bench.iter(|| {
+            m.request(
+                black_box(edge_agent::metrics::Protocol::Http1),
+                black_box(200),
+                black_box(Duration::from_micros(850)),
+            )
+        })
     });
     g.bench_function("request_503", |bench| {
-        bench.iter(|| m.request(black_box(503), black_box(Duration::from_micros(850))))
+        bench.iter(|| {
+            m.request(
+                black_box(edge_agent::metrics::Protocol::Http1),
+                black_box(503),
+                black_box(Duration::from_micros(850)),
+            )
+        })
     });
     g.finish();
 }

@@ -11,7 +11,7 @@
 //! own layer, so no two units import each other (`tests/layers.rs` fails on a cycle):
 //!
 //! ```text
-//! 1  clock  rng  breaker  error  framing  metrics  access_log  guard  state_file  tls   leaves
+//! 1  clock  rng  breaker  error  framing  metrics  access_log  guard  state_file  tls  h2server  grpc   leaves
 //! 2  load  dial  pool  health/{passive,active}        per-endpoint measures and connections
 //! 3  endpoint                                         Endpoint, EndpointState, Attempt
 //! 4  balancer/{roundrobin,chash,ewma,least_conn}      Spec, Kind, REGISTRY, Candidates
@@ -38,7 +38,9 @@ pub mod dial;
 pub mod endpoint;
 pub mod error;
 pub mod framing;
+pub mod grpc;
 pub mod guard;
+pub mod h2server;
 pub mod health;
 pub mod load;
 pub mod metrics;

@@ -38,6 +38,42 @@ const COMMON: [u16; 16] = [
     200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 429, 500, 502, 503, 504,
 ];
 
+/// The client side's protocol: the `protocol` label of `edge_agent_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.0 or HTTP/1.1.
+    Http1,
+    /// HTTP/2 (cleartext), other than gRPC.
+    H2,
+    /// gRPC (`content-type: application/grpc…`), whatever the HTTP version.
+    Grpc,
+    /// A WebSocket (or other HTTP/1.1 Upgrade) handshake.
+    Websocket,
+}
+
+impl Protocol {
+    /// Every value, in the order of their index.
+    pub const ALL: [Protocol; 4] = [
+        Protocol::Http1,
+        Protocol::H2,
+        Protocol::Grpc,
+        Protocol::Websocket,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2 => "h2",
+            Protocol::Grpc => "grpc",
+            Protocol::Websocket => "websocket",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// How often histogram samples are folded into their buckets. The recorder keeps every sample
@@ -75,7 +111,10 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
-    metrics::describe_counter!(REQUESTS_TOTAL, "Proxied requests by upstream and status.");
+    metrics::describe_counter!(
+        REQUESTS_TOTAL,
+        "Proxied requests by upstream, status and the client's protocol."
+    );
     metrics::describe_histogram!(
         REQUEST_DURATION,
         metrics::Unit::Seconds,
@@ -168,7 +207,7 @@ pub struct UpstreamMetrics {
     chash_fallback: Counter,
     zone_spill: Counter,
     subset_fallback: Counter,
-    by_status: [OnceLock<Counter>; COMMON.len()],
+    by_status: [[OnceLock<Counter>; COMMON.len()]; Protocol::ALL.len()],
 }
 
 impl UpstreamMetrics {
@@ -187,18 +226,18 @@ impl UpstreamMetrics {
     }
 
     /// Records one finished request.
-    pub fn request(&self, status: u16, elapsed: Duration) {
+    pub fn request(&self, protocol: Protocol, status: u16, elapsed: Duration) {
         self.duration.record(elapsed.as_secs_f64());
         match COMMON.iter().position(|&c| c == status) {
-            Some(i) => self.by_status[i]
-                .get_or_init(|| self.status_counter(status))
+            Some(i) => self.by_status[protocol.index()][i]
+                .get_or_init(|| self.status_counter(protocol, status))
                 .increment(1),
-            None => self.status_counter(status).increment(1),
+            None => self.status_counter(protocol, status).increment(1),
         }
     }
 
-    fn status_counter(&self, status: u16) -> Counter {
-        metrics::counter!(REQUESTS_TOTAL, "upstream" => self.upstream.clone(), "status" => status.to_string())
+    fn status_counter(&self, protocol: Protocol, status: u16) -> Counter {
+        metrics::counter!(REQUESTS_TOTAL, "upstream" => self.upstream.clone(), "status" => status.to_string(), "protocol" => protocol.as_str())
     }
 
     pub fn retry(&self) {
@@ -242,8 +281,8 @@ impl UpstreamMetrics {
 }
 
 /// Records requests that matched no upstream (404) or failed before one was chosen.
-pub fn unrouted(status: u16) {
-    metrics::counter!(REQUESTS_TOTAL, "upstream" => "", "status" => status.to_string())
+pub fn unrouted(protocol: Protocol, status: u16) {
+    metrics::counter!(REQUESTS_TOTAL, "upstream" => "", "status" => status.to_string(), "protocol" => protocol.as_str())
         .increment(1);
 }
 
@@ -256,7 +295,7 @@ mod tests {
     fn every_metric_has_help_text() {
         let handle = install();
         let m = UpstreamMetrics::new("help-test");
-        m.request(200, Duration::from_millis(1));
+        m.request(Protocol::Http1, 200, Duration::from_millis(1));
         m.retry();
         m.ejection();
         m.retry_budget_exhausted();

@@ -40,6 +40,7 @@ use crate::clock;
 use crate::endpoint::{Attempt, Endpoint, InFlight};
 use crate::error::{FramingError, ProxyError, Sent};
 use crate::framing::{self, BodyFault, ClientBody, Limits};
+use crate::grpc;
 use crate::health::Outcome;
 use crate::metrics as m;
 use crate::pool::{self, ReqBody};
@@ -133,16 +134,20 @@ impl Proxy {
         start: Instant,
         tried: &mut Tried,
     ) -> Response<RespBody> {
+        let protocol = client_protocol(&req);
         if let Err(e) = framing::check_request_head(&req, &self.limits) {
             tracing::debug!(error = %e, "request refused");
             let e = ProxyError::from(e);
-            m::unrouted(e.status().as_u16());
-            return refusal(&e, "");
+            m::unrouted(protocol, e.status().as_u16());
+            return refusal(&e, "", protocol);
         }
         let (upstream, strip, subset_header) = match self.route(&req, peer).await {
             Ok(r) => r,
             Err(body) => {
-                m::unrouted(404);
+                m::unrouted(protocol, 404);
+                if protocol == m::Protocol::Grpc {
+                    return grpc_error(grpc::UNIMPLEMENTED, &body);
+                }
                 return text(StatusCode::NOT_FOUND, body);
             }
         };
@@ -162,8 +167,11 @@ impl Proxy {
                     resp
                 }),
         };
-        let resp = match resp {
-            Ok(resp) => resp,
+        let (resp, status) = match resp {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                (resp, status)
+            }
             Err(e) => {
                 match e {
                     ProxyError::NoEndpoint | ProxyError::Unavailable(_) => {
@@ -173,13 +181,15 @@ impl Proxy {
                     _ => {}
                 }
                 tracing::debug!(upstream = %upstream.id, error = %crate::error::chain(&e), "request failed");
-                refusal(&e, &upstream.id)
+                // A gRPC-shaped error is an HTTP 200; the metric keeps the HTTP status it
+                // stands for.
+                (refusal(&e, &upstream.id, protocol), e.status().as_u16())
             }
         };
         upstream
             .runtime
             .metrics
-            .request(resp.status().as_u16(), start.elapsed());
+            .request(protocol, status, start.elapsed());
         resp
     }
 
@@ -322,8 +332,12 @@ impl Proxy {
                 parts.headers.clone()
             };
             if !out.headers().contains_key(header::HOST) {
-                out.headers_mut()
-                    .insert(header::HOST, authority_header(&ep.authority));
+                // HTTP/2 names the service in `:authority`; HTTP/1.0 may name none.
+                let host = match parts.uri.authority() {
+                    Some(a) => authority_header(a),
+                    None => authority_header(&ep.authority),
+                };
+                out.headers_mut().insert(header::HOST, host);
             }
             let try_ = Attempt::start(ep, &feedback);
             tried.start(attempt, &ep.authority);
@@ -525,7 +539,8 @@ impl Body for UpstreamBody {
     }
 }
 
-/// A `Host` header naming the endpoint, for a request that came without one (HTTP/1.0).
+/// A `Host` header for a request that came without one: the HTTP/2 `:authority`, or the
+/// endpoint (HTTP/1.0).
 fn authority_header(a: &http::uri::Authority) -> HeaderValue {
     HeaderValue::from_str(a.as_str()).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
@@ -630,8 +645,26 @@ fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
 }
 
 /// The error response for `e`; a refused framing also closes the connection, since the
-/// client's idea of where the next request starts cannot be trusted.
-fn refusal(e: &ProxyError, upstream: &str) -> Response<RespBody> {
+/// client's idea of where the next request starts cannot be trusted. A gRPC call's upstream
+/// errors are gRPC-shaped (`grpc.rs`).
+fn refusal(e: &ProxyError, upstream: &str, protocol: m::Protocol) -> Response<RespBody> {
+    if protocol == m::Protocol::Grpc {
+        let code = match e {
+            ProxyError::Timeout => Some(grpc::DEADLINE_EXCEEDED),
+            ProxyError::NoEndpoint | ProxyError::Connect { .. } | ProxyError::Upstream { .. } => {
+                Some(grpc::UNAVAILABLE)
+            }
+            _ => None,
+        };
+        if let Some(code) = code {
+            return grpc_error(code, &e.body(upstream));
+        }
+        if let ProxyError::Overflow(limit) = e {
+            let mut resp = grpc_error(grpc::UNAVAILABLE, &e.body(upstream));
+            mark_overflow(&mut resp, *limit);
+            return resp;
+        }
+    }
     let mut resp = text(e.status(), e.body(upstream));
     match e {
         ProxyError::Framing(_) => {
@@ -642,6 +675,24 @@ fn refusal(e: &ProxyError, upstream: &str) -> Response<RespBody> {
         _ => {}
     }
     resp
+}
+
+/// A gRPC trailers-only error answer: HTTP 200, no body, `grpc-status` and `grpc-message`.
+fn grpc_error(code: u16, message: &str) -> Response<RespBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    *resp.headers_mut() = grpc::error_headers(code, message);
+    resp
+}
+
+/// The client side's protocol, for the `protocol` metric label.
+fn client_protocol<B>(req: &Request<B>) -> m::Protocol {
+    if grpc::is_grpc(req.headers()) {
+        m::Protocol::Grpc
+    } else if req.version() == http::Version::HTTP_2 {
+        m::Protocol::H2
+    } else {
+        m::Protocol::Http1
+    }
 }
 
 /// Names the circuit breaker a response ran into: `x-edge-agent-overflow: <limit>`.

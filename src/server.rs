@@ -6,14 +6,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::admin::Admin;
+use crate::h2server::{self, Detected, ResetGuard};
 use crate::proxy::{Peer, Proxy};
 
 /// A client has this long to send a request's headers (slowloris guard).
@@ -35,6 +36,19 @@ fn builder() -> http1::Builder {
         .max_header_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS)
         .keep_alive(true);
+    b
+}
+
+/// The HTTP/2 server, with the limits of `h2server.rs`.
+fn h2_builder() -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(h2server::MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(h2server::MAX_HEADER_LIST_SIZE)
+        .max_pending_accept_reset_streams(h2server::MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(h2server::MAX_LOCAL_ERROR_RESET_STREAMS)
+        .keep_alive_interval(h2server::KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(h2server::KEEP_ALIVE_TIMEOUT);
     b
 }
 
@@ -72,13 +86,49 @@ pub async fn serve_proxy(
                 let _ = stream.set_nodelay(true);
                 let peer = Peer::new(remote);
                 let proxy = proxy.clone();
-                let svc = service_fn(move |req| {
-                    let proxy = proxy.clone();
-                    let peer = peer.clone();
-                    async move { proxy.handle(req, &peer).await }
-                });
-                let conn = builder().serve_connection(TokioIo::new(stream), svc);
-                spawn_conn(graceful.watch(conn), remote, Some(open.clone()));
+                let watcher = graceful.watcher();
+                let conn = async move {
+                    // The preface (or its absence) must come as quickly as a request head.
+                    let detected =
+                        tokio::time::timeout(HEADER_READ_TIMEOUT, h2server::detect(stream)).await;
+                    let Ok(Ok((proto, io))) = detected else {
+                        return Ok(());
+                    };
+                    let io = TokioIo::new(io);
+                    match proto {
+                        Detected::Http1 => {
+                            let svc = service_fn(move |req| {
+                                let proxy = proxy.clone();
+                                let peer = peer.clone();
+                                async move { proxy.handle(req, &peer).await }
+                            });
+                            watcher.watch(builder().serve_connection(io, svc)).await
+                        }
+                        Detected::Http2 => {
+                            let guard = Arc::new(ResetGuard::default());
+                            let g = guard.clone();
+                            let svc = service_fn(move |req| {
+                                let proxy = proxy.clone();
+                                let peer = peer.clone();
+                                let served = g.serving();
+                                async move {
+                                    let resp = proxy.handle(req, &peer).await;
+                                    served.done();
+                                    resp
+                                }
+                            });
+                            let conn = watcher.watch(h2_builder().serve_connection(io, svc));
+                            tokio::select! {
+                                r = conn => r,
+                                _ = guard.tripped() => {
+                                    tracing::warn!(%remote, max = h2server::MAX_CANCELLED_PER_SEC, "HTTP/2 client cancelled too many requests in a second: connection closed");
+                                    Ok(())
+                                }
+                            }
+                        }
+                    }
+                };
+                spawn_conn(conn, remote, Some(open.clone()));
             }
             _ = shutdown.changed() => break,
         }

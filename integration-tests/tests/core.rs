@@ -363,7 +363,7 @@ async fn admin_shows_the_traffic() {
     }
     let m = agent.metrics().await;
     for needle in [
-        "edge_agent_requests_total{upstream=\"svc\",status=\"200\"} 7",
+        "edge_agent_requests_total{upstream=\"svc\",status=\"200\",protocol=\"http1\"} 7",
         "edge_agent_request_duration_seconds_count{upstream=\"svc\"} 7",
         "edge_agent_endpoints{upstream=\"svc\",state=\"healthy\"} 1",
         "edge_agent_discovery_updates_total{source=\"file\"}",
