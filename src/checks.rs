@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock;
-use crate::health::{active, passive};
+use crate::health::{active, outlier, passive};
 use crate::metrics as m;
 use crate::state::State;
+use crate::upstream::Upstream;
 
 /// How often ejections are expired and panic flags recomputed.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
@@ -38,6 +39,7 @@ pub fn sweep(state: &State, now: u64) {
         }
         // Zone shares follow availability between rebuilds (`subset.rs`).
         up.subsets.refresh();
+        outliers(up, now);
         let threshold = up.settings().passive.panic_threshold as usize;
         let panic = eligible > 0 && healthy * 100 < threshold * eligible;
         if up.runtime.panic.swap(panic, Ordering::Relaxed) != panic {
@@ -51,6 +53,81 @@ pub fn sweep(state: &State, now: u64) {
             } else {
                 0.0
             });
+        }
+    }
+}
+
+/// Every `interval` of the upstream's passive settings: takes each endpoint's window of tries
+/// and ejects the outliers the success-rate and failure-percentage detectors find
+/// (`health/outlier.rs`), each logged with the detector and its numbers.
+fn outliers(up: &Upstream, now: u64) {
+    let p = &up.settings().passive;
+    if !p.enabled || (p.success_rate.is_none() && p.failure_percentage.is_none()) {
+        return;
+    }
+    let due = &up.runtime.outliers_due_ms;
+    let at = due.load(Ordering::Relaxed);
+    if at == 0 {
+        // The first window starts now.
+        due.store(now + p.interval.as_millis() as u64, Ordering::Relaxed);
+        for ep in up.endpoints.iter() {
+            ep.state.health.take_window();
+        }
+        return;
+    }
+    if now < at {
+        return;
+    }
+    due.store(now + p.interval.as_millis() as u64, Ordering::Relaxed);
+    let samples: Vec<Option<outlier::Sample>> = up
+        .endpoints
+        .iter()
+        .map(|ep| {
+            let s = ep.state.health.take_window();
+            (!ep.state.health.ejected()).then_some(s)
+        })
+        .collect();
+    for (i, finding) in outlier::evaluate(
+        &samples,
+        p.success_rate.as_ref(),
+        p.failure_percentage.as_ref(),
+    ) {
+        let ep = &up.endpoints[i];
+        let h = &ep.state.health;
+        let share = || {
+            let ejected = up
+                .endpoints
+                .iter()
+                .filter(|e| e.state.health.ejected())
+                .count();
+            (ejected, up.endpoints.len())
+        };
+        let s = samples[i].unwrap_or_default();
+        let detector = match finding {
+            outlier::Finding::SuccessRate { .. } => passive::Detector::SuccessRate,
+            outlier::Finding::FailurePercentage { .. } => passive::Detector::FailurePercentage,
+        };
+        match passive::eject(h, p, now, share, detector, s.failures) {
+            passive::Verdict::Ejected { nth, time, .. } => {
+                up.runtime.metrics.ejection();
+                match finding {
+                    outlier::Finding::SuccessRate {
+                        rate,
+                        mean,
+                        stdev,
+                        threshold,
+                    } => {
+                        tracing::warn!(upstream = %up.id, endpoint = %ep.authority, detector = detector.name(), requests = s.requests, failures = s.failures, success_rate = rate, mean, stdev, threshold, ejection = nth, for_ms = time.as_millis() as u64, "endpoint ejected");
+                    }
+                    outlier::Finding::FailurePercentage { percent, threshold } => {
+                        tracing::warn!(upstream = %up.id, endpoint = %ep.authority, detector = detector.name(), requests = s.requests, failures = s.failures, failure_percent = percent, threshold, ejection = nth, for_ms = time.as_millis() as u64, "endpoint ejected");
+                    }
+                }
+            }
+            passive::Verdict::Capped { .. } => {
+                tracing::debug!(upstream = %up.id, endpoint = %ep.authority, detector = detector.name(), "not ejected: max_ejection_percent reached");
+            }
+            passive::Verdict::Noted => {}
         }
     }
 }
@@ -173,6 +250,63 @@ mod tests {
         assert!(until > 9_000 && until <= 10_000, "{until}");
         sweep(&state, clock::now_ms() + 10_001);
         assert!(up.endpoints.iter().all(|e| !e.state.health.ejected()));
+    }
+
+    /// #17: one endpoint of five failing 30 % of its tries (never 5 in a row) is ejected by
+    /// the success-rate detector at the end of the interval, not before; the others stay.
+    #[test]
+    fn success_rate_ejects_the_outlier_at_the_end_of_the_interval() {
+        let mut s = passive(5, 10, 100, 50);
+        s.passive.interval = Duration::from_secs(10);
+        let (_c, state) = setup(5, s);
+        let up = upstream(&state);
+        let t0 = clock::now_ms();
+        sweep(&state, t0); // opens the first window
+        let fb = up.feedback();
+        for round in 0..100 {
+            for (i, ep) in up.endpoints.iter().enumerate() {
+                let outcome = if i == 4 && round % 10 < 3 {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                };
+                drop(Attempt::start(ep, &fb).finish(outcome));
+            }
+        }
+        let ejected = |up: &Upstream| -> Vec<bool> {
+            up.endpoints
+                .iter()
+                .map(|e| e.state.health.ejected())
+                .collect()
+        };
+        assert_eq!(ejected(&up), vec![false; 5], "3 in a row never reach 5");
+        sweep(&state, t0 + 5_000);
+        assert_eq!(ejected(&up), vec![false; 5], "the interval is not over");
+        sweep(&state, t0 + 10_000);
+        assert_eq!(ejected(&up), vec![false, false, false, false, true]);
+        // Before the next interval ends nothing is looked at again; the 10 s ejection holds.
+        sweep(&state, t0 + 19_999);
+        assert_eq!(ejected(&up).iter().filter(|e| **e).count(), 1);
+    }
+
+    #[test]
+    fn consecutive_gateway_failures_count_only_gateway_failures() {
+        let mut s = passive(100, 10, 100, 50);
+        s.passive.consecutive_gateway_failures = Some(3);
+        s.passive.success_rate = None;
+        let (_c, state) = setup(2, s);
+        let up = upstream(&state);
+        let fb = up.feedback();
+        let ep = &up.endpoints[0];
+        let run = |o: Outcome| drop(Attempt::start(ep, &fb).finish(o));
+        run(Outcome::GatewayFailure);
+        run(Outcome::GatewayFailure);
+        run(Outcome::Failure); // a plain 500 breaks the run
+        run(Outcome::GatewayFailure);
+        run(Outcome::GatewayFailure);
+        assert!(!ep.state.health.ejected());
+        run(Outcome::GatewayFailure);
+        assert!(ep.state.health.ejected(), "three gateway failures in a row");
     }
 
     #[test]

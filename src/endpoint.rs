@@ -123,7 +123,7 @@ impl<'a> Attempt<'a> {
         let rtt = self.started.elapsed();
         match outcome {
             Outcome::Success => state.ewma.observe(rtt, now, fb.decay),
-            Outcome::Failure => {
+            Outcome::Failure | Outcome::GatewayFailure => {
                 state.failures.fetch_add(1, Ordering::Relaxed);
                 state.ewma.failure(rtt, now, fb.decay);
             }
@@ -145,12 +145,13 @@ impl<'a> Attempt<'a> {
                 tracing::debug!(upstream = fb.upstream, endpoint = %ep.authority, failures, "not ejected: max_ejection_percent reached");
             }
             Verdict::Ejected {
+                detector,
                 failures,
                 nth,
                 time,
             } => {
                 fb.metrics.ejection();
-                tracing::warn!(upstream = fb.upstream, endpoint = %ep.authority, failures, ejection = nth, for_ms = time.as_millis() as u64, "endpoint ejected");
+                tracing::warn!(upstream = fb.upstream, endpoint = %ep.authority, detector = detector.name(), failures, ejection = nth, for_ms = time.as_millis() as u64, "endpoint ejected");
             }
         }
         self.in_flight

@@ -368,7 +368,11 @@ impl Proxy {
                     ) {
                         Outcome::Backoff(d)
                     } else if settings.passive.failed_status(status) {
-                        Outcome::Failure
+                        if matches!(status, 502..=504) {
+                            Outcome::GatewayFailure
+                        } else {
+                            Outcome::Failure
+                        }
                     } else {
                         Outcome::Success
                     };
@@ -399,7 +403,7 @@ impl Proxy {
                         drop(try_);
                         return Err(e);
                     }
-                    drop(try_.finish(Outcome::Failure));
+                    drop(try_.finish(Outcome::GatewayFailure));
                     if let Some(kind) = e.upstream_kind() {
                         runtime.metrics.upstream_error(kind);
                     }

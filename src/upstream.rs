@@ -99,6 +99,9 @@ pub struct UpstreamRuntime {
     pub metrics: UpstreamMetrics,
     /// Panic mode (set by the health sweeper, `checks.rs`).
     pub panic: AtomicBool,
+    /// When the interval outlier detectors next run (`checks.rs`), in `clock::now_ms` time; 0
+    /// until the sweeper first sees the upstream.
+    pub outliers_due_ms: AtomicU64,
     /// Requests routed to the upstream (tells on-demand sources it is in use).
     pub requests: AtomicU64,
     pub retry_budget: RetryBudget,
@@ -118,6 +121,7 @@ impl UpstreamRuntime {
             settings,
             metrics: UpstreamMetrics::new(id),
             panic: AtomicBool::new(false),
+            outliers_due_ms: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             retry_budget: RetryBudget::default(),
             requests_in_flight: Gate::default(),

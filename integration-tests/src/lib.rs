@@ -87,6 +87,9 @@ pub struct Behaviour {
     pub delay: Duration,
     /// Extra response headers.
     pub headers: Vec<(String, String)>,
+    /// `(k, n)`: answer 500 to the first `k` of every `n` requests (a failure share, never
+    /// more than `k` in a row), else `status`.
+    pub fail_pattern: Option<(u64, u64)>,
 }
 
 impl Default for Behaviour {
@@ -95,6 +98,7 @@ impl Default for Behaviour {
             status: 200,
             delay: Duration::ZERO,
             headers: Vec::new(),
+            fail_pattern: None,
         }
     }
 }
@@ -143,8 +147,12 @@ impl Backend {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let (h, b, lh, n) = (h.clone(), b.clone(), lh.clone(), n.clone());
                         async move {
-                            h.fetch_add(1, Ordering::SeqCst);
+                            let nth = h.fetch_add(1, Ordering::SeqCst);
                             let beh = b.lock().unwrap().clone();
+                            let status = match beh.fail_pattern {
+                                Some((k, n)) if n > 0 && nth % n < k => 500,
+                                _ => beh.status,
+                            };
                             *lh.lock().unwrap() = req
                                 .headers()
                                 .iter()
@@ -155,7 +163,7 @@ impl Backend {
                             }
                             let body = format!("{n} {}", req.uri());
                             let mut resp = Response::builder()
-                                .status(beh.status)
+                                .status(status)
                                 .header("x-backend", n.as_str());
                             for (k, v) in &beh.headers {
                                 resp = resp.header(k.as_str(), v.as_str());

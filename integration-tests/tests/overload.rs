@@ -157,3 +157,100 @@ async fn max_connections_queues_up_to_max_pending_then_refuses() {
         "{m}"
     );
 }
+
+/// Five backends, one failing 30 % of its requests (never more than 3 in a row): ejected by the
+/// detector under test, not by consecutive failures; clients see no error (retries).
+async fn an_outlier_is_ejected_by(passive: &str, detector: &str) {
+    let mut backends = Vec::new();
+    for i in 0..4 {
+        backends.push(Backend::start(&format!("ok{i}")).await);
+    }
+    let bad = Backend::start_with(
+        "bad",
+        Behaviour {
+            fail_pattern: Some((3, 10)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut set: Vec<_> = backends.iter().map(|b| (b.addr, 1)).collect();
+    set.push((bad.addr, 1));
+    let s = setup(
+        &format!("[[upstream]]\nid = \"svc\"\nretries = 2\n[upstream.checks.passive]\ninterval = \"1s\"\n{passive}"),
+        &[("svc", &set)],
+    )
+    .await;
+    let started = Instant::now();
+    let mut sent = 0;
+    let ejected = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not ejected after {sent} requests; bad saw {}",
+            bad.hits()
+        );
+        for _ in 0..50 {
+            let (status, _, _) = s.agent.get("svc", "/").await;
+            assert_eq!(status, 200);
+            sent += 1;
+        }
+        let u = s.agent.upstreams().await;
+        let e = u["upstreams"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["address"] == bad.addr.to_string().as_str())
+            .cloned()
+            .unwrap();
+        if e["ejected"] == true {
+            break e;
+        }
+    };
+    eprintln!(
+        "{detector}: bad ejected after {sent} requests ({} to it) in {:?}",
+        bad.hits(),
+        started.elapsed()
+    );
+    assert_eq!(ejected["consecutive_failures"], 0, "{ejected}");
+    let log = s.agent.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("endpoint ejected"))
+        .unwrap_or_else(|| panic!("no ejection logged:\n{log}"));
+    assert!(
+        line.contains(&format!("detector=\"{detector}\""))
+            || line.contains(&format!("detector={detector}")),
+        "{line}"
+    );
+    assert!(
+        !log.contains("detector=\"consecutive_failures\"")
+            && !log.contains("detector=consecutive_failures"),
+        "{log}"
+    );
+    // Only the bad one.
+    let u = s.agent.upstreams().await;
+    let out = u["upstreams"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["ejected"] == true)
+        .count();
+    assert_eq!(out, 1, "{u}");
+}
+
+#[tokio::test]
+async fn success_rate_ejects_an_endpoint_failing_30_percent() {
+    an_outlier_is_ejected_by(
+        "[upstream.checks.passive.success_rate]\nrequest_volume = 20\n",
+        "success_rate",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn failure_percentage_ejects_an_endpoint_failing_30_percent() {
+    an_outlier_is_ejected_by(
+        "[upstream.checks.passive.success_rate]\nenabled = false\n[upstream.checks.passive.failure_percentage]\nthreshold = 20\nrequest_volume = 20\n",
+        "failure_percentage",
+    )
+    .await;
+}

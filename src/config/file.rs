@@ -107,6 +107,32 @@ pub struct PassiveFile {
     pub max_ejection_time: Option<String>,
     pub max_ejection_percent: Option<u32>,
     pub panic_threshold: Option<u32>,
+    /// Consecutive 502/503/504 and connect errors that eject (off unless set).
+    pub consecutive_gateway_failures: Option<u32>,
+    /// How often the success-rate and failure-percentage detectors run.
+    pub interval: Option<String>,
+    pub success_rate: Option<SuccessRateFile>,
+    pub failure_percentage: Option<FailurePercentageFile>,
+}
+
+/// `[upstream.checks.passive.success_rate]`: on by default.
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SuccessRateFile {
+    pub enabled: Option<bool>,
+    pub minimum_hosts: Option<u32>,
+    pub request_volume: Option<u32>,
+    pub stdev_factor: Option<f64>,
+}
+
+/// `[upstream.checks.passive.failure_percentage]`: on when the table is given.
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FailurePercentageFile {
+    pub enabled: Option<bool>,
+    pub threshold: Option<u32>,
+    pub minimum_hosts: Option<u32>,
+    pub request_volume: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Clone, Default)]

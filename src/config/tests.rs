@@ -364,3 +364,84 @@ subset_from_header = { key = "version" }
     let e = err_of("[[upstream]]\nid = \"a\"\n[[route]]\nhost = \"x\"\n");
     assert!(e.contains("route[0]: give upstream or split"), "{e}");
 }
+
+#[test]
+fn outlier_detectors_are_read_and_bad_values_refused() {
+    let c = load_toml(
+        "[[upstream]]\nid = \"a\"\n[upstream.checks.passive]\ninterval = \"2s\"\nconsecutive_gateway_failures = 3\n[upstream.checks.passive.success_rate]\nstdev_factor = 1.5\nrequest_volume = 20\n[upstream.checks.passive.failure_percentage]\nthreshold = 40\n",
+    )
+    .unwrap();
+    let p = &c.dynamic.upstreams[0].settings.passive;
+    assert_eq!(p.interval, std::time::Duration::from_secs(2));
+    assert_eq!(p.consecutive_gateway_failures, Some(3));
+    let sr = p.success_rate.as_ref().unwrap();
+    assert_eq!(
+        (sr.stdev_factor, sr.request_volume, sr.minimum_hosts),
+        (1.5, 20, 5)
+    );
+    assert_eq!(p.failure_percentage.as_ref().unwrap().threshold, 40);
+    // Defaults: success rate on, failure percentage and gateway failures off.
+    let d = load_toml("[[upstream]]\nid = \"a\"\n")
+        .unwrap()
+        .dynamic
+        .upstreams[0]
+        .settings
+        .passive
+        .clone();
+    assert!(
+        d.success_rate.is_some()
+            && d.failure_percentage.is_none()
+            && d.consecutive_gateway_failures.is_none()
+    );
+    let off = load_toml(
+        "[[upstream]]\nid = \"a\"\n[upstream.checks.passive.success_rate]\nenabled = false\n",
+    )
+    .unwrap();
+    assert!(off.dynamic.upstreams[0]
+        .settings
+        .passive
+        .success_rate
+        .is_none());
+    for (table, line, want) in [
+        (
+            "success_rate",
+            "stdev_factor = 0.0",
+            "success_rate.stdev_factor = 0: must be greater than 0",
+        ),
+        (
+            "success_rate",
+            "stdev_factor = -1.0",
+            "success_rate.stdev_factor = -1: must be greater than 0",
+        ),
+        (
+            "success_rate",
+            "minimum_hosts = 0",
+            "success_rate.minimum_hosts = 0: must be at least 1",
+        ),
+        (
+            "failure_percentage",
+            "threshold = 101",
+            "failure_percentage.threshold = 101: a percentage",
+        ),
+        (
+            "failure_percentage",
+            "request_volume = 0",
+            "failure_percentage.request_volume = 0: must be at least 1",
+        ),
+    ] {
+        let e = err_of(&format!(
+            "[[upstream]]\nid = \"a\"\n[upstream.checks.passive.{table}]\n{line}\n"
+        ));
+        assert!(
+            e.contains(&format!("upstream[0].checks.passive.{want}")),
+            "{e}"
+        );
+    }
+    let e = err_of(
+        "[[upstream]]\nid = \"a\"\n[upstream.checks.passive]\nconsecutive_gateway_failures = 0\n",
+    );
+    assert!(
+        e.contains("upstream[0].checks.passive.consecutive_gateway_failures = 0"),
+        "{e}"
+    );
+}

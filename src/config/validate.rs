@@ -10,6 +10,7 @@ use super::*;
 use crate::balancer::{Options, Spec, SpecError};
 use crate::guard::GuardConfig;
 use crate::health::active::{self, ActiveHealth};
+use crate::health::outlier;
 use crate::health::passive::PassiveHealth;
 use crate::route::RouteConfig;
 use crate::upstream::{self as up, UpstreamConfig, UpstreamSettings};
@@ -445,9 +446,67 @@ fn passive(at: &str, p: &PassiveFile, errs: &mut Vec<String>) -> PassiveHealth {
             "{at}.max_ejection_time = {max:?}: shorter than base_ejection_time {base:?}"
         ));
     }
+    if p.consecutive_gateway_failures == Some(0) {
+        errs.push(format!(
+            "{at}.consecutive_gateway_failures = 0: must be at least 1"
+        ));
+    }
+    let interval = p
+        .interval
+        .as_ref()
+        .and_then(|v| duration(&format!("{at}.interval"), v, errs))
+        .unwrap_or(d.interval);
+    let success_rate = match &p.success_rate {
+        Some(f) if f.enabled == Some(false) => None,
+        Some(f) => {
+            let sr = outlier::SuccessRate::default();
+            let at = format!("{at}.success_rate");
+            if let Some(x) = f.stdev_factor.filter(|x| !(*x > 0.0 && x.is_finite())) {
+                errs.push(format!("{at}.stdev_factor = {x}: must be greater than 0"));
+            }
+            Some(outlier::SuccessRate {
+                minimum_hosts: at_least_one(&format!("{at}.minimum_hosts"), f.minimum_hosts, errs)
+                    .unwrap_or(sr.minimum_hosts),
+                request_volume: at_least_one(
+                    &format!("{at}.request_volume"),
+                    f.request_volume,
+                    errs,
+                )
+                .unwrap_or(sr.request_volume),
+                stdev_factor: f
+                    .stdev_factor
+                    .filter(|x| *x > 0.0)
+                    .unwrap_or(sr.stdev_factor),
+            })
+        }
+        None => d.success_rate.clone(),
+    };
+    let failure_percentage = match &p.failure_percentage {
+        Some(f) if f.enabled == Some(false) => None,
+        Some(f) => {
+            let fp = outlier::FailurePercentage::default();
+            let at = format!("{at}.failure_percentage");
+            Some(outlier::FailurePercentage {
+                threshold: percent(format!("{at}.threshold"), f.threshold, fp.threshold, errs),
+                minimum_hosts: at_least_one(&format!("{at}.minimum_hosts"), f.minimum_hosts, errs)
+                    .unwrap_or(fp.minimum_hosts),
+                request_volume: at_least_one(
+                    &format!("{at}.request_volume"),
+                    f.request_volume,
+                    errs,
+                )
+                .unwrap_or(fp.request_volume),
+            })
+        }
+        None => None,
+    };
     PassiveHealth {
         enabled: p.enabled.unwrap_or(true),
         consecutive_failures,
+        consecutive_gateway_failures: p.consecutive_gateway_failures.filter(|n| *n > 0),
+        interval,
+        success_rate,
+        failure_percentage,
         failure_statuses: statuses(format!("{at}.failure_statuses"), &p.failure_statuses, errs),
         base_ejection_time: base,
         max_ejection_time: max,
@@ -463,6 +522,17 @@ fn passive(at: &str, p: &PassiveFile, errs: &mut Vec<String>) -> PassiveHealth {
             d.panic_threshold,
             errs,
         ),
+    }
+}
+
+/// A count that must be at least 1; `None` when absent or refused.
+fn at_least_one(name: &str, v: Option<u32>, errs: &mut Vec<String>) -> Option<u32> {
+    match v {
+        Some(0) => {
+            errs.push(format!("{name} = 0: must be at least 1"));
+            None
+        }
+        v => v,
     }
 }
 

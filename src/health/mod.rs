@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 pub mod active;
+pub mod outlier;
 pub mod passive;
 
 /// Share of traffic a slow-starting endpoint gets at the start of its window.
@@ -38,6 +39,11 @@ pub const SLOW_START_MIN_SHARE: f64 = 0.1;
 #[derive(Debug)]
 pub struct Health {
     consecutive: AtomicU32,
+    /// Consecutive gateway failures (502/503/504, connect errors, timeouts) only.
+    consecutive_gateway: AtomicU32,
+    /// Tries and failures since the interval detectors last looked (`outlier.rs`).
+    window_requests: AtomicU32,
+    window_failures: AtomicU32,
     ejected: AtomicBool,
     ejected_until_ms: AtomicU64,
     ejections: AtomicU32,
@@ -63,6 +69,9 @@ impl Health {
     pub fn new(initially_unhealthy: bool, joined_ms: u64) -> Self {
         Health {
             consecutive: AtomicU32::new(0),
+            consecutive_gateway: AtomicU32::new(0),
+            window_requests: AtomicU32::new(0),
+            window_failures: AtomicU32::new(0),
             ejected: AtomicBool::new(false),
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
@@ -94,6 +103,14 @@ impl Health {
 
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive.load(Ordering::Relaxed)
+    }
+
+    /// The tries and failures since the last call, for the interval detectors.
+    pub fn take_window(&self) -> outlier::Sample {
+        outlier::Sample {
+            requests: self.window_requests.swap(0, Ordering::Relaxed),
+            failures: self.window_failures.swap(0, Ordering::Relaxed),
+        }
     }
 
     /// Whether the endpoint asked, at `now`, not to get new requests yet.
@@ -148,6 +165,10 @@ impl Health {
 pub enum Outcome {
     Success,
     Failure,
+    /// A failure the endpoint's gateway side shows: 502, 503, 504, a connect error or a
+    /// timeout. Counts as a [`Outcome::Failure`] and also towards
+    /// `consecutive_gateway_failures`.
+    GatewayFailure,
     /// The endpoint is rate limiting (429, or 503 with `Retry-After`): neither a success nor a
     /// failure. Passive health and the latency estimate are left as they are (a fast 429
     /// counted as a success would pull traffic *towards* the limited endpoint), and the

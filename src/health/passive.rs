@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::outlier::{FailurePercentage, SuccessRate};
 use super::{Health, Outcome};
 
 /// Consecutive failures that eject an endpoint.
@@ -18,11 +19,18 @@ pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 50;
 pub const DEFAULT_PANIC_THRESHOLD: u32 = 50;
 
 /// Passive health settings of an upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PassiveHealth {
     pub enabled: bool,
     /// Consecutive failures that eject an endpoint.
     pub consecutive_failures: u32,
+    /// Consecutive gateway failures (502/503/504, connect errors, timeouts) that eject an
+    /// endpoint; `None`: this detector is off.
+    pub consecutive_gateway_failures: Option<u32>,
+    /// How often the interval detectors (`outlier.rs`) run.
+    pub interval: Duration,
+    pub success_rate: Option<SuccessRate>,
+    pub failure_percentage: Option<FailurePercentage>,
     /// Statuses counted as failures; empty means every 5xx.
     pub failure_statuses: Vec<u16>,
     /// First ejection time; each repeat ejection doubles it, up to `max_ejection_time`.
@@ -39,6 +47,10 @@ impl Default for PassiveHealth {
         PassiveHealth {
             enabled: true,
             consecutive_failures: DEFAULT_CONSECUTIVE_FAILURES,
+            consecutive_gateway_failures: None,
+            interval: super::outlier::DEFAULT_INTERVAL,
+            success_rate: Some(SuccessRate::default()),
+            failure_percentage: None,
             failure_statuses: Vec::new(),
             base_ejection_time: DEFAULT_BASE_EJECTION_TIME,
             max_ejection_time: DEFAULT_MAX_EJECTION_TIME,
@@ -59,6 +71,26 @@ impl PassiveHealth {
     }
 }
 
+/// Which detector found an endpoint failing (the `detector` field of the ejection's log line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detector {
+    ConsecutiveFailures,
+    ConsecutiveGatewayFailures,
+    SuccessRate,
+    FailurePercentage,
+}
+
+impl Detector {
+    pub fn name(self) -> &'static str {
+        match self {
+            Detector::ConsecutiveFailures => "consecutive_failures",
+            Detector::ConsecutiveGatewayFailures => "consecutive_gateway_failures",
+            Detector::SuccessRate => "success_rate",
+            Detector::FailurePercentage => "failure_percentage",
+        }
+    }
+}
+
 /// What [`record`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -66,8 +98,9 @@ pub enum Verdict {
     Noted,
     /// The threshold was crossed but ejecting would pass `max_ejection_percent`.
     Capped { failures: u32 },
-    /// Ejected: the `nth` ejection in a row, for `time`.
+    /// Ejected by `detector`: the `nth` ejection in a row, for `time`.
     Ejected {
+        detector: Detector,
         failures: u32,
         nth: u32,
         time: Duration,
@@ -88,19 +121,51 @@ pub fn record(
         h.back_off(now, d);
         return Verdict::Noted;
     }
+    if !p.enabled {
+        return Verdict::Noted;
+    }
+    h.window_requests.fetch_add(1, Ordering::Relaxed);
     if outcome == Outcome::Success {
         if h.consecutive.load(Ordering::Relaxed) != 0 {
             h.consecutive.store(0, Ordering::Relaxed);
         }
+        if h.consecutive_gateway.load(Ordering::Relaxed) != 0 {
+            h.consecutive_gateway.store(0, Ordering::Relaxed);
+        }
         return Verdict::Noted;
     }
-    if !p.enabled {
-        return Verdict::Noted;
-    }
+    h.window_failures.fetch_add(1, Ordering::Relaxed);
     let failures = h.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
-    if failures < p.consecutive_failures || h.ejected() {
+    let gateway = if outcome == Outcome::GatewayFailure {
+        h.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1
+    } else {
+        // Any other failure breaks a run of gateway failures.
+        h.consecutive_gateway.store(0, Ordering::Relaxed);
+        0
+    };
+    if h.ejected() {
         return Verdict::Noted;
     }
+    let (detector, failures) = if failures >= p.consecutive_failures {
+        (Detector::ConsecutiveFailures, failures)
+    } else if p.consecutive_gateway_failures.is_some_and(|n| gateway >= n) {
+        (Detector::ConsecutiveGatewayFailures, gateway)
+    } else {
+        return Verdict::Noted;
+    };
+    eject(h, p, now, share, detector, failures)
+}
+
+/// Ejects the endpoint for `base_ejection_time × 2^(repeats)` (capped), unless that would pass
+/// `max_ejection_percent` of the upstream (`share` gives ejected and total endpoints).
+pub fn eject(
+    h: &Health,
+    p: &PassiveHealth,
+    now: u64,
+    share: impl FnOnce() -> (usize, usize),
+    detector: Detector,
+    failures: u32,
+) -> Verdict {
     let (ejected, total) = share();
     if (ejected + 1) * 100 > p.max_ejection_percent as usize * total {
         return Verdict::Capped { failures };
@@ -125,7 +190,9 @@ pub fn record(
     h.ejected_until_ms
         .store(now + time.as_millis() as u64, Ordering::Relaxed);
     h.consecutive.store(0, Ordering::Relaxed);
+    h.consecutive_gateway.store(0, Ordering::Relaxed);
     Verdict::Ejected {
+        detector,
         failures,
         nth: k + 1,
         time,
