@@ -169,6 +169,9 @@ pub struct Endpoint {
     pub zone: Option<Arc<str>>,
     /// The instance's metadata as its registry adapter mapped it (what subsets select on).
     pub metadata: Arc<BTreeMap<String, String>>,
+    /// The registry says the instance speaks TLS ([`registry_says_tls`]); an upstream's `tls`
+    /// key, when set, overrides it.
+    pub tls_hint: bool,
     /// Kind of the source it came from (`file`, `consul`, … or `static`).
     pub source: &'static str,
     pub state: Arc<EndpointState>,
@@ -226,6 +229,7 @@ impl Endpoint {
             healthy: inst.healthy,
             zone: inst.zone.as_deref().map(Into::into),
             metadata: metadata_of(inst),
+            tls_hint: registry_says_tls(inst),
             source,
             state,
         })
@@ -241,6 +245,7 @@ impl Endpoint {
             healthy: inst.healthy,
             zone: inst.zone.as_deref().map(Into::into),
             metadata: metadata_of(inst),
+            tls_hint: registry_says_tls(inst),
             source,
             ..self.clone()
         }
@@ -273,6 +278,7 @@ impl Endpoint {
             && self.healthy == inst.healthy
             && self.zone.as_deref() == inst.zone.as_deref()
             && *self.metadata == inst.metadata
+            && self.tls_hint == registry_says_tls(inst)
     }
 
     /// Whether the endpoint may take traffic as far as the registry and the agent's health
@@ -313,6 +319,32 @@ fn metadata_of(inst: &Instance) -> Arc<BTreeMap<String, String>> {
     } else {
         Arc::new(inst.metadata.clone())
     }
+}
+
+/// Instance metadata keys whose true value (`true`, `1`, `yes`, any case) says the instance
+/// speaks TLS: Consul `Service.Meta`, Nacos and Eureka instance metadata, the file registry's
+/// `metadata`. The Eureka adapter sets `secure = "true"` itself when it dials the instance's
+/// `securePort` (only that port enabled).
+pub const TLS_METADATA_KEYS: [&str; 2] = ["secure", "https"];
+/// Consul tags (the adapter's comma-joined `tags` metadata) that say the instance speaks TLS.
+pub const TLS_TAGS: [&str; 2] = ["secure", "https"];
+
+/// Whether the registry says `inst` speaks TLS (see [`TLS_METADATA_KEYS`], [`TLS_TAGS`]).
+pub fn registry_says_tls(inst: &Instance) -> bool {
+    if inst.metadata.is_empty() {
+        return false;
+    }
+    let truthy = |v: &str| {
+        let v = v.trim();
+        v == "1" || v.eq_ignore_ascii_case("true") || v.eq_ignore_ascii_case("yes")
+    };
+    TLS_METADATA_KEYS
+        .iter()
+        .any(|k| inst.metadata.get(*k).is_some_and(|v| truthy(v)))
+        || inst.metadata.get("tags").is_some_and(|tags| {
+            tags.split(',')
+                .any(|t| TLS_TAGS.iter().any(|x| t.trim().eq_ignore_ascii_case(x)))
+        })
 }
 
 /// How many endpoints are available and how many not, for `edge_agent_endpoints`.
@@ -366,6 +398,20 @@ mod tests {
             let msg = err.to_string();
             assert!(msg.contains("i-1") && msg.contains(bad), "{msg}");
         }
+    }
+
+    #[test]
+    fn registry_tls_hints() {
+        let with = |k: &str, v: &str| {
+            let mut i = Instance::new("127.0.0.1", 1);
+            i.metadata.insert(k.into(), v.into());
+            registry_says_tls(&i)
+        };
+        assert!(with("secure", "true") && with("https", "1") && with("secure", " YES "));
+        assert!(!with("secure", "false") && !with("https", "") && !with("tls", "true"));
+        assert!(with("tags", "v2, https") && with("tags", "secure"));
+        assert!(!with("tags", "v2,insecure"));
+        assert!(!registry_says_tls(&Instance::new("127.0.0.1", 1)));
     }
 
     #[test]

@@ -45,8 +45,14 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per endpoint; beyond that the oldest is closed.
 pub const POOL_MAX_IDLE: usize = 256;
 
-/// A connection that can carry one request at a time.
-pub type Conn = SendRequest<ReqBody>;
+/// A connection that can carry one request at a time, and the TLS setup it was dialled with
+/// (`ClientTls::id`, 0 for clear text): a checkout for another setup (TLS switched on, a new
+/// CA after a reload) never reuses it.
+#[derive(Debug)]
+pub struct Conn {
+    send: SendRequest<ReqBody>,
+    tls: u64,
+}
 
 /// Idle keep-alive connections to one endpoint.
 #[derive(Default)]
@@ -108,14 +114,15 @@ impl ConnPool {
     /// The newest idle connection ready for a request, if any. Closed ones are dropped; one
     /// still finishing its last exchange (a request body still streaming after an early
     /// answer) is left in place rather than waited for.
-    fn take(&self) -> Option<Conn> {
+    fn take(&self, tls: u64) -> Option<Conn> {
         let mut idle = self.lock();
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
-            if idle[i].conn.is_closed() {
+            let c = &idle[i].conn;
+            if c.send.is_closed() || c.tls != tls {
                 idle.remove(i);
-            } else if idle[i].conn.is_ready() {
+            } else if c.send.is_ready() {
                 return idle.remove(i).map(|c| c.conn);
             }
         }
@@ -124,15 +131,14 @@ impl ConnPool {
 
     /// Returns a connection whose exchange is finished.
     pub fn put(&self, conn: Conn) {
-        if conn.is_closed() {
+        if conn.send.is_closed() {
             return;
         }
         let now = Instant::now();
         let mut idle = self.lock();
-        while idle
-            .front()
-            .is_some_and(|c| now.duration_since(c.since) > POOL_IDLE_TIMEOUT || c.conn.is_closed())
-        {
+        while idle.front().is_some_and(|c| {
+            now.duration_since(c.since) > POOL_IDLE_TIMEOUT || c.conn.send.is_closed()
+        }) {
             idle.pop_front();
         }
         if idle.len() >= POOL_MAX_IDLE {
@@ -159,10 +165,11 @@ impl ConnPool {
         connect_timeout: Duration,
         admission: Admission<'_>,
     ) -> Result<(Response<Incoming>, Conn), ProxyError> {
+        let key = tls.map_or(0, ClientTls::id);
         let mut waited: Option<(Option<Slot>, tokio::time::Instant)> = None;
         let slot = loop {
-            while let Some(mut conn) = self.take() {
-                match conn.try_send_request(req).await {
+            while let Some(mut conn) = self.take(key) {
+                match conn.send.try_send_request(req).await {
                     Ok(resp) => return Ok((resp, conn)),
                     Err(mut e) => match e.take_message() {
                         // Never written: the connection was closing. Try the next one.
@@ -200,7 +207,10 @@ impl ConnPool {
             tokio::pin!(freed);
             freed.as_mut().enable();
             // Look again now that a wake-up cannot be missed.
-            if self.lock().iter().any(|c| c.conn.is_ready())
+            if self
+                .lock()
+                .iter()
+                .any(|c| c.conn.tls == key && c.conn.send.is_ready())
                 || self.open.taken() < admission.max_connections
             {
                 continue;
@@ -214,7 +224,7 @@ impl ConnPool {
             .await
             // The place was given back: a waiter may take it.
             .inspect_err(|_| self.freed.notify_one())?;
-        match conn.try_send_request(req).await {
+        match conn.send.try_send_request(req).await {
             Ok(resp) => Ok((resp, conn)),
             Err(e) => {
                 let sent = if e.message().is_some() {
@@ -243,7 +253,7 @@ async fn connect(
     freed: Arc<tokio::sync::Notify>,
 ) -> Result<Conn, ProxyError> {
     let dialed = dial::dial(authority, tls, timeout).await?;
-    let (conn, io) = http1::Builder::new()
+    let (send, io) = http1::Builder::new()
         .handshake(TokioIo::new(dialed.io))
         .await
         .map_err(|e| ProxyError::Connect {
@@ -257,7 +267,10 @@ async fn connect(
         drop(slot);
         freed.notify_one();
     });
-    Ok(conn)
+    Ok(Conn {
+        send,
+        tls: tls.map_or(0, ClientTls::id),
+    })
 }
 
 #[cfg(test)]
@@ -355,7 +368,7 @@ mod tests {
             // Wait (bounded) until hyper has seen the server close it, so the next request
             // meets a dead pooled connection.
             let deadline = Instant::now() + Duration::from_secs(5);
-            while pool.lock().back().is_some_and(|c| !c.conn.is_closed()) {
+            while pool.lock().back().is_some_and(|c| !c.conn.send.is_closed()) {
                 assert!(
                     Instant::now() < deadline,
                     "the server's close was never seen"

@@ -11,6 +11,7 @@
 //! Mozilla root set that `webpki-roots` ships (the agent reads no system store, so it behaves
 //! the same on every host).
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use rustls::crypto::CryptoProvider;
@@ -65,6 +66,9 @@ pub struct ClientTls {
     settings: TlsSettings,
     /// The bytes of the files read, for equality.
     read: Arc<[u8]>,
+    /// Unique per build (not part of equality): pooled connections remember the setup they
+    /// were made with, so a changed one never reuses them.
+    id: u64,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -173,12 +177,19 @@ impl ClientTls {
             }
         };
         config.alpn_protocols = settings.alpn.clone();
+        static BUILT: AtomicU64 = AtomicU64::new(1);
         Ok(ClientTls {
             config: Arc::new(config),
             server_name,
             settings: settings.clone(),
             read: read_bytes.into(),
+            id: BUILT.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// Unique to this build (0 is never one: it stands for clear text).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The settings it was built from.

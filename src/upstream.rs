@@ -6,7 +6,7 @@
 //! (or in the module that owns the setting: `health::passive`, `health::active`, `load`).
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use crate::balancer::{Balancer, Candidates, PickContext, Spec};
@@ -18,7 +18,7 @@ use crate::metrics::UpstreamMetrics;
 use crate::retry::RetryBudget;
 use crate::rng::Rng;
 use crate::subset::{Picks, SubsetSettings, Subsets, Unavailable};
-use crate::tls::ClientTls;
+use crate::tls::{ClientTls, TlsSettings, ALPN_HTTP1};
 
 /// How long an upstream may take to accept a TCP connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,8 +48,12 @@ pub struct UpstreamSettings {
     pub breakers: CircuitBreakers,
     pub passive: PassiveHealth,
     pub active: Option<ActiveHealth>,
-    /// TLS to the endpoints (`tls = true`); `None`: clear text.
-    pub tls: Option<ClientTls>,
+    /// The `tls` key: `Some(true)` every endpoint is dialled with TLS, `Some(false)` none is,
+    /// `None` (unset) the registry decides per instance (`endpoint::registry_says_tls`).
+    pub tls: Option<bool>,
+    /// The TLS setup built from the `tls_*` keys (when `tls = true` or any `tls_*` key is
+    /// set); `None`: endpoints the registry marks as TLS get [`UpstreamRuntime::default_tls`].
+    pub tls_client: Option<ClientTls>,
     /// `subset`, `fallback`, `zone_aware`, `zone_min_share` (`subset.rs`, `zone.rs`).
     pub subset: SubsetSettings,
 }
@@ -69,6 +73,7 @@ impl UpstreamSettings {
             passive: PassiveHealth::default(),
             active: None,
             tls: None,
+            tls_client: None,
             subset: SubsetSettings::default(),
         }
     }
@@ -113,6 +118,9 @@ pub struct UpstreamRuntime {
     pub pending: Gate,
     /// Draws for slow-start admission.
     pub rng: Rng,
+    /// TLS for endpoints the registry marks as TLS when the upstream configures none: the
+    /// default roots, SNI the service name; built on first use.
+    default_tls: OnceLock<ClientTls>,
 }
 
 impl UpstreamRuntime {
@@ -128,7 +136,26 @@ impl UpstreamRuntime {
             retries_in_flight: Gate::default(),
             pending: Gate::default(),
             rng: Rng::from_entropy(),
+            default_tls: OnceLock::new(),
         }
+    }
+
+    /// The TLS setup for an upstream that configures none: verification against the default
+    /// roots, SNI and name `server_name`, ALPN `http/1.1`. A name rustls refuses (not a DNS
+    /// name) is replaced by one no certificate carries, so the handshake fails closed.
+    pub fn default_tls(&self, server_name: &str) -> &ClientTls {
+        self.default_tls.get_or_init(|| {
+            let mut settings = TlsSettings {
+                server_name: server_name.to_string(),
+                alpn: vec![ALPN_HTTP1.to_vec()],
+                ..Default::default()
+            };
+            ClientTls::build(&settings).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "registry asks for TLS, but the service name is no TLS name");
+                settings.server_name = "invalid.invalid".into();
+                ClientTls::build(&settings).expect("default roots and a valid name build")
+            })
+        })
     }
 }
 
@@ -171,9 +198,19 @@ impl Upstream {
         &self.runtime.settings
     }
 
-    /// The TLS setup to dial `ep` with; `None`: clear text.
-    pub fn tls_for(&self, _ep: &Endpoint) -> Option<&ClientTls> {
-        self.runtime.settings.tls.as_ref()
+    /// The TLS setup to dial `ep` with; `None`: clear text. The `tls` key wins over the
+    /// registry's hint.
+    pub fn tls_for(&self, ep: &Endpoint) -> Option<&ClientTls> {
+        let s = &self.runtime.settings;
+        if !s.tls.unwrap_or(ep.tls_hint) {
+            return None;
+        }
+        Some(match &s.tls_client {
+            Some(t) => t,
+            None => self
+                .runtime
+                .default_tls(self.service.as_deref().unwrap_or(&self.id)),
+        })
     }
 
     /// Where a try at one of the upstream's endpoints reports.

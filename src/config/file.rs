@@ -87,6 +87,16 @@ pub struct UpstreamFile {
     pub zone_aware: Option<String>,
     /// Percentage of the local zone's expected share (default 70).
     pub zone_min_share: Option<u32>,
+    /// Dial the endpoints with TLS (unset: as the registry says per instance).
+    pub tls: Option<bool>,
+    /// SNI and the name the certificate must carry (default: the service name, else the id).
+    pub tls_server_name: Option<String>,
+    /// PEM file of the CA certificates to trust (default: the webpki-roots set).
+    pub tls_ca_file: Option<String>,
+    /// PEM client certificate chain for mTLS (with `tls_key_file`).
+    pub tls_cert_file: Option<String>,
+    /// PEM private key of the client certificate.
+    pub tls_key_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Default)]

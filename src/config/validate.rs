@@ -13,6 +13,7 @@ use crate::health::active::{self, ActiveHealth};
 use crate::health::outlier;
 use crate::health::passive::PassiveHealth;
 use crate::route::RouteConfig;
+use crate::tls::{ClientTls, TlsSettings, ALPN_HTTP1};
 use crate::upstream::{self as up, UpstreamConfig, UpstreamSettings};
 
 pub(super) fn build(cli: &Cli, file: &FileConfig, errs: &mut Vec<String>) -> Config {
@@ -342,6 +343,8 @@ fn upstreams(
                 ));
             }
         }
+        settings.tls = u.tls;
+        settings.tls_client = upstream_tls(&at, u, service.as_deref().unwrap_or(&id), errs);
         out.push(UpstreamConfig {
             id,
             service,
@@ -351,6 +354,48 @@ fn upstreams(
         });
     }
     out
+}
+
+/// The upstream's TLS setup from its `tls_*` keys, built (files read and parsed) now, when
+/// `tls = true` or any `tls_*` key is set; every problem names the field, the file and the error.
+fn upstream_tls(
+    at: &str,
+    u: &UpstreamFile,
+    default_name: &str,
+    errs: &mut Vec<String>,
+) -> Option<ClientTls> {
+    let any_key = u.tls_server_name.is_some()
+        || u.tls_ca_file.is_some()
+        || u.tls_cert_file.is_some()
+        || u.tls_key_file.is_some();
+    if u.tls != Some(true) && !any_key {
+        return None;
+    }
+    let path = |v: &Option<String>| {
+        v.as_deref()
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    let settings = TlsSettings {
+        server_name: u
+            .tls_server_name
+            .as_deref()
+            .map(str::trim)
+            .unwrap_or(default_name)
+            .to_string(),
+        ca_file: path(&u.tls_ca_file),
+        cert_file: path(&u.tls_cert_file),
+        key_file: path(&u.tls_key_file),
+        alpn: vec![ALPN_HTTP1.to_vec()],
+    };
+    match ClientTls::build(&settings) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            errs.push(format!("{at}.{e}"));
+            None
+        }
+    }
 }
 
 /// The balancer `name` (given as `field`) with its own settings from the options of the

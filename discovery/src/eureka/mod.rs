@@ -41,8 +41,10 @@
 //! - Service name: the app name lower-cased, so in zero-config mode every app is routable by
 //!   `Host: <app>`.
 //! - Identity: `instanceId`, else `hostName:port`. Address: `ipAddr` (else `hostName`) and the
-//!   enabled port: `port`, or `securePort` when only that one is enabled. The agent dials what it
-//!   dials; the secure port is not a promise of TLS.
+//!   enabled port: `port`, or `securePort` when only that one is enabled. When it is the secure
+//!   port, metadata `secure = "true"` is added (unless the instance's metadata has `secure`
+//!   already), which the agent reads as "dial with TLS" unless the upstream's `tls` key says
+//!   otherwise.
 //! - Health: only `status == UP` carries traffic. Instances in any other status (DOWN,
 //!   STARTING, OUT_OF_SERVICE, UNKNOWN) are still emitted, with `healthy = false`, so `/upstreams`
 //!   shows them and why they take no traffic.

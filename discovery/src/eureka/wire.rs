@@ -166,14 +166,15 @@ fn parse_instance(v: &Value) -> Result<(String, Action, Entry, Vec<String>), Str
     let ip = text("ipAddr");
     let port = port_field(v.get("port"), "port", true);
     let secure = port_field(v.get("securePort"), "securePort", false);
-    let chosen: Result<u16, String> = match (&port, &secure) {
-        (Ok(Some((p, true))), _) if *p != 0 => Ok(*p),
-        (_, Ok(Some((p, true)))) if *p != 0 => Ok(*p),
+    // The second of the pair: whether the port dialled is the secure one.
+    let chosen: Result<(u16, bool), String> = match (&port, &secure) {
+        (Ok(Some((p, true))), _) if *p != 0 => Ok((*p, false)),
+        (_, Ok(Some((p, true)))) if *p != 0 => Ok((*p, true)),
         (Err(e), _) | (_, Err(e)) => Err(e.clone()),
         _ => Err("no enabled port (port and securePort disabled or missing)".into()),
     };
     let raw_port = match (&chosen, &port) {
-        (Ok(p), _) => Some(*p),
+        (Ok((p, _)), _) => Some(*p),
         (_, Ok(Some((p, _)))) => Some(*p),
         _ => None,
     };
@@ -201,7 +202,7 @@ fn parse_instance(v: &Value) -> Result<(String, Action, Entry, Vec<String>), Str
         .unwrap_or_else(|| "UNKNOWN".into());
     let mut problems = Vec::new();
     let instance = (|| {
-        let port = chosen?;
+        let (port, secure_port) = chosen?;
         let addr = ip.or(host_name).ok_or("no ipAddr or hostName")?;
         let mut metadata = BTreeMap::new();
         match v.get("metadata") {
@@ -247,6 +248,13 @@ fn parse_instance(v: &Value) -> Result<(String, Action, Entry, Vec<String>), Str
                     .and_then(scalar_string)
                     .filter(|z| !z.is_empty())
             });
+        if secure_port {
+            // The agent dials TLS to it unless the instance's metadata or the upstream's
+            // `tls` key says otherwise.
+            metadata
+                .entry("secure".into())
+                .or_insert_with(|| "true".into());
+        }
         inst.metadata = metadata;
         Ok::<_, String>(inst)
     })();
@@ -364,6 +372,11 @@ pub(super) mod tests {
         // No instanceId: hostName:port; only the secure port enabled; zone from dataCenterInfo.
         let b = by_id["hb:9443"];
         assert_eq!((b.port, b.healthy), (9443, false));
+        assert_eq!(
+            b.metadata["secure"], "true",
+            "the secure port is dialled with TLS"
+        );
+        assert!(!a.metadata.contains_key("secure"));
         assert_eq!(b.zone.as_deref(), Some("us-east-1a"));
         // Bare number port; non-numeric weight → 1 with a problem named.
         let c = by_id["c"];
