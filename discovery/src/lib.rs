@@ -24,6 +24,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 pub mod consul;
+pub mod dns;
 pub mod eureka;
 pub mod file;
 mod http;
@@ -379,10 +380,15 @@ pub const SCHEMES: &[Scheme] = &[
         kind: "nacos",
         build: |url| Ok(Arc::new(nacos::NacosDiscovery::from_url(url)?)),
     },
+    Scheme {
+        scheme: "dns",
+        kind: "dns",
+        build: |url| Ok(Arc::new(dns::DnsDiscovery::from_url(url)?)),
+    },
 ];
 
 /// The distinct source kinds of [`SCHEMES`], in table order: `file`, `eureka`, `consul`,
-/// `nacos`.
+/// `nacos`, `dns`.
 pub fn kinds() -> Vec<&'static str> {
     let mut out: Vec<&'static str> = Vec::new();
     for s in SCHEMES {
@@ -490,18 +496,19 @@ mod tests {
 
     #[test]
     fn the_schemes_table_feeds_from_url_kinds_and_errors() {
-        assert_eq!(kinds(), ["file", "eureka", "consul", "nacos"]);
+        assert_eq!(kinds(), ["file", "eureka", "consul", "nacos", "dns"]);
         assert!(is_kind("consul") && is_kind("eureka") && !is_kind("consul+https"));
-        assert!(!is_kind("dns") && !is_kind(""));
+        assert!(is_kind("dns") && !is_kind("k8s") && !is_kind(""));
         let err = from_url("gopher://x").err().unwrap().to_string();
         assert!(
-            err.contains("supported: file, eureka, eureka+https, consul, consul+https, nacos"),
+            err.contains("supported: file, eureka, eureka+https, consul, consul+https, nacos, dns"),
             "{err}"
         );
         // Every row builds a source of its kind (the URL is only parsed, nothing is dialled).
         for s in SCHEMES {
             let url = match s.kind {
                 "file" => "file:///nonexistent/services.toml".to_string(),
+                "dns" => "dns://127.0.0.1:1?name=web.service.consul".to_string(),
                 _ => format!("{}://127.0.0.1:1", s.scheme),
             };
             let src = from_url(&url).unwrap_or_else(|e| panic!("{url}: {e}"));

@@ -1,5 +1,5 @@
 //! Registry URLs for every scheme (`file`, `consul`, `consul+https`, `eureka`, `eureka+https`,
-//! `nacos`, unknown): `discovery::from_url` on any text. No panic.
+//! `nacos`, `dns`, unknown): `discovery::from_url` on any text. No panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

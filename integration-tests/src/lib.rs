@@ -104,7 +104,7 @@ impl Default for Behaviour {
     }
 }
 
-/// A real HTTP/1 backend on 127.0.0.1 that names itself in every answer (`x-backend` header and
+/// A real HTTP/1 backend on loopback (127.0.0.1 unless told) that names itself in every answer (`x-backend` header and
 /// body) and counts its requests.
 pub struct Backend {
     pub name: String,
@@ -122,9 +122,18 @@ impl Backend {
     }
 
     pub async fn start_with(name: &str, behaviour: Behaviour) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_at_with(name, ([127, 0, 0, 1], 0).into(), behaviour).await
+    }
+
+    /// On `addr` (another loopback address, or a given port).
+    pub async fn start_at(name: &str, addr: SocketAddr) -> Backend {
+        Self::start_at_with(name, addr, Behaviour::default()).await
+    }
+
+    async fn start_at_with(name: &str, addr: SocketAddr, behaviour: Behaviour) -> Backend {
+        let listener = TcpListener::bind(addr)
             .await
-            .expect("bind backend");
+            .unwrap_or_else(|e| panic!("bind backend on {addr}: {e}"));
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
         let conns = Arc::new(AtomicU64::new(0));

@@ -13,12 +13,14 @@
 #   CONSUL_SERVER_PORT    optional: server RPC port (default: picked free)
 #   CONSUL_SERF_LAN_PORT  optional: serf LAN port, tcp+udp (default: picked free)
 #   CONSUL_SERF_WAN_PORT  optional: serf WAN port, tcp+udp (default: picked free)
+#   CONSUL_DNS_PORT       optional: serve Consul's DNS interface on 127.0.0.1, udp+tcp, on this
+#                         port (default: DNS disabled)
 #   CONSUL_NODE_NAME      optional: node name (default: edge-agent-consul)
 #   CONSUL_LOG_LEVEL      optional: trace|debug|info|warn|error (default: warn)
 #   CONSUL_EXTRA_HCL      optional: one more -hcl snippet (e.g. a `limits { ... }` block)
 # Extra command-line arguments are appended to `consul agent`.
 #
-# DNS, gRPC and gRPC-TLS are disabled (-1). Ready when
+# DNS (unless CONSUL_DNS_PORT is set), gRPC and gRPC-TLS are disabled (-1). Ready when
 #   curl -s http://127.0.0.1:$CONSUL_HTTP_PORT/v1/status/leader
 # returns a non-empty string such as "127.0.0.1:PORT".
 set -euo pipefail
@@ -32,6 +34,8 @@ is_port() { [[ "$1" =~ ^[0-9]+$ ]] && (( $1 >= 1 && $1 <= 65535 )); }
 http_port="${CONSUL_HTTP_PORT:-}"
 [[ -n "$http_port" ]] || die "CONSUL_HTTP_PORT is required"
 is_port "$http_port" || die "CONSUL_HTTP_PORT is not a valid port: $http_port"
+dns_port="${CONSUL_DNS_PORT:--1}"
+[[ "$dns_port" == -1 ]] || is_port "$dns_port" || die "CONSUL_DNS_PORT is not a valid port: $dns_port"
 
 if [[ -z "${CONSUL_BIN:-}" ]]; then
     CONSUL_BIN="$("${here}/install.sh")" || die "install.sh failed; cannot find a consul binary"
@@ -92,7 +96,7 @@ args=(
     -server-port "$server_port"
     -serf-lan-port "$serf_lan_port"
     -serf-wan-port "$serf_wan_port"
-    -dns-port -1
+    -dns-port "$dns_port"
     -grpc-port -1
     -grpc-tls-port -1
     # No outbound call to HashiCorp's update-check service.
@@ -123,8 +127,8 @@ if [[ -n "${CONSUL_ACL_TOKEN:-}" ]]; then
 }")
 fi
 
-printf '[consul-start] %s http=127.0.0.1:%s server=%s serf_lan=%s serf_wan=%s acl=%s\n' \
-    "$CONSUL_BIN" "$http_port" "$server_port" "$serf_lan_port" "$serf_wan_port" \
+printf '[consul-start] %s http=127.0.0.1:%s dns=%s server=%s serf_lan=%s serf_wan=%s acl=%s\n' \
+    "$CONSUL_BIN" "$http_port" "$dns_port" "$server_port" "$serf_lan_port" "$serf_wan_port" \
     "$([[ -n "${CONSUL_ACL_TOKEN:-}" ]] && echo deny || echo off)" >&2
 
 exec "$CONSUL_BIN" "${args[@]}" "$@"
