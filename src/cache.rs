@@ -135,10 +135,13 @@ impl Cache {
             tokio::select! {
                 ev = events.recv() => match ev {
                     Some((source, ev)) => {
+                        let gone = matches!(&ev, Event::Service { update: Update::NotFound, .. });
                         let dirty = self.apply(source, ev);
                         if !dirty.is_empty() {
                             self.rebuild(Some(&dirty));
                             self.unsaved = true;
+                        } else if gone {
+                            self.state.wake();
                         }
                         self.update_ready();
                     }

@@ -233,6 +233,17 @@ impl Proxy {
                     changed = version.changed() => if changed.is_err() { break },
                     _ = &mut deadline => break,
                 }
+                // Still missing: a source may have answered that the name does not exist.
+                if self
+                    .state
+                    .table
+                    .load()
+                    .resolve_request(host, path, facts)
+                    .is_err()
+                    && !self.state.demand(&missing)
+                {
+                    break;
+                }
             }
         }
         Err(NoRoute::Service(&missing).to_string())

@@ -50,6 +50,13 @@ impl State {
         self.version.send_modify(|v| *v += 1);
     }
 
+    /// Wakes requests waiting for a routing answer without publishing a table: a source said a
+    /// name it was asked for does not exist, so they ask again ([`State::demand`]) and can
+    /// answer 404 at once rather than at the end of their wait.
+    pub fn wake(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
     /// Asks every on-demand source to watch `service`; true when one may have it.
     pub fn demand(&self, service: &str) -> bool {
         self.on_demand
