@@ -17,7 +17,7 @@
 //! 4  balancer/{roundrobin,chash,ewma,least_conn}      Spec, Kind, REGISTRY, Candidates
 //!    zone  subset                                     zone shares; subsets, zone groups, Picks
 //! 5  retry  upstream  route                           an upstream and its settings; routing
-//! 6  state  table  cache  checks  proxy  admin        shared state; tasks; the request path
+//! 6  state  table  cache  liveness  checks  proxy  admin        shared state; tasks; the request path
 //! 7  config/{env,file,validate}                       parses into the types above
 //! 8  server  reload  status  lib                              listeners, reloads, start-up
 //! ```
@@ -42,6 +42,7 @@ pub mod grpc;
 pub mod guard;
 pub mod h2server;
 pub mod health;
+pub mod liveness;
 pub mod load;
 pub mod metrics;
 pub mod pool;
@@ -117,6 +118,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         tracing::info!(source = src.kind(), url = %src.describe(), "starting discovery");
         tokio::spawn(src.clone().run(discovery::Sink::new(i, event_tx.clone())));
     }
+    tokio::spawn(liveness::run(sources.clone(), event_tx.clone()));
     drop(event_tx);
     // Services named in the configuration are watched from the start.
     for u in &config.dynamic.upstreams {

@@ -25,6 +25,7 @@ pub const RETRY_BUDGET_EXHAUSTED: &str = "edge_agent_retry_budget_exhausted_tota
 pub const CHASH_FALLBACK: &str = "edge_agent_chash_fallback_total";
 pub const ACCESS_LOG_DROPPED: &str = "edge_agent_access_log_dropped_total";
 pub const OVERFLOW: &str = "edge_agent_overflow_total";
+pub const DISCOVERY_SOURCE_UP: &str = "edge_agent_discovery_source_up";
 pub const ZONE_SPILL: &str = "edge_agent_zone_spill_total";
 pub const SUBSET_FALLBACK: &str = "edge_agent_subset_fallback_total";
 
@@ -161,6 +162,10 @@ fn describe() {
         ACCESS_LOG_DROPPED,
         "Access-log lines dropped because the writer fell behind (its queue was full)."
     );
+    metrics::describe_gauge!(
+        DISCOVERY_SOURCE_UP,
+        "1 while every source of a kind answers its liveness call, 0 when one does not."
+    );
     metrics::describe_counter!(
         OVERFLOW,
         "Requests answered 503 at once (or not retried) because an upstream's circuit breaker was full, by upstream and limit."
@@ -195,6 +200,7 @@ pub const ALL: &[&str] = &[
     OVERFLOW,
     ZONE_SPILL,
     SUBSET_FALLBACK,
+    DISCOVERY_SOURCE_UP,
 ];
 
 /// Metric handles for one upstream.
@@ -307,6 +313,7 @@ mod tests {
         metrics::gauge!(ENDPOINTS, "upstream" => "help-test", "state" => "healthy").set(1.0);
         metrics::gauge!(UPSTREAM_PANIC, "upstream" => "help-test").set(0.0);
         metrics::gauge!(DISCOVERY_STALENESS, "source" => "file").set(0.0);
+        metrics::gauge!(DISCOVERY_SOURCE_UP, "source" => "file").set(1.0);
         metrics::counter!(ACCESS_LOG_DROPPED).increment(0);
         for name in [
             DISCOVERY_UPDATES,

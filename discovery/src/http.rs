@@ -213,6 +213,33 @@ pub(crate) fn chain(e: &reqwest::Error) -> String {
     s
 }
 
+/// Whether `url` answers within [`crate::LIVENESS_TIMEOUT`]: any HTTP status is an answer;
+/// silence is `timeout`, a refused or broken connection `connect`. `what` names the call.
+pub(crate) async fn answers(
+    client: &reqwest::Client,
+    what: &str,
+    url: &str,
+) -> Result<(), crate::LivenessError> {
+    match client
+        .get(url)
+        .timeout(crate::LIVENESS_TIMEOUT)
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let f = Failure::request(what, e);
+            Err((f.kind, f.message))
+        }
+    }
+}
+
+/// A plain HTTP client for adapters that have none of their own (Nacos speaks through its SDK).
+pub(crate) fn plain_client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(reqwest::Client::new)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -215,6 +215,13 @@ impl Sink {
 /// A boxed future, the return type of [`Discovery::run`].
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
+/// Why a liveness call failed: the kind for `edge_agent_discovery_errors_total` and a message.
+pub type LivenessError = (ErrorKind, String);
+/// One liveness call ([`Discovery::liveness`]).
+pub type LivenessFuture = Pin<Box<dyn Future<Output = Result<(), LivenessError>> + Send + 'static>>;
+/// How long a liveness call may take before the registry counts as hung.
+pub const LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A registry adapter.
 pub trait Discovery: Send + Sync + 'static {
     /// Short label for metrics and logs: the `kind` of the source's row in [`SCHEMES`].
@@ -244,6 +251,14 @@ pub trait Discovery: Send + Sync + 'static {
     /// their whole catalog ignore it.
     fn watch(&self, _service: &str) -> bool {
         true
+    }
+
+    /// One cheap call that shows the registry answers, bounded by [`LIVENESS_TIMEOUT`]; the
+    /// agent runs it every few seconds beside the watches, because a blocking query or a push
+    /// stream cannot tell a hung registry from a quiet one. Any answer counts (even an error
+    /// status): it is the silence that is measured. `None`: nothing to check (a file).
+    fn liveness(self: Arc<Self>) -> Option<LivenessFuture> {
+        None
     }
 }
 

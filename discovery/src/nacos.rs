@@ -665,6 +665,26 @@ impl Discovery for NacosDiscovery {
         "nacos"
     }
 
+    /// `GET http://<server>/nacos/v1/console/health/liveness` on each server in turn until one
+    /// answers (any status): the SDK's own connection gives no sign of a hung server.
+    fn liveness(self: Arc<Self>) -> Option<crate::LivenessFuture> {
+        Some(Box::pin(async move {
+            let mut last = None;
+            for s in &self.servers {
+                let url = format!("http://{s}/nacos/v1/console/health/liveness");
+                let what = format!("nacos liveness ({s})");
+                match crate::http::answers(crate::http::plain_client(), &what, &url).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or((
+                crate::ErrorKind::Connect,
+                "nacos liveness: no server".into(),
+            )))
+        }))
+    }
+
     fn describe(&self) -> String {
         let mut s = format!(
             "nacos://{}?namespace={}&group={}",

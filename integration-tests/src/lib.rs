@@ -582,3 +582,73 @@ pub async fn in_flight(agent: &Agent, addr: SocketAddr) -> u64 {
         .and_then(|e| e["in_flight"].as_u64())
         .unwrap_or(0)
 }
+
+/// A series' value from the agent's `/metrics` (the first line starting with `series`).
+pub async fn metric_value(agent: &Agent, series: &str) -> Option<f64> {
+    agent
+        .metrics()
+        .await
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// #17, a hung registry: SIGSTOPs the registry process `pid` for 15 s; within 10 s
+/// `edge_agent_discovery_source_up{source=kind}` must read 0 and a `timeout` discovery error be
+/// counted, while `host` is still served from the last good view; after SIGCONT the gauge must
+/// read 1 again within 10 s. Returns (time to 0, time back to 1 after SIGCONT).
+pub async fn a_hung_registry_is_seen(
+    agent: &Agent,
+    pid: u32,
+    kind: &str,
+    host: &str,
+) -> (Duration, Duration) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let up = format!("edge_agent_discovery_source_up{{source=\"{kind}\"}}");
+    let errors = format!("edge_agent_discovery_errors_total{{source=\"{kind}\",kind=\"timeout\"}}");
+    eventually(
+        Duration::from_secs(15),
+        "the source reads up first",
+        || async { (metric_value(agent, &up).await == Some(1.0)).then_some(()) },
+    )
+    .await;
+    let before = metric_value(agent, &errors).await.unwrap_or(0.0);
+    let pid = Pid::from_raw(pid as i32);
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP the registry");
+    let stopped = Instant::now();
+    // Resumed whatever happens below, so a failing assertion cannot leave it stopped.
+    struct Resume(Pid);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
+    let resume = Resume(pid);
+    eventually(
+        Duration::from_secs(10),
+        "source_up 0 and a timeout counted",
+        || async {
+            let down = metric_value(agent, &up).await == Some(0.0);
+            let counted = metric_value(agent, &errors).await.unwrap_or(0.0) > before;
+            (down && counted).then_some(())
+        },
+    )
+    .await;
+    let to_down = stopped.elapsed();
+    let (status, _, _) = agent.get(host, "/").await;
+    assert_eq!(
+        status, 200,
+        "the last good view serves while the registry hangs"
+    );
+    // The fault lasts 15 s in all (a window, not a wait for something).
+    tokio::time::sleep(Duration::from_secs(15).saturating_sub(stopped.elapsed())).await;
+    drop(resume);
+    let resumed = Instant::now();
+    eventually(Duration::from_secs(10), "source_up back to 1", || async {
+        (metric_value(agent, &up).await == Some(1.0)).then_some(())
+    })
+    .await;
+    (to_down, resumed.elapsed())
+}

@@ -682,3 +682,18 @@ async fn an_instance_with_an_unusable_address_is_skipped_and_named() {
     assert!(!up.contains("invalid.invalid"), "{up}");
     assert!(a.hits() > 0);
 }
+
+/// #17: a SIGSTOPped Consul (blocking queries hang: no answer, no error) is seen within
+/// seconds by the liveness call, and traffic keeps flowing from the last good view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_consul_is_seen_within_seconds() {
+    let _serial = SERIAL.lock().await;
+    let consul = Consul::start(None).await;
+    let a = Backend::start("a").await;
+    consul.register("web", "web-a", a.addr, 1).await;
+    let agent = start_agent(&agent_env(&consul.url())).await;
+    until_served_by(&agent, "web", &["a"], "the instance").await;
+    let pid = consul.proc.pid().expect("consul runs");
+    let (down, up) = integration_tests::a_hung_registry_is_seen(&agent, pid, "consul", "web").await;
+    eprintln!("consul SIGSTOP: source_up 0 after {down:?}; 1 again {up:?} after SIGCONT");
+}

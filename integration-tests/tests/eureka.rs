@@ -615,3 +615,30 @@ async fn eureka_propagation_lag() {
     }
     eprintln!("eureka_propagation_lag: {:?}", started.elapsed());
 }
+
+/// #17: a SIGSTOPped Eureka (a fetch loop would only see its own timeouts, at its interval)
+/// is seen within seconds by the liveness call, and traffic keeps flowing from the last good
+/// view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_eureka_is_seen_within_seconds() {
+    let _serial = SERIAL.lock().await;
+    let port = shared_port().await;
+    let eu = Eureka::new(port);
+    let a = Backend::start("hung-a").await;
+    eu.register("EU-HUNG", "eu-hung-a", a.addr, &[]).await;
+    let agent = start_agent(&format!(
+        "eureka://127.0.0.1:{port}/eureka?interval={INTERVAL}"
+    ))
+    .await;
+    wait_served_by(&agent, "eu-hung", &["hung-a"], "the UP instance").await;
+    let pid = SHARED
+        .get()
+        .expect("the shared server")
+        .0
+        .pid()
+        .expect("eureka runs");
+    let (down, up) =
+        integration_tests::a_hung_registry_is_seen(&agent, pid, "eureka", "eu-hung").await;
+    eprintln!("eureka SIGSTOP: source_up 0 after {down:?}; 1 again {up:?} after SIGCONT");
+    eu.cancel("EU-HUNG", "eu-hung-a").await;
+}

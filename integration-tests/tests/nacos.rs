@@ -494,3 +494,18 @@ async fn an_instance_that_turns_unhealthy_stops_receiving_traffic() {
     assert!(listed.iter().all(|e| e["available"] == false), "{listed:?}");
     beat.abort();
 }
+
+/// #17: a SIGSTOPped rnacos (the SDK's gRPC stream just goes quiet) is seen within seconds by
+/// the liveness call, and traffic keeps flowing from the last good view.
+#[tokio::test]
+async fn a_hung_nacos_is_seen_within_seconds() {
+    let _g = SERIAL.lock().await;
+    let n = Nacos::start(false).await;
+    let a = Backend::start("a").await;
+    register(&n, "web", &a, &[]).await;
+    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", n.url("").as_str())]).await;
+    converges(&agent, "web", &["a"]).await;
+    let pid = n.proc.pid().expect("rnacos runs");
+    let (down, up) = integration_tests::a_hung_registry_is_seen(&agent, pid, "nacos", "web").await;
+    eprintln!("nacos SIGSTOP: source_up 0 after {down:?}; 1 again {up:?} after SIGCONT");
+}

@@ -239,6 +239,14 @@ impl Discovery for ConsulDiscovery {
         "consul"
     }
 
+    /// `GET /v1/status/leader`: answered by any agent without an ACL token.
+    fn liveness(self: Arc<Self>) -> Option<crate::LivenessFuture> {
+        Some(Box::pin(async move {
+            let url = format!("{}/v1/status/leader", self.base);
+            crate::http::answers(&self.client, "consul liveness (/v1/status/leader)", &url).await
+        }))
+    }
+
     fn describe(&self) -> String {
         let scheme = if self.https { "consul+https" } else { "consul" };
         let mut u = Url::parse(&format!("http://{}", self.authority)).expect("authority parses");

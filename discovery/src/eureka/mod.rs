@@ -248,6 +248,26 @@ impl Discovery for EurekaDiscovery {
         "eureka"
     }
 
+    /// `GET <server>/apps/<a name no one registers>` on each server in turn until one answers
+    /// (a 404 is an answer): the source is live while any peer of the cluster is.
+    fn liveness(self: Arc<Self>) -> Option<crate::LivenessFuture> {
+        Some(Box::pin(async move {
+            let mut last = None;
+            for s in &self.servers {
+                let url = format!("{}/apps/EDGE-AGENT-LIVENESS", s.base);
+                let what = format!("eureka liveness ({})", s.display);
+                match crate::http::answers(&self.client, &what, &url).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or((
+                crate::ErrorKind::Connect,
+                "eureka liveness: no server".into(),
+            )))
+        }))
+    }
+
     fn describe(&self) -> String {
         let scheme = if self.https { "eureka+https" } else { "eureka" };
         let mut s = format!("{scheme}://{}", self.servers[0].display);
