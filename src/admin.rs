@@ -134,6 +134,12 @@ impl Admin {
                     "service": u.service.as_deref(),
                     "source": kinds.into_iter().collect::<Vec<_>>(),
                     "balancer": u.settings().balancer.name(),
+                    // The configured protocol; "registry" when the endpoints' metadata decides.
+                    "protocol": match u.settings().protocol {
+                        Some(p) => p.as_str(),
+                        None if u.endpoints.iter().any(|e| e.protocol.is_some()) => "registry",
+                        None => "http1",
+                    },
                     "panic": u.runtime.panic.load(std::sync::atomic::Ordering::Relaxed),
                     "retries": u.settings().retries,
                     "connect_timeout_ms": u.settings().connect_timeout.as_millis() as u64,
@@ -153,6 +159,12 @@ impl Admin {
                         "registry_healthy": e.healthy,
                         "zone": e.zone.as_deref(),
                         "in_flight": e.state.in_flight(),
+                        "protocol": u.settings().protocol.or(e.protocol).map_or("http1", |p| p.as_str()),
+                        // HTTP/2 connections, plus HTTP/1 ones: idle, and one per request in
+                        // flight that is not an HTTP/2 stream.
+                        "connections": e.state.h2.connections() + e.state.pool.idle_count()
+                            + (e.state.in_flight() as usize).saturating_sub(e.state.h2.streams()),
+                        "streams": e.state.h2.streams(),
                         "ejected": e.state.health.ejected(),
                         "ejected_for_ms": e.state.health.ejected_for_ms(now),
                         "backoff_ms": e.state.health.backoff_left_ms(now),

@@ -21,6 +21,7 @@ use discovery::Instance;
 use http::uri::Authority;
 
 use crate::clock;
+use crate::h2pool::{H2Pool, UpstreamProtocol};
 use crate::health::passive::{self, PassiveHealth, Verdict};
 use crate::health::{Health, Outcome};
 use crate::load::PeakEwma;
@@ -40,6 +41,8 @@ pub struct EndpointState {
     pub health: Health,
     /// Idle keep-alive connections to the endpoint.
     pub pool: ConnPool,
+    /// HTTP/2 connections to the endpoint (`h2pool.rs`).
+    pub h2: H2Pool,
 }
 
 impl EndpointState {
@@ -175,6 +178,9 @@ pub struct Endpoint {
     /// Kind of the source it came from (`file`, `consul`, … or `static`).
     pub source: &'static str,
     pub state: Arc<EndpointState>,
+    /// The protocol the registry gives for the instance (`protocol` metadata); the upstream's
+    /// `protocol` setting wins over it.
+    pub protocol: Option<UpstreamProtocol>,
     /// The authority's port, and where its host part lies in it, kept so [`Endpoint::is`] does
     /// not parse the authority (it runs for every endpoint of a changed upstream).
     port: u16,
@@ -232,6 +238,7 @@ impl Endpoint {
             tls_hint: registry_says_tls(inst),
             source,
             state,
+            protocol: UpstreamProtocol::from_metadata(&inst.metadata),
         })
     }
 
@@ -247,6 +254,7 @@ impl Endpoint {
             metadata: metadata_of(inst),
             tls_hint: registry_says_tls(inst),
             source,
+            protocol: UpstreamProtocol::from_metadata(&inst.metadata),
             ..self.clone()
         }
     }

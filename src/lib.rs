@@ -11,8 +11,8 @@
 //! own layer, so no two units import each other (`tests/layers.rs` fails on a cycle):
 //!
 //! ```text
-//! 1  clock  rng  breaker  error  framing  metrics  access_log  guard  state_file  tls  h2server  grpc   leaves
-//! 2  load  dial  pool  health/{passive,active}        per-endpoint measures and connections
+//! 1  clock  rng  breaker  error  framing  metrics  access_log  guard  state_file  tls  h2server  grpc  replay   leaves
+//! 2  load  dial  pool  h2pool  health/{passive,active}   per-endpoint measures and connections
 //! 3  endpoint                                         Endpoint, EndpointState, Attempt
 //! 4  balancer/{roundrobin,chash,ewma,least_conn}      Spec, Kind, REGISTRY, Candidates
 //!    zone  subset                                     zone shares; subsets, zone groups, Picks
@@ -40,6 +40,7 @@ pub mod error;
 pub mod framing;
 pub mod grpc;
 pub mod guard;
+pub mod h2pool;
 pub mod h2server;
 pub mod health;
 pub mod liveness;
@@ -48,6 +49,7 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod reload;
+pub mod replay;
 pub mod retry;
 pub mod rng;
 pub mod route;

@@ -33,12 +33,12 @@ use http_body_util::{Either, Empty};
 use crate::breaker::{Gate, Limit, Slot};
 use crate::dial;
 use crate::error::{ProxyError, Sent};
-use crate::framing::ClientBody;
+use crate::replay::ReplayBody;
 use crate::tls::ClientTls;
 
 /// Request body sent upstream: the client's (watched for its own framing faults), or empty for
 /// a replayed body-less request or a probe.
-pub type ReqBody = Either<ClientBody<Incoming>, Empty<Bytes>>;
+pub type ReqBody = Either<ReplayBody, Empty<Bytes>>;
 
 /// Idle connections older than this are closed when the pool is next used.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);

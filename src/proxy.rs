@@ -1,7 +1,7 @@
 //! The reverse proxy: route, pick, forward, stream back.
 //!
 //! The request path loads the routing table once (an `ArcSwap` load: no lock), resolves the
-//! upstream, and walks the balancer's candidates. Bodies are streamed both ways, never buffered
+//! upstream, and walks the balancer's candidates. Bodies are streamed both ways, never buffered ahead (a request body up to `retry_buffer` is copied as it is sent, `replay.rs`)
 //! (but for a small error answer that is about to be retried, below). Only endpoints that
 //! discovery produced are ever dialled: the Host header and an absolute URI only *name* a
 //! service, they are never a destination.
@@ -41,9 +41,11 @@ use crate::endpoint::{Attempt, Endpoint, InFlight};
 use crate::error::{FramingError, ProxyError, Sent};
 use crate::framing::{self, BodyFault, ClientBody, Limits};
 use crate::grpc;
+use crate::h2pool::{Negotiated, Stream, UpstreamProtocol};
 use crate::health::Outcome;
 use crate::metrics as m;
 use crate::pool::{self, ReqBody};
+use crate::replay::ReplayBody;
 use crate::retry::{self, RETRY_BODY_LIMIT};
 use crate::route::{NoRoute, RequestFacts, Resolved, SubsetHeader};
 use crate::state::State;
@@ -285,15 +287,35 @@ impl Proxy {
         let path_and_query = rewrite_path(&parts.uri, strip)?;
         prepare_request_headers(&mut parts.headers, peer);
         runtime.retry_budget.deposit();
-        let replayable = body.is_end_stream();
-        let max_tries = if replayable { 1 + settings.retries } else { 1 };
+        // A body-less request, or one whose body fits the upstream's `retry_buffer`, may be
+        // tried again; a larger body streams once (`replay.rs`).
+        let has_body = !body.is_end_stream();
+        let limit = settings.retry_buffer;
+        let buffered =
+            has_body && limit > 0 && body.size_hint().upper().is_none_or(|n| n <= limit as u64);
+        let max_tries = if !has_body || buffered {
+            1 + settings.retries
+        } else {
+            1
+        };
         // Only a body that streams is watched for its own framing faults: a body-less request
         // (the common case) allocates nothing for it.
-        let (mut body, body_fault) = if replayable {
-            (None, None)
+        let (mut body, body_fault, mut leftover) = if !has_body {
+            (None, None, None)
         } else {
             let (body, fault) = ClientBody::new(body);
-            (Some(body), Some(fault))
+            if buffered {
+                let (body, back) = ReplayBody::new(body, limit);
+                (Some(body), Some(fault), Some(back))
+            } else {
+                (Some(ReplayBody::streaming(body)), Some(fault), None)
+            }
+        };
+        // A gRPC call's own deadline bounds every try (`grpc-timeout`).
+        let grpc = grpc::is_grpc(&parts.headers);
+        let deadline = match grpc.then(|| grpc::timeout(&parts.headers)).flatten() {
+            Some(t) => deadline.min(Instant::now() + t),
+            None => deadline,
         };
         let feedback = upstream.feedback();
         let mut last = ProxyError::NoEndpoint;
@@ -324,6 +346,20 @@ impl Proxy {
                     }
                 }
                 runtime.metrics.retry();
+            }
+            if has_body && body.is_none() {
+                // The last try's body, given back by hyper when it dropped it; none when it
+                // outgrew the buffer.
+                let Some(back) = leftover.take() else { break };
+                let wait = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(wait, back).await {
+                    Ok(Ok(left)) => {
+                        let (b, back) = left.replay(limit);
+                        body = Some(b);
+                        leftover = Some(back);
+                    }
+                    _ => break,
+                }
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -360,6 +396,7 @@ impl Proxy {
             };
             match send(
                 ep,
+                settings.protocol,
                 upstream.tls_for(ep),
                 out,
                 settings.connect_timeout,
@@ -384,6 +421,12 @@ impl Proxy {
                         } else {
                             Outcome::Failure
                         }
+                    } else if grpc
+                        && grpc::status(resp.headers())
+                            .is_some_and(|c| settings.passive.failed_grpc_status(c))
+                    {
+                        // A trailers-only gRPC answer carries its status in the head.
+                        Outcome::Failure
                     } else {
                         Outcome::Success
                     };
@@ -434,30 +477,72 @@ impl Proxy {
     }
 }
 
-/// Sends `req` to `ep` on its pool, waiting at most `timeout` for the response head.
+/// Sends `req` to `ep` on its pool, waiting at most `timeout` for the response head: the
+/// HTTP/1 pool or the HTTP/2 one (`h2pool.rs`), as the upstream's `protocol` (else the
+/// registry's) says.
 async fn send(
     ep: &Endpoint,
+    protocol: Option<UpstreamProtocol>,
     tls: Option<&ClientTls>,
     req: Request<ReqBody>,
     connect_timeout: Duration,
     timeout: Duration,
     admission: pool::Admission<'_>,
-) -> Result<(Response<Incoming>, pool::Conn), ProxyError> {
-    let sent = ep
-        .state
-        .pool
-        .send(&ep.authority, tls, req, connect_timeout, admission);
+) -> Result<(Response<Incoming>, Held), ProxyError> {
+    let protocol = protocol.or(ep.protocol).unwrap_or(UpstreamProtocol::Http1);
+    let h2 = match protocol {
+        UpstreamProtocol::Http1 => false,
+        UpstreamProtocol::H2c | UpstreamProtocol::H2 => true,
+        UpstreamProtocol::Auto => match tls {
+            Some(_) => !ep.state.h2.alpn_http1.load(Ordering::Relaxed),
+            None => grpc::is_grpc(req.headers()),
+        },
+    };
+    let sent = async {
+        let req = if h2 {
+            let tls = if protocol == UpstreamProtocol::H2c {
+                None
+            } else {
+                tls
+            };
+            let auto = protocol == UpstreamProtocol::Auto;
+            match ep
+                .state
+                .h2
+                .send(&ep.authority, tls, req, connect_timeout, auto)
+                .await?
+            {
+                Negotiated::H2(resp, stream) => return Ok((resp, Held::H2(stream))),
+                Negotiated::Http1(req) => *req,
+            }
+        } else {
+            req
+        };
+        let (resp, conn) = ep
+            .state
+            .pool
+            .send(&ep.authority, tls, req, connect_timeout, admission)
+            .await?;
+        Ok((resp, Held::H1(conn)))
+    };
     match tokio::time::timeout(timeout, sent).await {
         Ok(result) => result,
         Err(_) => Err(ProxyError::Timeout),
     }
 }
 
+/// What a response body holds of its connection: an HTTP/1 connection (back to the pool when
+/// the body is done) or a stream of an HTTP/2 one (counted until then).
+pub enum Held {
+    H1(pool::Conn),
+    H2(Stream),
+}
+
 /// The upstream's response as the client gets it: hop-by-hop headers removed, the body holding
 /// the endpoint's in-flight count and its connection.
 fn into_client_response(
     resp: Response<Incoming>,
-    conn: pool::Conn,
+    conn: Held,
     in_flight: InFlight,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
@@ -518,7 +603,7 @@ async fn settled(
 /// the end (a body dropped half-read leaves the connection unusable: it is closed).
 pub struct UpstreamBody {
     inner: Incoming,
-    conn: Option<pool::Conn>,
+    conn: Option<Held>,
     in_flight: InFlight,
     /// The request's place under the upstream's `max_requests`.
     slot: Option<Slot>,
@@ -527,7 +612,7 @@ pub struct UpstreamBody {
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         if self.inner.is_end_stream() {
-            if let Some(conn) = self.conn.take() {
+            if let Some(Held::H1(conn)) = self.conn.take() {
                 self.in_flight.state().pool.put(conn);
             }
         }

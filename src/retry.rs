@@ -4,7 +4,8 @@
 //! within `retry_timeout`, when the connection could not be made or the request never reached
 //! the wire (any method), and, for idempotent methods, when the connection failed after the
 //! request may have been sent or the answer was one of [`RETRY_STATUSES`]. A request with a
-//! body is never retried (its body is streamed and cannot be replayed). A [`RetryBudget`] per
+//! body is retried the same way when its body fits the upstream's `retry_buffer` (it is kept
+//! as it is sent, `replay.rs`); a larger one is streamed once and never retried. A [`RetryBudget`] per
 //! upstream (20% of requests plus a small reserve) stops retry storms.
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -13,7 +14,7 @@ use http::{HeaderMap, Method};
 
 use crate::error::ProxyError;
 
-/// Statuses after which an idempotent, body-less request is tried on another endpoint. 500 is
+/// Statuses after which an idempotent request (body-less, or its body kept) is tried on another endpoint. 500 is
 /// included so a broken instance costs no client-visible error while passive health ejects it.
 pub const RETRY_STATUSES: [u16; 4] = [500, 502, 503, 504];
 

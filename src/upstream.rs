@@ -56,6 +56,10 @@ pub struct UpstreamSettings {
     pub tls_client: Option<ClientTls>,
     /// `subset`, `fallback`, `zone_aware`, `zone_min_share` (`subset.rs`, `zone.rs`).
     pub subset: SubsetSettings,
+    /// How the endpoints are spoken to (`protocol`); `None`: as the registry says, else HTTP/1.1.
+    pub protocol: Option<crate::h2pool::UpstreamProtocol>,
+    /// Largest request body kept to be replayed on a retry (`retry_buffer`, bytes).
+    pub retry_buffer: usize,
 }
 
 impl UpstreamSettings {
@@ -75,6 +79,8 @@ impl UpstreamSettings {
             tls: None,
             tls_client: None,
             subset: SubsetSettings::default(),
+            protocol: None,
+            retry_buffer: crate::replay::DEFAULT_RETRY_BUFFER,
         }
     }
 }

@@ -654,32 +654,53 @@ async fn request_smuggling_shapes_are_refused_or_neutralised() {
 }
 
 #[tokio::test]
-async fn a_request_with_a_body_is_never_replayed() {
+async fn a_request_body_over_retry_buffer_is_never_replayed() {
     let live = Backend::start("live").await;
     let dead: std::net::SocketAddr = format!("127.0.0.1:{}", integration_tests::free_port())
         .parse()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (path, url) = registry(&dir);
-    write_services(&path, &[("svc", &[(live.addr, 1), (dead, 1)])]);
-    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", &url)]).await;
+    let dead2: std::net::SocketAddr = format!("127.0.0.1:{}", integration_tests::free_port())
+        .parse()
+        .unwrap();
+    // Two services, so the dead endpoints' failures (and ejections) are counted apart.
+    write_services(
+        &path,
+        &[
+            ("svc", &[(live.addr, 1), (dead, 1)]),
+            ("small", &[(live.addr, 1), (dead2, 1)]),
+        ],
+    );
+    // svc keeps at most 4 bytes for a retry; small keeps the default 64 KiB.
+    let toml = "[[upstream]]\nid = \"svc\"\nretry_buffer = 4\n";
+    let agent = agent_with_config(&dir, &url, toml, &[]).await;
     let c = client();
+    let post = |host: &'static str, body: Vec<u8>| {
+        c.post(agent.url("/"))
+            .header("host", host)
+            .body(body)
+            .send()
+    };
+    // Under `retry_buffer` (#13): kept as it is sent, so a try that meets
+    // the dead endpoint is retried on the live one.
+    for _ in 0..6 {
+        assert_eq!(
+            post("small", b"payload".to_vec()).await.unwrap().status(),
+            200
+        );
+    }
+    assert_eq!(live.hits(), 6);
+    // Over it: streamed once. Round robin alternates: the tries that hit the dead endpoint
+    // fail with 502 (the body is not replayed); the others reach the live one.
     let mut statuses = std::collections::BTreeMap::new();
     for _ in 0..10 {
-        let r = c
-            .post(agent.url("/"))
-            .header("host", "svc")
-            .body("payload")
-            .send()
-            .await
-            .unwrap();
+        let r = post("svc", b"payload".to_vec()).await.unwrap();
         *statuses.entry(r.status().as_u16()).or_insert(0) += 1;
     }
-    // Round robin alternates: the tries that hit the dead endpoint fail with 502 (their body
-    // may be half-sent and is not replayed); the others reach the live one.
     assert_eq!(statuses.get(&200), Some(&5), "{statuses:?}");
     assert_eq!(statuses.get(&502), Some(&5), "{statuses:?}");
-    assert_eq!(live.hits(), 5);
+    assert_eq!(live.hits(), 11);
 }
 
 #[tokio::test]

@@ -79,6 +79,10 @@ pub struct UpstreamFile {
     pub max_requests: Option<i64>,
     pub max_retries: Option<i64>,
     pub checks: Option<ChecksFile>,
+    /// `http1`, `h2c`, `h2` or `auto` (default: the registry's `protocol` metadata, else http1).
+    pub protocol: Option<String>,
+    /// Largest request body (bytes) kept so the request can be retried (default 65536).
+    pub retry_buffer: Option<u64>,
     /// `subset = { version = "v2" }`: only endpoints whose metadata has every pair.
     pub subset: Option<BTreeMap<String, toml::Value>>,
     /// `"none"`, `"any"` or a subset table.
@@ -113,6 +117,8 @@ pub struct PassiveFile {
     pub consecutive_failures: Option<u32>,
     /// Statuses counted as failures (default: every 5xx).
     pub failure_statuses: Option<Vec<u16>>,
+    /// `grpc-status` codes counted as failures (default: [14], UNAVAILABLE).
+    pub failure_grpc_statuses: Option<Vec<u16>>,
     pub base_ejection_time: Option<String>,
     pub max_ejection_time: Option<String>,
     pub max_ejection_percent: Option<u32>,

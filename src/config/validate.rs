@@ -297,6 +297,24 @@ fn upstreams(
                 }
             }
         }
+        if let Some(p) = &u.protocol {
+            match crate::h2pool::UpstreamProtocol::parse(p) {
+                Some(p) => settings.protocol = Some(p),
+                None => errs.push(format!(
+                    "{at}.protocol = {p:?}: expected {}",
+                    crate::h2pool::PROTOCOL_VALUES
+                )),
+            }
+        }
+        if let Some(n) = u.retry_buffer {
+            if n > crate::replay::MAX_RETRY_BUFFER as u64 {
+                errs.push(format!(
+                    "{at}.retry_buffer = {n}: at most {} bytes",
+                    crate::replay::MAX_RETRY_BUFFER
+                ));
+            }
+            settings.retry_buffer = n.min(crate::replay::MAX_RETRY_BUFFER as u64) as usize;
+        }
         let options = Options {
             hash_on: u.hash_on.as_deref(),
             ewma_decay: settings.ewma_decay,
@@ -553,6 +571,18 @@ fn passive(at: &str, p: &PassiveFile, errs: &mut Vec<String>) -> PassiveHealth {
         success_rate,
         failure_percentage,
         failure_statuses: statuses(format!("{at}.failure_statuses"), &p.failure_statuses, errs),
+        failure_grpc_statuses: match &p.failure_grpc_statuses {
+            None => d.failure_grpc_statuses.clone(),
+            Some(codes) => {
+                for c in codes.iter().filter(|&&c| c > crate::grpc::MAX_STATUS) {
+                    errs.push(format!(
+                        "{at}.failure_grpc_statuses: {c} is not a gRPC status code (0-{})",
+                        crate::grpc::MAX_STATUS
+                    ));
+                }
+                codes.clone()
+            }
+        },
         base_ejection_time: base,
         max_ejection_time: max,
         max_ejection_percent: percent(

@@ -33,6 +33,9 @@ pub struct PassiveHealth {
     pub failure_percentage: Option<FailurePercentage>,
     /// Statuses counted as failures; empty means every 5xx.
     pub failure_statuses: Vec<u16>,
+    /// `grpc-status` codes counted as failures (`failure_grpc_statuses`; default
+    /// `grpc::DEFAULT_FAILURE_GRPC_STATUSES`, UNAVAILABLE).
+    pub failure_grpc_statuses: Vec<u16>,
     /// First ejection time; each repeat ejection doubles it, up to `max_ejection_time`.
     pub base_ejection_time: Duration,
     pub max_ejection_time: Duration,
@@ -52,6 +55,7 @@ impl Default for PassiveHealth {
             success_rate: Some(SuccessRate::default()),
             failure_percentage: None,
             failure_statuses: Vec::new(),
+            failure_grpc_statuses: crate::grpc::DEFAULT_FAILURE_GRPC_STATUSES.to_vec(),
             base_ejection_time: DEFAULT_BASE_EJECTION_TIME,
             max_ejection_time: DEFAULT_MAX_EJECTION_TIME,
             max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
@@ -62,6 +66,11 @@ impl Default for PassiveHealth {
 
 impl PassiveHealth {
     /// Whether a response status counts as a failure.
+    /// Whether a gRPC answer with `grpc-status` `code` counts as a failure.
+    pub fn failed_grpc_status(&self, code: u16) -> bool {
+        self.failure_grpc_statuses.contains(&code)
+    }
+
     pub fn failed_status(&self, status: u16) -> bool {
         if self.failure_statuses.is_empty() {
             (500..600).contains(&status)
