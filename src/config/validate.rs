@@ -405,7 +405,12 @@ fn upstream_tls(
         ca_file: path(&u.tls_ca_file),
         cert_file: path(&u.tls_cert_file),
         key_file: path(&u.tls_key_file),
-        alpn: vec![ALPN_HTTP1.to_vec()],
+        // ALPN as the upstream's protocol asks (`h2`, `auto`: h2 then http/1.1).
+        alpn: u
+            .protocol
+            .as_deref()
+            .and_then(crate::h2pool::UpstreamProtocol::parse)
+            .map_or_else(|| vec![ALPN_HTTP1.to_vec()], |p| p.alpn()),
     };
     match ClientTls::build(&settings) {
         Ok(t) => Some(t),
