@@ -13,8 +13,9 @@ LABEL = {
     "haproxy": "HAProxy, nbthread 1, http-reuse always",
     "agent1": "edge-agent, TOKIO_WORKER_THREADS=1",
     "agent2": "edge-agent, default threads (unpinned)",
+    "agent1log": "edge-agent, TOKIO_WORKER_THREADS=1, access log JSON to stdout",
 }
-ORDER = ["direct", "nginx", "haproxy", "agent1", "agent2"]
+ORDER = ["direct", "nginx", "haproxy", "agent1", "agent2", "agent1log"]
 
 
 def med(xs):
@@ -75,6 +76,16 @@ if by:
         ca, cn, ch = med(by["agent1"]["cpu"]), med(by["nginx"]["cpu"]), med(by["haproxy"]["cpu"])
         print(f"| edge-agent / nginx, CPU per request | {ca / cn:.2f} | – |")
         print(f"| edge-agent / HAProxy, CPU per request | {ca / ch:.2f} | – |")
+        if by.get("agent1log", {}).get("cpu"):
+            # Requests per proxy CPU-second, logging on / off = CPU per request off / on.
+            cl = med(by["agent1log"]["cpu"])
+            print(f"| access log (stdout JSON) on / off, requests per proxy CPU-second | {ca / cl:.2f} | ≥ 0.90: {ok(ca / cl >= 0.90)} |")
+            lines_path = os.path.join(out, "access-log-lines")
+            if os.path.exists(lines_path):
+                with open(lines_path) as f:
+                    written = f.read().strip() or "?"
+                measured = sum(int(r[5]) for r in wrk if r[0] == "agent1log")
+                print(f"| access-log lines written (measured requests {measured:,} + 2 s warm-up) | {written} | all: none dropped |")
         print()
 
 fixed = read_tsv("fixed.tsv")

@@ -38,6 +38,7 @@ cleanup() {
         kill -KILL "$pid" 2>/dev/null || true
     done
     rm -rf "$WORK/run"
+    rm -f "$WORK/agent1log.log"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -160,7 +161,7 @@ mkdir -p "$WORK/run"
 R=$WORK/run
 
 # --- processes under test -------------------------------------------------------------------
-read -r BP NP HP EP1 EA1 EP2 EA2 SP SA <<<"$(free_ports 9)"
+read -r BP NP HP EP1 EA1 EP2 EA2 SP SA EP3 EA3 <<<"$(free_ports 11)"
 BODY=$(printf 'x%.0s' $(seq 99))
 mkdir -p "$R/backend" "$R/nginx"
 for d in backend nginx; do mkdir -p "$R/$d/logs" "$R/$d/tmp"; done
@@ -243,12 +244,18 @@ AGENT1_PID=$STARTED_PID
 # shellcheck disable=SC2046
 start agent2 "$ALL_CPUS" env $(agent_env "$EP2" "$EA2" "$R/state2" "$R/services.toml") "$AGENT"
 AGENT2_PID=$STARTED_PID
+# The access log's cost (#16): agent 1's settings plus EDGE_AGENT_ACCESS_LOG=stdout (JSON), its
+# stdout a file in $WORK (deleted at exit: about 330 bytes a request).
+# shellcheck disable=SC2046
+start agent1log "$PROXY_CPU" env $(agent_env "$EP3" "$EA3" "$R/state5" "$R/services.toml") TOKIO_WORKER_THREADS=1 EDGE_AGENT_ACCESS_LOG=stdout EDGE_AGENT_ACCESS_LOG_FORMAT=json "$AGENT"
+AGENT3_PID=$STARTED_PID
 
 wait_http "$BP" backend
 wait_http "$NP" nginx
 wait_http "$HP" haproxy
 wait_http "$EP1" agent1
 wait_http "$EP2" agent2
+wait_http "$EP3" agent1log
 log "backend :$BP, nginx :$NP, haproxy :$HP, edge-agent 1 worker :$EP1, edge-agent default :$EP2"
 
 # name port pid(s) label
@@ -258,6 +265,7 @@ TARGETS=(
     "haproxy|$HP|$HAPROXY_PID|HAProxy, nbthread 1"
     "agent1|$EP1|$AGENT1_PID|edge-agent, TOKIO_WORKER_THREADS=1"
     "agent2|$EP2|$AGENT2_PID|edge-agent, default threads, unpinned"
+    "agent1log|$EP3|$AGENT3_PID|edge-agent, TOKIO_WORKER_THREADS=1, access log JSON to stdout"
 )
 
 run_wrk() { # NAME PORT PID DURATION ROUND
@@ -329,6 +337,10 @@ if [ -z "${BENCH_SKIP_PROXY:-}" ]; then
 fi
 stop "$AGENT1_PID"
 stop "$AGENT2_PID"
+stop "$AGENT3_PID"
+# Lines the logging agent wrote (the rest were dropped: edge_agent_access_log_dropped_total).
+wc -l <"$WORK/agent1log.log" >"$OUT/access-log-lines" 2>/dev/null || true
+rm -f "$WORK/agent1log.log"
 stop "$HAPROXY_PID"
 stop "$NGINX_PID"
 

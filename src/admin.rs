@@ -1,4 +1,5 @@
-//! The admin API: `/healthz`, `/ready`, `/upstreams` (JSON) and `/metrics` (Prometheus).
+//! The admin API: `/` (the status page, `status.html`, which renders `/upstreams`),
+//! `/healthz`, `/ready`, `/upstreams` (JSON) and `/metrics` (Prometheus).
 //!
 //! In `/upstreams`, an endpoint's `available` says whether it may take traffic now (registry
 //! healthy, a weight, not ejected, passing active checks); `registry_healthy` is what the
@@ -8,7 +9,8 @@
 //! upstream's subset (every endpoint does when it has none), and `zone` its zone.
 //!
 //! It listens on loopback by default. With `EDGE_AGENT_ADMIN_TOKEN` set, every path but
-//! `/healthz` needs `Authorization: Bearer <token>` (compared in constant time).
+//! `/healthz` needs `Authorization: Bearer <token>`, or `Basic` with the token as the password
+//! (what a browser sends for the status page once asked), compared in constant time.
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -46,8 +48,14 @@ impl Admin {
                 "text/plain",
                 "unauthorized\n".into(),
             );
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            let h = r.headers_mut();
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            // Browsers cannot send a bearer token: offered Basic, they ask for a password
+            // (the token; any user name) and send it with every request of the page.
+            h.append(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"edge-agent admin\", charset=\"UTF-8\""),
+            );
             return Ok(r);
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -58,6 +66,7 @@ impl Admin {
             ));
         }
         Ok(match path {
+            "/" => status_page(),
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
             "/ready" => {
                 if self.state.ready() {
@@ -88,13 +97,27 @@ impl Admin {
         let Some(token) = &self.token else {
             return true;
         };
-        let given = req
+        let value = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        constant_time_eq(given.as_bytes(), token.as_bytes())
+        if let Some(given) = value.strip_prefix("Bearer ") {
+            return constant_time_eq(given.as_bytes(), token.as_bytes());
+        }
+        // `Basic base64(user:token)`, from a browser on the status page.
+        let Some(basic) = value.strip_prefix("Basic ") else {
+            return false;
+        };
+        use base64::Engine as _;
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(basic.trim()) else {
+            return false;
+        };
+        let password = match decoded.iter().position(|&b| b == b':') {
+            Some(i) => &decoded[i + 1..],
+            None => return false,
+        };
+        constant_time_eq(password, token.as_bytes())
     }
 
     /// The `/upstreams` document.
@@ -150,6 +173,7 @@ impl Admin {
                     "last_update_unix": u.updated_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
                     "staleness_seconds": round3(staleness),
                     "subset": subset_json(&u.subsets),
+                    "stats": u.runtime.stats.summary(),
                     "endpoints": u.endpoints.iter().map(|e| json!({
                         "in_subset": u.subsets.contains(e),
                         "id": &*e.id,
@@ -200,6 +224,27 @@ fn subset_json(s: &Subsets) -> Value {
         "zone_min_share": set.zone.min_share,
         "zone_shares": shares,
     })
+}
+
+/// The status page: one self-contained HTML file (`status.html`) that renders `/upstreams`.
+pub const STATUS_PAGE: &str = include_str!("status.html");
+
+fn status_page() -> Response<Full<Bytes>> {
+    let mut r = reply(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        STATUS_PAGE.into(),
+    );
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Inline script and style only; it fetches only this origin.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+        ),
+    );
+    r
 }
 
 fn round3(x: f64) -> f64 {

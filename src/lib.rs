@@ -11,7 +11,7 @@
 //! own layer, so no two units import each other (`tests/layers.rs` fails on a cycle):
 //!
 //! ```text
-//! 1  clock  rng  breaker  error  framing  metrics  access_log  guard  state_file  tls  h2server  grpc  replay   leaves
+//! 1  clock  rng  breaker  error  framing  metrics  access_log  stats  guard  state_file  tls  h2server  grpc  replay   leaves
 //! 2  load  dial  pool  h2pool  health/{passive,active}   per-endpoint measures and connections
 //! 3  endpoint                                         Endpoint, EndpointState, Attempt
 //! 4  balancer/{roundrobin,chash,ewma,least_conn}      Spec, Kind, REGISTRY, Candidates
@@ -56,6 +56,7 @@ pub mod route;
 pub mod server;
 pub mod state;
 pub mod state_file;
+pub mod stats;
 pub mod status;
 pub mod subset;
 pub mod table;
@@ -131,6 +132,12 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     tokio::spawn(cache.run(event_rx, control_rx));
     tokio::spawn(checks::sweep_loop(state.clone()));
     tokio::spawn(checks::probe_loop(state.clone()));
+    let sampled = state.clone();
+    tokio::spawn(stats::run(move |f| {
+        for u in sampled.table.load().upstreams.values() {
+            f(&u.runtime.stats);
+        }
+    }));
     tokio::spawn(reload::run(cli, config.clone(), control_tx));
     tokio::spawn(reload::reopen_on_usr1(access_log.clone()));
 

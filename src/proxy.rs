@@ -192,6 +192,7 @@ impl Proxy {
             .runtime
             .metrics
             .request(protocol, status, start.elapsed());
+        upstream.runtime.stats.record(status, start.elapsed());
         resp
     }
 

@@ -17,6 +17,7 @@ use crate::health::passive::PassiveHealth;
 use crate::metrics::UpstreamMetrics;
 use crate::retry::RetryBudget;
 use crate::rng::Rng;
+use crate::stats::Stats;
 use crate::subset::{Picks, SubsetSettings, Subsets, Unavailable};
 use crate::tls::{ClientTls, TlsSettings, ALPN_HTTP1};
 
@@ -127,6 +128,8 @@ pub struct UpstreamRuntime {
     /// TLS for endpoints the registry marks as TLS when the upstream configures none: the
     /// default roots, SNI the service name; built on first use.
     default_tls: OnceLock<ClientTls>,
+    /// Rates, errors and latency for the status page (`stats.rs`).
+    pub stats: Stats,
 }
 
 impl UpstreamRuntime {
@@ -143,6 +146,7 @@ impl UpstreamRuntime {
             pending: Gate::default(),
             rng: Rng::from_entropy(),
             default_tls: OnceLock::new(),
+            stats: Stats::default(),
         }
     }
 
