@@ -16,7 +16,7 @@
 //! 3  endpoint                                         Endpoint, EndpointState, Attempt
 //! 4  balancer/{roundrobin,chash,ewma,least_conn}      Spec, Kind, REGISTRY, Candidates
 //!    zone  subset                                     zone shares; subsets, zone groups, Picks
-//! 5  retry  upstream  route                           an upstream and its settings; routing
+//! 5  retry  tunnel  upstream  route                    an upstream and its settings; routing
 //! 6  state  table  cache  liveness  checks  proxy  admin        shared state; tasks; the request path
 //! 7  config/{env,file,validate}                       parses into the types above
 //! 8  server  reload  status  lib                              listeners, reloads, start-up
@@ -61,6 +61,7 @@ pub mod status;
 pub mod subset;
 pub mod table;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 pub mod zone;
 

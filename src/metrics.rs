@@ -28,6 +28,7 @@ pub const OVERFLOW: &str = "edge_agent_overflow_total";
 pub const DISCOVERY_SOURCE_UP: &str = "edge_agent_discovery_source_up";
 pub const ZONE_SPILL: &str = "edge_agent_zone_spill_total";
 pub const SUBSET_FALLBACK: &str = "edge_agent_subset_fallback_total";
+pub const UPGRADES_ACTIVE: &str = "edge_agent_upgrades_active";
 
 /// Histogram buckets for request duration, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -178,6 +179,10 @@ fn describe() {
         SUBSET_FALLBACK,
         "Requests whose subset had no available endpoint (or whose header named no subset), handled by the upstream's fallback, by upstream."
     );
+    metrics::describe_gauge!(
+        UPGRADES_ACTIVE,
+        "Open HTTP/1.1 Upgrade (WebSocket) tunnels, by upstream."
+    );
 }
 
 /// Every metric name, for the test that each has HELP text.
@@ -201,6 +206,7 @@ pub const ALL: &[&str] = &[
     ZONE_SPILL,
     SUBSET_FALLBACK,
     DISCOVERY_SOURCE_UP,
+    UPGRADES_ACTIVE,
 ];
 
 /// Metric handles for one upstream.

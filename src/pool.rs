@@ -261,7 +261,8 @@ async fn connect(
             source: e.into(),
         })?;
     tokio::spawn(async move {
-        if let Err(e) = io.await {
+        // With upgrades: a `101` hands the connection to its tunnel (`tunnel.rs`).
+        if let Err(e) = io.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
         drop(slot);

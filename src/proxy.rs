@@ -50,6 +50,7 @@ use crate::retry::{self, RETRY_BODY_LIMIT};
 use crate::route::{NoRoute, RequestFacts, Resolved, SubsetHeader};
 use crate::state::State;
 use crate::tls::ClientTls;
+use crate::tunnel::{self, Tunnels, Upgrade};
 use crate::upstream::Upstream;
 
 /// A routed request: its upstream, the path prefix to strip, the route's header subset rule.
@@ -66,6 +67,8 @@ pub const DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// The proxy service shared by every connection.
 pub struct Proxy {
     state: Arc<State>,
+    /// Open Upgrade tunnels (`tunnel.rs`), for the drain.
+    tunnels: Arc<Tunnels>,
     limits: Limits,
     access_log: AccessLog,
     /// `EDGE_AGENT_REQUEST_ID=on`: requests without `x-request-id` get one, drawn from `ids`.
@@ -104,11 +107,17 @@ impl Proxy {
     ) -> Arc<Self> {
         Arc::new(Proxy {
             state,
+            tunnels: Arc::default(),
             limits: Limits::default(),
             access_log,
             request_id,
             ids: crate::rng::Rng::from_entropy(),
         })
+    }
+
+    /// The open Upgrade tunnels.
+    pub fn tunnels(&self) -> &Arc<Tunnels> {
+        &self.tunnels
     }
 
     /// Handles one request. Never fails: errors become responses. Its access-log line (when
@@ -142,6 +151,14 @@ impl Proxy {
             let e = ProxyError::from(e);
             m::unrouted(protocol, e.status().as_u16());
             return refusal(&e, "", protocol);
+        }
+        if req.method() == http::Method::CONNECT {
+            // The agent is no forward proxy: a tunnel goes only to a discovered endpoint.
+            m::unrouted(protocol, 405);
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "edge-agent: CONNECT is not supported\n".into(),
+            );
         }
         let (upstream, strip, subset_header) = match self.route(&req, peer).await {
             Ok(r) => r,
@@ -286,7 +303,11 @@ impl Proxy {
             .picks(by_header, ctx)
             .map_err(|e| ProxyError::Unavailable(e.0))?;
         let path_and_query = rewrite_path(&parts.uri, strip)?;
+        let mut upgrade = Upgrade::take(&mut parts);
         prepare_request_headers(&mut parts.headers, peer);
+        if let Some(u) = &upgrade {
+            u.restore(&mut parts.headers);
+        }
         runtime.retry_budget.deposit();
         // A body-less request, or one whose body fits the upstream's `retry_buffer`, may be
         // tried again; a larger body streams once (`replay.rs`).
@@ -431,6 +452,19 @@ impl Proxy {
                     } else {
                         Outcome::Success
                     };
+                    if status == 101 {
+                        if let Some(u) = upgrade.take() {
+                            // The connection is the tunnel's now; the tunnel holds the count.
+                            drop(conn);
+                            let mut parts =
+                                u.join(resp, try_.finish(outcome), &self.tunnels, &upstream.id);
+                            remove_hop_by_hop_but_upgrade(&mut parts.headers);
+                            return Ok(Response::from_parts(
+                                parts,
+                                Either::Right(Full::new(Bytes::new())),
+                            ));
+                        }
+                    }
                     let resp = into_client_response(resp, conn, try_.finish(outcome));
                     // A server error on an idempotent request is worth another endpoint.
                     if !last_try && retry::retry_status(status, &parts.method) {
@@ -680,6 +714,19 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// As [`remove_hop_by_hop`], keeping `Connection: upgrade` and `Upgrade` (a `101` answer).
+fn remove_hop_by_hop_but_upgrade(headers: &mut HeaderMap) {
+    let (c, u) = (
+        headers.remove(header::CONNECTION),
+        headers.remove(header::UPGRADE),
+    );
+    remove_hop_by_hop(headers);
+    if let (Some(c), Some(u)) = (c, u) {
+        headers.insert(header::CONNECTION, c);
+        headers.insert(header::UPGRADE, u);
+    }
+}
+
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names finds what is there; a lookup per hop-by-hop name (nine hashes)
     // cost more than the rest of the header handling together (callgrind, #8).
@@ -787,7 +834,9 @@ fn grpc_error(code: u16, message: &str) -> Response<RespBody> {
 
 /// The client side's protocol, for the `protocol` metric label.
 fn client_protocol<B>(req: &Request<B>) -> m::Protocol {
-    if grpc::is_grpc(req.headers()) {
+    if tunnel::is_upgrade(req.version(), req.headers()) {
+        m::Protocol::Websocket
+    } else if grpc::is_grpc(req.headers()) {
         m::Protocol::Grpc
     } else if req.version() == http::Version::HTTP_2 {
         m::Protocol::H2

@@ -79,6 +79,10 @@ pub async fn serve_proxy(
 ) -> usize {
     let graceful = GracefulShutdown::new();
     let open = Arc::new(AtomicUsize::new(0));
+    // HTTP/1 connections serve upgrades, which hyper-util's graceful watcher cannot hold: they
+    // are drained by hand (`http1_drained`), counted here.
+    let http1_open = Arc::new(OpenCount::default());
+    let tunnels = proxy.tunnels().clone();
     loop {
         tokio::select! {
             accepted = accept(&listener, "proxy") => {
@@ -87,6 +91,7 @@ pub async fn serve_proxy(
                 let peer = Peer::new(remote);
                 let proxy = proxy.clone();
                 let watcher = graceful.watcher();
+                let (mut stop, http1_open) = (shutdown.clone(), http1_open.clone());
                 let conn = async move {
                     // The preface (or its absence) must come as quickly as a request head.
                     let detected =
@@ -102,7 +107,16 @@ pub async fn serve_proxy(
                                 let peer = peer.clone();
                                 async move { proxy.handle(req, &peer).await }
                             });
-                            watcher.watch(builder().serve_connection(io, svc)).await
+                            let _counted = http1_open.enter();
+                            let conn = builder().serve_connection(io, svc).with_upgrades();
+                            tokio::pin!(conn);
+                            tokio::select! {
+                                r = conn.as_mut() => r,
+                                _ = async { drop(stop.wait_for(|s| *s).await) } => {
+                                    conn.as_mut().graceful_shutdown();
+                                    conn.await
+                                }
+                            }
                         }
                         Detected::Http2 => {
                             let guard = Arc::new(ResetGuard::default());
@@ -135,16 +149,65 @@ pub async fn serve_proxy(
     }
     drop(listener);
     tracing::info!(grace = ?grace, connections = open.load(Ordering::Relaxed), "draining in-flight requests");
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
+    let drained = async {
+        graceful.shutdown().await;
+        http1_open.all_closed().await;
+        if tunnels.open() > 0 {
+            tracing::info!(tunnels = tunnels.open(), "waiting for open tunnels");
+        }
+        tunnels.all_closed().await;
+    };
+    match tokio::time::timeout(grace, drained).await {
         Ok(()) => 0,
         Err(_) => {
-            let left = open.load(Ordering::Relaxed);
+            let cut = tunnels.open();
+            if cut > 0 {
+                tracing::warn!(tunnels = cut, "grace period over: closing open tunnels");
+            }
+            tunnels.close_all();
+            let left = open.load(Ordering::Relaxed) + cut;
             tracing::warn!(
                 connections = left,
                 "grace period over with requests still in flight"
             );
             left
         }
+    }
+}
+
+/// A count of open connections that can be waited on to reach zero.
+#[derive(Default)]
+struct OpenCount {
+    open: AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+/// One connection in an [`OpenCount`], until dropped.
+struct Counted<'a>(&'a OpenCount);
+
+impl OpenCount {
+    fn enter(&self) -> Counted<'_> {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Counted(self)
+    }
+
+    async fn all_closed(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
     }
 }
 
