@@ -318,6 +318,7 @@ mod tests {
         m.upstream_error("connect");
         metrics::gauge!(ENDPOINTS, "upstream" => "help-test", "state" => "healthy").set(1.0);
         metrics::gauge!(UPSTREAM_PANIC, "upstream" => "help-test").set(0.0);
+        metrics::gauge!(UPGRADES_ACTIVE, "upstream" => "help-test").set(0.0);
         metrics::gauge!(DISCOVERY_STALENESS, "source" => "file").set(0.0);
         metrics::gauge!(DISCOVERY_SOURCE_UP, "source" => "file").set(1.0);
         metrics::counter!(ACCESS_LOG_DROPPED).increment(0);
