@@ -282,6 +282,22 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    /// `GET /` through `pool`, clear text, no limits.
+    async fn send_get(
+        pool: &ConnPool,
+        authority: &Authority,
+    ) -> Result<(Response<Incoming>, Conn), ProxyError> {
+        let timeout = Duration::from_secs(1);
+        pool.send(
+            authority,
+            None,
+            get(authority),
+            timeout,
+            Admission::UNLIMITED,
+        )
+        .await
+    }
+
     fn get(authority: &Authority) -> Request<ReqBody> {
         let mut req = Request::new(Either::Right(Empty::<Bytes>::new()));
         *req.uri_mut() = "/".parse().unwrap();
@@ -326,16 +342,7 @@ mod tests {
         let (authority, mut conns) = server(100).await;
         let pool = ConnPool::default();
         for _ in 0..5 {
-            let (resp, conn) = pool
-                .send(
-                    &authority,
-                    None,
-                    get(&authority),
-                    Duration::from_secs(1),
-                    Admission::UNLIMITED,
-                )
-                .await
-                .unwrap();
+            let (resp, conn) = send_get(&pool, &authority).await.unwrap();
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
             pool.put(conn);
         }
@@ -354,14 +361,7 @@ mod tests {
         let (authority, _conns) = server(1).await;
         let pool = ConnPool::default();
         for i in 0..5 {
-            let (resp, conn) = pool
-                .send(
-                    &authority,
-                    None,
-                    get(&authority),
-                    Duration::from_secs(1),
-                    Admission::UNLIMITED,
-                )
+            let (resp, conn) = send_get(&pool, &authority)
                 .await
                 .unwrap_or_else(|e| panic!("request {i}: {e}"));
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
@@ -386,14 +386,7 @@ mod tests {
             l.local_addr().unwrap().port()
         };
         let authority: Authority = format!("127.0.0.1:{port}").parse().unwrap();
-        let err = ConnPool::default()
-            .send(
-                &authority,
-                None,
-                get(&authority),
-                Duration::from_secs(1),
-                Admission::UNLIMITED,
-            )
+        let err = send_get(&ConnPool::default(), &authority)
             .await
             .unwrap_err();
         assert!(matches!(err, ProxyError::Connect { .. }), "{err}");

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration_tests::servers::{install, ServerProcess};
-use integration_tests::{client, eventually, free_port, spread, Agent, Backend};
+use integration_tests::{client, eventually, free_port, metric_value, spread, Agent, Backend};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -162,17 +162,6 @@ async fn until_served_by(agent: &Agent, host: &str, want: &[&str], what: &str) {
     .await
 }
 
-/// A gauge or counter value from the agent's `/metrics`.
-async fn metric(agent: &Agent, series: &str) -> Option<f64> {
-    agent
-        .metrics()
-        .await
-        .lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// The Consul source's entry in `/upstreams`.
 async fn source(agent: &Agent) -> serde_json::Value {
     agent.upstreams().await["sources"]
@@ -267,7 +256,7 @@ async fn outage_keeps_the_last_good_set_then_resets_to_the_truth() {
     let agent = start_agent(&agent_env(&consul.url())).await;
     until_served_by(&agent, "web", &["a", "b"], "both instances").await;
     let series = "edge_agent_discovery_staleness_seconds{source=\"consul\"}";
-    let before = metric(&agent, series).await.expect("staleness gauge");
+    let before = metric_value(&agent, series).await.expect("staleness gauge");
 
     consul.proc.stop();
     eventually(
@@ -281,21 +270,21 @@ async fn outage_keeps_the_last_good_set_then_resets_to_the_truth() {
     )
     .await;
     eventually(PROPAGATION, "staleness grows during the outage", || async {
-        let s = metric(&agent, series).await?;
+        let s = metric_value(&agent, series).await?;
         (s >= before + 2.0).then_some(())
     })
     .await;
     // Traffic keeps flowing to the last good set.
     let counts = spread(&agent, "web", 20).await;
     assert_eq!(counts.len(), 2, "{counts:?}");
-    let errors = metric(&agent, "edge_agent_discovery_errors_total{").await;
+    let errors = metric_value(&agent, "edge_agent_discovery_errors_total{").await;
     assert!(errors.unwrap_or(0.0) >= 1.0, "{errors:?}");
 
     // A fresh Consul on the same port knows only b: the set resets to that truth.
     let consul = Consul::start_on(port, None).await;
     consul.register("web", "web-b", b.addr, 1).await;
     until_served_by(&agent, "web", &["b"], "the set reset to the new truth").await;
-    let stale = metric(&agent, series).await.unwrap();
+    let stale = metric_value(&agent, series).await.unwrap();
     assert!(stale < 5.0, "staleness after recovery: {stale}");
 }
 

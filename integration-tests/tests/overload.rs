@@ -1,32 +1,25 @@
-//! Overload end to end (#17): circuit breakers answer at once instead of queueing. Real backends
-//! on loopback, the file registry, the built binary.
+//! Overload end to end (#17): circuit breakers answer at once instead of queueing, and the
+//! interval outlier detectors. Real backends on loopback, the file registry, the built binary.
+//! The tests take a lock so they never run at the same time: the refusal latencies measured
+//! here are not the other tests' load.
 use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
 
 use integration_tests::{client, eventually, in_flight, setup, Backend, Behaviour};
 
-/// `max_requests = 10` and 50 concurrent clients against a backend that holds every request:
-/// exactly 10 reach it, the other 40 get the overflow 503 at once, the metric counts 40, and
-/// every place is given back when the held requests finish.
-#[tokio::test]
-async fn max_requests_answers_the_overflow_at_once_and_leaks_nothing() {
-    let slow = Backend::start_with(
-        "slow",
-        Behaviour {
-            delay: Duration::from_secs(3),
-            ..Default::default()
-        },
-    )
-    .await;
-    let s = setup(
-        "[[upstream]]\nid = \"svc\"\nmax_requests = 10\nread_timeout = \"10s\"\n",
-        &[("svc", &[(slow.addr, 1)])],
-    )
-    .await;
-    let url = s.agent.url("/");
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..50)
+/// Serialises the tests of this binary.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// `n` concurrent `GET url` with `Host: svc`: each one's status, `x-edge-agent-overflow` and
+/// time taken.
+fn concurrent(
+    url: &str,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<(u16, Option<String>, Duration)>> {
+    (0..n)
         .map(|_| {
-            let url = url.clone();
+            let url = url.to_string();
             tokio::spawn(async move {
                 let t = Instant::now();
                 let r = client()
@@ -42,7 +35,31 @@ async fn max_requests_answers_the_overflow_at_once_and_leaks_nothing() {
                 (r.status().as_u16(), overflow, t.elapsed())
             })
         })
-        .collect();
+        .collect()
+}
+
+/// `max_requests = 10` and 50 concurrent clients against a backend that holds every request:
+/// exactly 10 reach it, the other 40 get the overflow 503 at once, the metric counts 40, and
+/// every place is given back when the held requests finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_answers_the_overflow_at_once_and_leaks_nothing() {
+    let _serial = SERIAL.lock().await;
+    let slow = Backend::start_with(
+        "slow",
+        Behaviour {
+            delay: Duration::from_secs(3),
+            ..Default::default()
+        },
+    )
+    .await;
+    let s = setup(
+        "[[upstream]]\nid = \"svc\"\nmax_requests = 10\nread_timeout = \"10s\"\n",
+        &[("svc", &[(slow.addr, 1)])],
+    )
+    .await;
+    let url = s.agent.url("/");
+    let started = Instant::now();
+    let tasks = concurrent(&url, 50);
     let mut ok = 0;
     let mut refused = Vec::new();
     for t in tasks {
@@ -95,8 +112,9 @@ async fn max_requests_answers_the_overflow_at_once_and_leaks_nothing() {
 /// `max_connections = 2` per endpoint, `max_pending = 3`: with 2 requests held, 3 more wait for
 /// a connection (and get one when the held ones finish, within `connect_timeout`), the rest are
 /// refused at once with `pending`; the backend never sees more than 2 connections.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_queues_up_to_max_pending_then_refuses() {
+    let _serial = SERIAL.lock().await;
     let slow = Backend::start_with(
         "slow",
         Behaviour {
@@ -111,25 +129,7 @@ async fn max_connections_queues_up_to_max_pending_then_refuses() {
     )
     .await;
     let url = s.agent.url("/");
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move {
-                let t = Instant::now();
-                let r = client()
-                    .get(url)
-                    .header("host", "svc")
-                    .send()
-                    .await
-                    .expect("request through the agent");
-                let overflow = r
-                    .headers()
-                    .get("x-edge-agent-overflow")
-                    .map(|v| v.to_str().unwrap().to_string());
-                (r.status().as_u16(), overflow, t.elapsed())
-            })
-        })
-        .collect();
+    let tasks = concurrent(&url, 8);
     let mut ok = Vec::new();
     let mut refused = Vec::new();
     for t in tasks {
@@ -161,6 +161,7 @@ async fn max_connections_queues_up_to_max_pending_then_refuses() {
 /// Five backends, one failing 30 % of its requests (never more than 3 in a row): ejected by the
 /// detector under test, not by consecutive failures; clients see no error (retries).
 async fn an_outlier_is_ejected_by(passive: &str, detector: &str) {
+    let _serial = SERIAL.lock().await;
     let mut backends = Vec::new();
     for i in 0..4 {
         backends.push(Backend::start(&format!("ok{i}")).await);
