@@ -94,14 +94,7 @@ fn outliers(up: &Upstream, now: u64) {
     ) {
         let ep = &up.endpoints[i];
         let h = &ep.state.health;
-        let share = || {
-            let ejected = up
-                .endpoints
-                .iter()
-                .filter(|e| e.state.health.ejected())
-                .count();
-            (ejected, up.endpoints.len())
-        };
+        let share = || crate::endpoint::ejected_share(&up.endpoints);
         let s = samples[i].unwrap_or_default();
         let detector = match finding {
             outlier::Finding::SuccessRate { .. } => passive::Detector::SuccessRate,

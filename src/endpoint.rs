@@ -134,14 +134,7 @@ impl<'a> Attempt<'a> {
                 tracing::debug!(upstream = fb.upstream, endpoint = %ep.authority, for_ms = d.as_millis() as u64, "endpoint backs off (rate limited)");
             }
         }
-        let share = || {
-            let ejected = fb
-                .endpoints
-                .iter()
-                .filter(|e| e.state.health.ejected())
-                .count();
-            (ejected, fb.endpoints.len())
-        };
+        let share = || ejected_share(fb.endpoints);
         match passive::record(&state.health, fb.passive, outcome, now, share) {
             Verdict::Noted => {}
             Verdict::Capped { failures } => {
@@ -353,6 +346,15 @@ pub fn registry_says_tls(inst: &Instance) -> bool {
             tags.split(',')
                 .any(|t| TLS_TAGS.iter().any(|x| t.trim().eq_ignore_ascii_case(x)))
         })
+}
+
+/// (endpoints ejected now, endpoints in all): what `max_ejection_percent` is checked against.
+pub fn ejected_share(endpoints: &[Endpoint]) -> (usize, usize) {
+    let ejected = endpoints
+        .iter()
+        .filter(|e| e.state.health.ejected())
+        .count();
+    (ejected, endpoints.len())
 }
 
 /// How many endpoints are available and how many not, for `edge_agent_endpoints`.

@@ -234,6 +234,22 @@ pub(crate) async fn answers(
     }
 }
 
+/// The first of `calls` (a name for messages and a URL each, in failover order) that answers
+/// ([`answers`]); the last failure when none does. A cluster is live while any member is.
+pub(crate) async fn any_answers(
+    client: &reqwest::Client,
+    calls: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), crate::LivenessError> {
+    let mut last = (crate::ErrorKind::Connect, "liveness: no server".to_string());
+    for (what, url) in calls {
+        match answers(client, &what, &url).await {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// A plain HTTP client for adapters that have none of their own (Nacos speaks through its SDK).
 pub(crate) fn plain_client() -> &'static reqwest::Client {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();

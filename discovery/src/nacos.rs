@@ -669,19 +669,17 @@ impl Discovery for NacosDiscovery {
     /// answers (any status): the SDK's own connection gives no sign of a hung server.
     fn liveness(self: Arc<Self>) -> Option<crate::LivenessFuture> {
         Some(Box::pin(async move {
-            let mut last = None;
-            for s in &self.servers {
-                let url = format!("http://{s}/nacos/v1/console/health/liveness");
-                let what = format!("nacos liveness ({s})");
-                match crate::http::answers(crate::http::plain_client(), &what, &url).await {
-                    Ok(()) => return Ok(()),
-                    Err(e) => last = Some(e),
-                }
-            }
-            Err(last.unwrap_or((
-                crate::ErrorKind::Connect,
-                "nacos liveness: no server".into(),
-            )))
+            let calls: Vec<(String, String)> = self
+                .servers
+                .iter()
+                .map(|s| {
+                    (
+                        format!("nacos liveness ({s})"),
+                        format!("http://{s}/nacos/v1/console/health/liveness"),
+                    )
+                })
+                .collect();
+            crate::http::any_answers(crate::http::plain_client(), calls).await
         }))
     }
 

@@ -252,19 +252,17 @@ impl Discovery for EurekaDiscovery {
     /// (a 404 is an answer): the source is live while any peer of the cluster is.
     fn liveness(self: Arc<Self>) -> Option<crate::LivenessFuture> {
         Some(Box::pin(async move {
-            let mut last = None;
-            for s in &self.servers {
-                let url = format!("{}/apps/EDGE-AGENT-LIVENESS", s.base);
-                let what = format!("eureka liveness ({})", s.display);
-                match crate::http::answers(&self.client, &what, &url).await {
-                    Ok(()) => return Ok(()),
-                    Err(e) => last = Some(e),
-                }
-            }
-            Err(last.unwrap_or((
-                crate::ErrorKind::Connect,
-                "eureka liveness: no server".into(),
-            )))
+            let calls: Vec<(String, String)> = self
+                .servers
+                .iter()
+                .map(|s| {
+                    (
+                        format!("eureka liveness ({})", s.display),
+                        format!("{}/apps/EDGE-AGENT-LIVENESS", s.base),
+                    )
+                })
+                .collect();
+            crate::http::any_answers(&self.client, calls).await
         }))
     }
 
