@@ -250,6 +250,27 @@ pub struct Tried {
     /// When the first try started and when the last answered (response head).
     pub first: Option<Instant>,
     pub answered: Option<Instant>,
+    /// The request became a tunnel (a `101`): its line waits for the tunnel's end.
+    pub tunnel: Option<Arc<TunnelBytes>>,
+}
+
+/// A tunnel's bytes each way, counted by `tunnel.rs` while it copies, and its end. The line of
+/// an upgraded request is written when the tunnel closes, with these as `bytes_in` and
+/// `bytes_out` and the tunnel's whole life as `duration_ms` (as nginx logs a WebSocket).
+#[derive(Debug, Default)]
+pub struct TunnelBytes {
+    /// Client to endpoint.
+    pub up: std::sync::atomic::AtomicU64,
+    /// Endpoint to client.
+    pub down: std::sync::atomic::AtomicU64,
+    closed: tokio::sync::Notify,
+}
+
+impl TunnelBytes {
+    /// The tunnel has ended (or never opened).
+    pub fn close(&self) {
+        self.closed.notify_one();
+    }
 }
 
 impl Tried {
@@ -312,6 +333,18 @@ impl Pending {
         })
     }
 
+    /// An upgraded request's line: sent when its tunnel `t` ends, with the tunnel's bytes.
+    fn after_tunnel(mut self, status: u16, tried: Tried, t: Arc<TunnelBytes>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.tried = tried;
+        self.status = status;
+        tokio::spawn(async move {
+            t.closed.notified().await;
+            self.bytes_in = Some(t.up.load(Relaxed));
+            Box::new(self).send(t.down.load(Relaxed));
+        });
+    }
+
     fn send(self: Box<Self>, bytes_out: u64) {
         let log = self.log.clone();
         let entry = Entry {
@@ -347,11 +380,15 @@ impl<B> Logged<B> {
     pub fn wrap(
         resp: http::Response<B>,
         pending: Option<Pending>,
-        tried: Tried,
+        mut tried: Tried,
     ) -> http::Response<Logged<B>> {
-        match pending {
-            Some(p) => p.finish(resp, tried),
-            None => resp.map(Logged::plain),
+        match (pending, tried.tunnel.take()) {
+            (Some(p), Some(t)) => {
+                p.after_tunnel(resp.status().as_u16(), tried, t);
+                resp.map(Logged::plain)
+            }
+            (Some(p), None) => p.finish(resp, tried),
+            (None, _) => resp.map(Logged::plain),
         }
     }
 }
@@ -818,6 +855,7 @@ mod tests {
             endpoint: Some("127.0.0.1:9".parse().unwrap()),
             first: Some(t0),
             answered: Some(t0 + Duration::from_millis(3)),
+            tunnel: None,
         };
         let req = Request::builder()
             .method("POST")

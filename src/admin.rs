@@ -125,6 +125,7 @@ impl Admin {
         let table = self.state.table.load();
         let started = self.state.started;
         let now = clock::now_ms();
+        let held = self.state.held.load();
         let sources: Vec<Value> = self
             .state
             .sources
@@ -152,6 +153,7 @@ impl Admin {
                     .filter(|s| kinds.contains(s.kind))
                     .map(|s| s.staleness(started))
                     .fold(0.0, f64::max);
+                let held = u.service.as_deref().and_then(|s| held.get(s));
                 json!({
                     "id": &*u.id,
                     "service": u.service.as_deref(),
@@ -173,6 +175,14 @@ impl Admin {
                     "last_update_unix": u.updated_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
                     "staleness_seconds": round3(staleness),
                     "subset": subset_json(&u.subsets),
+                    // A registry update the removal guard holds: the endpoints it would remove
+                    // keep serving (`held` below) until it is confirmed or its window ends.
+                    "guard": held.map(|h| json!({
+                        "held_for_ms": now.saturating_sub(h.since_ms),
+                        "applies_in_ms": h.applies_at_ms.saturating_sub(now),
+                        "answers": h.answers,
+                        "removed": h.removed.len(),
+                    })),
                     "stats": u.runtime.stats.summary(),
                     "endpoints": u.endpoints.iter().map(|e| json!({
                         "in_subset": u.subsets.contains(e),
@@ -181,6 +191,7 @@ impl Admin {
                         "weight": e.weight,
                         "available": e.available(),
                         "registry_healthy": e.healthy,
+                        "held": held.is_some_and(|h| h.removed.contains(&*e.id)),
                         "zone": e.zone.as_deref(),
                         "in_flight": e.state.in_flight(),
                         "protocol": u.settings().protocol.or(e.protocol).map_or("http1", |p| p.as_str()),

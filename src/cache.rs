@@ -143,6 +143,7 @@ impl Cache {
                         } else if gone {
                             self.state.wake();
                         }
+                        self.publish_held();
                         self.update_ready();
                     }
                     None => return,
@@ -157,6 +158,7 @@ impl Cache {
                         self.rebuild(Some(&dirty));
                         self.unsaved = true;
                     }
+                    self.publish_held();
                 }
                 _ = save.tick(), if self.unsaved => self.save(),
                 _ = touch.tick(), if !self.state.on_demand.is_empty() => self.touch(&mut used),
@@ -419,6 +421,30 @@ impl Cache {
             }
         }
         dirty.insert(service);
+    }
+
+    /// Shows what the guard holds now in `State::held` for the admin API (nothing is stored
+    /// when nothing is held and nothing was).
+    fn publish_held(&self) {
+        if self.held.is_empty() && self.state.held.load().is_empty() {
+            return;
+        }
+        let guard = &self.tables.dynamic.guard;
+        let mut views: crate::state::HeldByService = HashMap::new();
+        for ((source, service), h) in &self.held {
+            let current = self
+                .services
+                .get(service)
+                .and_then(|m| m.get(source))
+                .map_or(&[][..], Vec::as_slice);
+            views
+                .entry(service.clone())
+                .or_default()
+                .add(h, guard, current);
+        }
+        if **self.state.held.load() != views {
+            self.state.held.store(Arc::new(views));
+        }
     }
 
     /// Applies held updates whose confirmation window has passed.

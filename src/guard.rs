@@ -91,9 +91,50 @@ pub struct Held {
 }
 
 impl Held {
+    /// When the confirmation window lets the update apply anyway (process-clock ms).
+    pub fn applies_at_ms(&self, cfg: &GuardConfig) -> u64 {
+        self.since_ms + cfg.confirm_window.as_millis() as u64
+    }
+
     pub fn confirmed(&self, cfg: &GuardConfig, now_ms: u64) -> bool {
         self.answers >= cfg.confirm_answers
             || now_ms.saturating_sub(self.since_ms) >= cfg.confirm_window.as_millis() as u64
+    }
+}
+
+/// What the admin API shows of one service's held updates (every source's, merged): the
+/// endpoints they would remove, which keep serving meanwhile, and when they apply anyway.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeldView {
+    /// Process-clock ms when the oldest held update was first seen.
+    pub since_ms: u64,
+    /// Process-clock ms when the first of them applies by its window.
+    pub applies_at_ms: u64,
+    /// The most identical answers any of them has had so far.
+    pub answers: u32,
+    /// Ids of the endpoints the held updates would remove.
+    pub removed: HashSet<String>,
+}
+
+impl HeldView {
+    /// Adds one source's held update: `current` is what that source says now.
+    pub fn add(&mut self, held: &Held, cfg: &GuardConfig, current: &[Instance]) {
+        let kept: HashSet<&str> = held.next.iter().flatten().map(|i| i.id.as_str()).collect();
+        let first = self.removed.is_empty() && self.since_ms == 0;
+        self.removed.extend(
+            current
+                .iter()
+                .filter(|i| !kept.contains(i.id.as_str()))
+                .map(|i| i.id.clone()),
+        );
+        let applies = held.applies_at_ms(cfg);
+        if first {
+            (self.since_ms, self.applies_at_ms) = (held.since_ms, applies);
+        } else {
+            self.since_ms = self.since_ms.min(held.since_ms);
+            self.applies_at_ms = self.applies_at_ms.min(applies);
+        }
+        self.answers = self.answers.max(held.answers);
     }
 }
 
@@ -150,5 +191,37 @@ mod tests {
         assert!(!h.confirmed(&g, 1000));
         assert!(h.confirmed(&g, 31_000));
         assert!(Held { answers: 3, ..h }.confirmed(&g, 1000));
+    }
+
+    #[test]
+    fn a_held_view_names_what_would_go_and_when() {
+        let g = GuardConfig::default();
+        let cur = set(&[1, 2, 3, 4]);
+        let mut v = HeldView::default();
+        v.add(
+            &Held {
+                next: Some(set(&[4])),
+                since_ms: 5_000,
+                answers: 2,
+            },
+            &g,
+            &cur,
+        );
+        let mut ids: Vec<&str> = v.removed.iter().map(String::as_str).collect();
+        ids.sort();
+        assert_eq!(ids, ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        assert_eq!((v.since_ms, v.applies_at_ms, v.answers), (5_000, 35_000, 2));
+        // A second source's hold of the whole service: merged, the earlier window wins.
+        v.add(
+            &Held {
+                next: None,
+                since_ms: 1_000,
+                answers: 1,
+            },
+            &g,
+            &set(&[9]),
+        );
+        assert_eq!(v.removed.len(), 4);
+        assert_eq!((v.since_ms, v.applies_at_ms, v.answers), (1_000, 31_000, 2));
     }
 }

@@ -456,8 +456,16 @@ impl Proxy {
                         if let Some(u) = upgrade.take() {
                             // The connection is the tunnel's now; the tunnel holds the count.
                             drop(conn);
-                            let mut parts =
-                                u.join(resp, try_.finish(outcome), &self.tunnels, &upstream.id);
+                            if tried.on {
+                                tried.tunnel = Some(Arc::default());
+                            }
+                            let mut parts = u.join(
+                                resp,
+                                try_.finish(outcome),
+                                &self.tunnels,
+                                &upstream.id,
+                                tried.tunnel.clone(),
+                            );
                             remove_hop_by_hop_but_upgrade(&mut parts.headers);
                             return Ok(Response::from_parts(
                                 parts,

@@ -1,6 +1,7 @@
 //! What the proxy, the admin API and the health tasks read: the current routing table (an
 //! `ArcSwap`, swapped whole by the table builder), each discovery source's status, and the
-//! on-demand sources a zero-config miss asks to watch a service.
+//! on-demand sources a zero-config miss asks to watch a service, and what the removal guard
+//! holds.
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,7 +11,11 @@ use discovery::Discovery;
 use tokio::sync::watch;
 
 use crate::clock;
+use crate::guard::HeldView;
 use crate::route::RoutingTable;
+
+/// Held updates by service, as the admin API shows them (`guard.rs`); written by the cache.
+pub type HeldByService = std::collections::HashMap<String, HeldView>;
 
 /// The agent's shared state.
 pub struct State {
@@ -20,6 +25,8 @@ pub struct State {
     pub on_demand: Vec<Arc<dyn Discovery>>,
     /// Bumped after every table swap; a request waiting for an on-demand watch listens to it.
     pub version: watch::Sender<u64>,
+    /// What the removal guard holds now (read by the admin API only).
+    pub held: ArcSwap<HeldByService>,
     ready: AtomicBool,
     pub started: SystemTime,
 }
@@ -39,6 +46,7 @@ impl State {
             sources,
             on_demand,
             version: watch::channel(0).0,
+            held: ArcSwap::from_pointee(HeldByService::new()),
             ready: AtomicBool::new(ready),
             started: SystemTime::now(),
         })

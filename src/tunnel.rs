@@ -12,17 +12,20 @@
 //! long-lived sockets, and counts in `edge_agent_upgrades_active{upstream}`. [`Tunnels`] counts
 //! the open ones for the SIGTERM drain (`server.rs`): the drain waits for them up to the grace
 //! period, then closes them.
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::sync::{watch, Notify};
 
+use crate::access_log::TunnelBytes;
 use crate::endpoint::InFlight;
 use crate::metrics as m;
 
@@ -141,13 +144,15 @@ impl Upgrade {
 
     /// Joins the client to the endpoint's `101` answer `resp`: returns the `101` for the client
     /// (the endpoint's headers, hop-by-hop ones but the upgrade's removed by the caller before)
-    /// and starts the copy, which holds `in_flight` and counts in `tunnels` until it ends.
+    /// and starts the copy, which holds `in_flight` and counts in `tunnels` until it ends, and
+    /// counts its bytes into `bytes` (for the access log), closed when it ends.
     pub fn join(
         self,
         mut resp: Response<Incoming>,
         in_flight: InFlight,
         tunnels: &Arc<Tunnels>,
         upstream: &str,
+        bytes: Option<Arc<TunnelBytes>>,
     ) -> http::response::Parts {
         debug_assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
         let endpoint = hyper::upgrade::on(&mut resp);
@@ -166,6 +171,7 @@ impl Upgrade {
         let upstream = upstream.to_string();
         let client = self.client;
         tokio::spawn(async move {
+            let bytes = Ended(bytes.unwrap_or_default());
             let _held = (open, in_flight);
             let (client, endpoint) = match tokio::try_join!(client, endpoint) {
                 Ok(both) => both,
@@ -174,8 +180,10 @@ impl Upgrade {
                     return;
                 }
             };
-            let (mut client_rx, mut client_tx) = tokio::io::split(TokioIo::new(client));
-            let (mut endpoint_rx, mut endpoint_tx) = tokio::io::split(TokioIo::new(endpoint));
+            let (client_rx, mut client_tx) = tokio::io::split(TokioIo::new(client));
+            let (endpoint_rx, mut endpoint_tx) = tokio::io::split(TokioIo::new(endpoint));
+            let mut client_rx = Counted(client_rx, &bytes.0.up);
+            let mut endpoint_rx = Counted(endpoint_rx, &bytes.0.down);
             // Each way until its reader ends, then the writer is shut down; the tunnel ends when
             // either side has closed (a WebSocket has no use for a half-open connection).
             let up = async {
@@ -197,6 +205,32 @@ impl Upgrade {
             }
         });
         parts
+    }
+}
+
+/// Closes a tunnel's byte count when the tunnel task ends, however it ends.
+struct Ended(Arc<TunnelBytes>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// A reader that adds what it reads to a counter.
+struct Counted<'a, R>(R, &'a AtomicU64);
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<'_, R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.0).poll_read(cx, buf);
+        self.1
+            .fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        r
     }
 }
 

@@ -711,7 +711,7 @@ async fn the_removal_guard_keeps_a_service_when_the_registry_suddenly_forgets_it
     let dir = tempfile::tempdir().unwrap();
     let (path, url) = registry(&dir);
     write_services(&path, &[("svc", &[(a.addr, 1), (b.addr, 1), (c.addr, 1)])]);
-    let toml = "[guard]\nconfirm_window = \"2s\"\nconfirm_answers = 100\n";
+    let toml = "[guard]\nconfirm_window = \"3s\"\nconfirm_answers = 100\n";
     let agent = agent_with_config(&dir, &url, toml, &[("EDGE_AGENT_REMOVAL_GUARD", "on")]).await;
     assert_eq!(agent.get("svc", "/").await.0, 200);
     // The file loses every service (a truncated deploy): held, still serving.
@@ -727,6 +727,19 @@ async fn the_removal_guard_keeps_a_service_when_the_registry_suddenly_forgets_it
     .await;
     let s = spread(&agent, "svc", 9).await;
     assert_eq!(s.len(), 3, "all three still serve: {s:?}");
+    // `/upstreams` (and so the status page and `edge-agent status`) shows them held, and when
+    // the hold ends.
+    let up = agent.upstreams().await;
+    let u = &up["upstreams"][0];
+    let eps = u["endpoints"].as_array().unwrap();
+    assert!(
+        eps.iter()
+            .all(|e| e["held"] == true && e["available"] == true),
+        "{u}"
+    );
+    assert_eq!(u["guard"]["removed"], 3, "{u}");
+    let left = u["guard"]["applies_in_ms"].as_u64().unwrap();
+    assert!(left > 0 && left <= 3000, "{u}");
     // Confirmed by its window: the service goes.
     eventually(
         Duration::from_secs(10),
@@ -735,7 +748,7 @@ async fn the_removal_guard_keeps_a_service_when_the_registry_suddenly_forgets_it
     )
     .await;
     assert!(
-        held_at.elapsed() >= Duration::from_secs(2),
+        held_at.elapsed() >= Duration::from_secs(3),
         "{:?}",
         held_at.elapsed()
     );

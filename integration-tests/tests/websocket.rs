@@ -398,3 +398,77 @@ async fn connect_stays_refused() {
         "nothing reached the backend"
     );
 }
+
+/// The access log's line for a WebSocket: written when the tunnel closes, status 101, the
+/// tunnel's bytes each way and its whole life as the duration (#16).
+#[tokio::test]
+async fn a_websocket_has_one_access_log_line_written_at_its_close() {
+    let server = EchoServer::start("ws-log", None).await;
+    let web = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let agent = agent(
+        &dir,
+        &[("chat", &[(server.addr, 1)]), ("web", &[(web.addr, 1)])],
+        "",
+        &[("EDGE_AGENT_ACCESS_LOG", log.to_str().unwrap())],
+    )
+    .await;
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let mut ws = connect(&agent, "chat").await.expect("handshake");
+    let opened = Instant::now();
+    for i in 0..10 {
+        assert_eq!(
+            roundtrip(&mut ws, &format!("m{i}")).await,
+            format!("ws-log: m{i}")
+        );
+    }
+    // A plain request after the handshake is logged while the tunnel is still open: the
+    // tunnel's own line is not written yet.
+    assert_eq!(agent.get("web", "/plain").await.0, 200);
+    eventually(
+        Duration::from_secs(10),
+        "the plain request's line",
+        || async { (lines().len() == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(lines()[0]["path"], "/plain");
+    let open_for = opened.elapsed();
+    ws.close(None).await.unwrap();
+    let l = eventually(Duration::from_secs(10), "the tunnel's line", || async {
+        let l = lines();
+        (l.len() == 2).then_some(l)
+    })
+    .await;
+    let e = &l[1];
+    assert_eq!(e["status"], 101, "{e}");
+    assert_eq!(e["method"], "GET", "{e}");
+    assert_eq!(e["path"], "/socket", "{e}");
+    assert_eq!(e["proto"], "HTTP/1.1", "{e}");
+    assert_eq!(e["host"], "chat", "{e}");
+    assert_eq!(e["upstream"], "chat", "{e}");
+    assert_eq!(e["endpoint"], server.addr.to_string(), "{e}");
+    assert_eq!(e["tries"], 1, "{e}");
+    // Ten masked client frames of 2 bytes each ("m0".."m9": 2 + 4-byte mask + 2) plus the close
+    // frame up; ten "ws-log: mN" echoes (2 + 10) plus the close down.
+    let (bin, bout) = (
+        e["bytes_in"].as_u64().unwrap(),
+        e["bytes_out"].as_u64().unwrap(),
+    );
+    assert!((80..=100).contains(&bin), "bytes_in {bin}: {e}");
+    assert!((120..=140).contains(&bout), "bytes_out {bout}: {e}");
+    let d = e["duration_ms"].as_f64().unwrap();
+    let u = e["upstream_ms"].as_f64().unwrap();
+    assert!(u <= d, "{e}");
+    // The whole life of the tunnel, not the handshake: at least the time it was open.
+    assert!(
+        d >= open_for.as_secs_f64() * 1000.0,
+        "duration {d} ms for a tunnel open {open_for:?}: {e}"
+    );
+}
