@@ -14,6 +14,10 @@
 //! the watcher up on file systems where notifications are lost. Each read that parses yields one
 //! [`Event::Snapshot`], which the agent diffs against what it has.
 //!
+//! Mapping: identity `id`, else `addr`; `weight` (default [`DEFAULT_WEIGHT`]); `healthy`
+//! (default true); `zone` as the instance's zone (an empty one counts as none); `metadata` as
+//! given, the keys subsets select on (`subset = { version = "2" }`); no keys are added.
+//!
 //! Bad input: a file that cannot be read or is not valid TOML (or has an unknown field, or the
 //! same service twice) is refused whole with an error naming the line and field, and the last
 //! good view stays. A single bad *instance* (an address that does not parse, say) is skipped with
@@ -155,7 +159,7 @@ fn instance(value: toml::Value) -> Result<Instance, String> {
     }
     inst.weight = raw.weight.unwrap_or(DEFAULT_WEIGHT);
     inst.healthy = raw.healthy.unwrap_or(true);
-    inst.zone = raw.zone;
+    inst.zone = raw.zone.filter(|z| !z.trim().is_empty());
     inst.metadata = raw.metadata;
     // Always passes after the `ip:port` parse above; kept so every adapter admits instances
     // through the same check.
