@@ -22,8 +22,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{json, Value};
 
 use crate::clock;
+use crate::endpoint::Endpoint;
+use crate::guard::HeldView;
 use crate::state::State;
 use crate::subset::Subsets;
+use crate::upstream::Upstream;
 
 pub struct Admin {
     state: Arc<State>,
@@ -184,39 +187,46 @@ impl Admin {
                         "removed": h.removed.len(),
                     })),
                     "stats": u.runtime.stats.summary(),
-                    "endpoints": u.endpoints.iter().map(|e| json!({
-                        "in_subset": u.subsets.contains(e),
-                        "id": &*e.id,
-                        "address": e.authority.as_str(),
-                        "weight": e.weight,
-                        "available": e.available(),
-                        "registry_healthy": e.healthy,
-                        "held": held.is_some_and(|h| h.removed.contains(&*e.id)),
-                        "zone": e.zone.as_deref(),
-                        "in_flight": e.state.in_flight(),
-                        "protocol": u.settings().protocol.or(e.protocol).map_or("http1", |p| p.as_str()),
-                        // HTTP/2 connections, plus HTTP/1 ones: idle, and one per request in
-                        // flight that is not an HTTP/2 stream.
-                        "connections": e.state.h2.connections() + e.state.pool.idle_count()
-                            + (e.state.in_flight() as usize).saturating_sub(e.state.h2.streams()),
-                        "streams": e.state.h2.streams(),
-                        "ejected": e.state.health.ejected(),
-                        "ejected_for_ms": e.state.health.ejected_for_ms(now),
-                        "backoff_ms": e.state.health.backoff_left_ms(now),
-                        "ejections": e.state.health.ejections(),
-                        "consecutive_failures": e.state.health.consecutive_failures(),
-                        "active_check_up": e.state.health.active_up(),
-                        "ewma_ms": round3(e.state.ewma.value_ns(now, u.settings().ewma_decay) / 1e6),
-                        "slow_start_factor": round3(e.state.health.slow_start_factor(now, u.settings().slow_start)),
-                        "requests": e.state.requests(),
-                        "failures": e.state.failures(),
-                    })).collect::<Vec<_>>(),
+                    "endpoints": u.endpoints.iter().map(|e| endpoint_json(u, e, held, now)).collect::<Vec<_>>(),
                 })
             })
             .collect();
         ups.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
         json!({ "ready": self.state.ready(), "sources": sources, "upstreams": ups })
     }
+}
+
+/// One endpoint of upstream `u` in `/upstreams`; `held`: what the removal guard holds of its
+/// service.
+fn endpoint_json(u: &Upstream, e: &Endpoint, held: Option<&HeldView>, now: u64) -> Value {
+    json!({
+        "in_subset": u.subsets.contains(e),
+        "id": &*e.id,
+        "address": e.authority.as_str(),
+        "weight": e.weight,
+        "available": e.available(),
+        "registry_healthy": e.healthy,
+        "held": held.is_some_and(|h| h.removed.contains(&*e.id)),
+        "draining": e.state.drain.is_draining(),
+        "zone": e.zone.as_deref(),
+        "in_flight": e.state.in_flight(),
+        "protocol": u.settings().protocol.or(e.protocol).map_or("http1", |p| p.as_str()),
+        // HTTP/2 connections, plus HTTP/1 ones: idle, and one per request in
+        // flight that is not an HTTP/2 stream.
+        "connections": e.state.h2.connections() + e.state.pool.idle_count()
+            + (e.state.in_flight() as usize).saturating_sub(e.state.h2.streams()),
+        "streams": e.state.h2.streams(),
+        "ejected": e.state.health.ejected(),
+        "ejected_for_ms": e.state.health.ejected_for_ms(now),
+        "backoff_ms": e.state.health.backoff_left_ms(now),
+        "ejections": e.state.health.ejections(),
+        "consecutive_failures": e.state.health.consecutive_failures(),
+        "active_check_up": e.state.health.active_up(),
+        "ewma_ms": round3(e.state.ewma.value_ns(now, u.settings().ewma_decay) / 1e6),
+        "slow_start_factor": round3(e.state.health.slow_start_factor(now, u.settings().slow_start)),
+        "requests": e.state.requests(),
+        "failures": e.state.failures(),
+    })
 }
 
 /// An upstream's subset and zone settings, and its zone shares now (`subset.rs`).

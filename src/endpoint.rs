@@ -26,11 +26,11 @@ use crate::health::passive::{self, PassiveHealth, Verdict};
 use crate::health::{Health, Outcome};
 use crate::load::PeakEwma;
 use crate::metrics::UpstreamMetrics;
-use crate::pool::ConnPool;
+use crate::pool::{ConnPool, Drain};
 use crate::rng::Rng;
 
 /// State of one endpoint that outlives routing tables.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EndpointState {
     in_flight: AtomicU64,
     requests: AtomicU64,
@@ -43,14 +43,54 @@ pub struct EndpointState {
     pub pool: ConnPool,
     /// HTTP/2 connections to the endpoint (`h2pool.rs`).
     pub h2: H2Pool,
+    /// Its drain when the registry removes it or marks it unhealthy (`pool::Drain`).
+    pub drain: Arc<Drain>,
+}
+
+impl Default for EndpointState {
+    fn default() -> Self {
+        EndpointState::new(Health::default())
+    }
 }
 
 impl EndpointState {
     pub fn new(health: Health) -> Self {
+        let drain = Arc::new(Drain::default());
         EndpointState {
+            in_flight: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            ewma: PeakEwma::default(),
             health,
-            ..Default::default()
+            pool: ConnPool::with_drain(drain.clone()),
+            h2: H2Pool::with_drain(drain.clone()),
+            drain,
         }
+    }
+
+    /// Starts draining the endpoint (see `pool::Drain`): its idle connections close now; what
+    /// is busy closes after `timeout`, unless the drain ends first. Nothing to do when it is
+    /// draining already.
+    pub fn begin_drain(&self, timeout: std::time::Duration) {
+        let Some(generation) = self.drain.begin() else {
+            return;
+        };
+        self.pool.close_idle();
+        self.h2.close_idle();
+        // Nothing busy: nothing to time out.
+        if self.in_flight() == 0 && self.h2.connections() == 0 {
+            return;
+        }
+        let drain = self.drain.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if drain.expire(generation) {
+                tracing::info!(
+                    after_ms = timeout.as_millis() as u64,
+                    "drain timeout: closing what is left"
+                );
+            }
+        });
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -70,6 +110,11 @@ impl EndpointState {
 pub struct InFlight(Arc<EndpointState>);
 
 impl InFlight {
+    /// The drain of the endpoint this request is in flight to.
+    pub fn drain(&self) -> &Drain {
+        &self.0.drain
+    }
+
     pub fn start(state: &Arc<EndpointState>) -> Self {
         state.in_flight.fetch_add(1, Ordering::Relaxed);
         state.requests.fetch_add(1, Ordering::Relaxed);

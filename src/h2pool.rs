@@ -39,7 +39,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::dial;
 use crate::error::{ProxyError, Sent};
 use crate::grpc;
-use crate::pool::ReqBody;
+use crate::pool::{Drain, ReqBody};
 use crate::tls::{ClientTls, ALPN_H2, ALPN_HTTP1};
 
 /// Streams per connection when the peer sets no `SETTINGS_MAX_CONCURRENT_STREAMS` (RFC 9113
@@ -172,6 +172,8 @@ pub struct H2Pool {
     conns: Mutex<Vec<Arc<H2Conn>>>,
     /// `auto` over TLS: ALPN chose HTTP/1.1 for this endpoint.
     pub alpn_http1: AtomicBool,
+    /// The endpoint's drain (its state's, shared with its HTTP/1 pool).
+    drain: Arc<Drain>,
 }
 
 impl std::fmt::Debug for H2Pool {
@@ -186,6 +188,24 @@ impl std::fmt::Debug for H2Pool {
 impl H2Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<H2Conn>>> {
         self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A pool under `drain`.
+    pub fn with_drain(drain: Arc<Drain>) -> Self {
+        H2Pool {
+            drain,
+            ..Default::default()
+        }
+    }
+
+    /// A drain began: no connection takes a new stream, and those without one close now (the
+    /// others when their last stream ends, or when the drain runs out of time).
+    pub fn close_idle(&self) {
+        let mut conns = self.lock();
+        for c in conns.iter() {
+            c.draining.store(true, Ordering::Relaxed);
+        }
+        conns.retain(|c| c.streams.load(Ordering::Relaxed) > 0);
     }
 
     /// Open HTTP/2 connections (draining ones included until they close).
@@ -315,9 +335,13 @@ impl H2Pool {
                 })
             }
         };
+        let closed = self.drain.closed();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                },
+                () = closed => tracing::debug!("upstream HTTP/2 connection closed: its endpoint's drain ran out of time"),
             }
         });
         let conn = Arc::new(H2Conn {

@@ -18,6 +18,7 @@
 //! `max_pending` requests of its upstream wait already; otherwise it is refused at once
 //! ([`ProxyError::Overflow`]).
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
 
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
@@ -35,6 +37,75 @@ use crate::dial;
 use crate::error::{ProxyError, Sent};
 use crate::replay::ReplayBody;
 use crate::tls::ClientTls;
+
+/// An endpoint's drain (#17): the registry removed it, or marks it unhealthy or draining
+/// (Eureka `OUT_OF_SERVICE`/`DOWN`, Consul maintenance, Nacos `enabled=false`). No new request
+/// is sent to it (the table no longer routes there), requests in flight and open tunnels
+/// finish, idle connections close at once, a connection that finishes its exchange is closed
+/// rather than pooled, and after the upstream's `drain_timeout` whatever is left (busy HTTP/1
+/// and HTTP/2 connections, tunnels) is closed. One drain per endpoint state, shared by its
+/// HTTP/1 and HTTP/2 pools and its tunnels.
+#[derive(Debug)]
+pub struct Drain {
+    draining: AtomicBool,
+    /// Bumped by every start and end, so a timer of an earlier drain never closes a later one.
+    generation: AtomicU64,
+    /// `true`: close now (the drain's time is up).
+    close: watch::Sender<bool>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            draining: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            close: watch::channel(false).0,
+        }
+    }
+}
+
+impl Drain {
+    /// Starts draining; the drain's generation when it was not draining yet (to give
+    /// [`Drain::expire`] when its time is up), else `None`.
+    pub fn begin(&self) -> Option<u64> {
+        if self.draining.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(self.generation.fetch_add(1, Ordering::AcqRel) + 1)
+    }
+
+    /// The endpoint serves again (back in the table, registry-healthy again).
+    pub fn end(&self) {
+        if self.draining.swap(false, Ordering::AcqRel) {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.close.send_replace(false);
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// The drain of `generation` ran out of time: close what is left, unless it ended since.
+    pub fn expire(&self, generation: u64) -> bool {
+        if self.is_draining() && self.generation.load(Ordering::Acquire) == generation {
+            self.close.send_replace(true);
+            return true;
+        }
+        false
+    }
+
+    /// Resolves when the drain closes what is left (at once when it has).
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.close.subscribe();
+        async move {
+            // An error: the drain is gone with its endpoint; nothing will close.
+            if rx.wait_for(|c| *c).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
 
 /// Request body sent upstream: the client's (watched for its own framing faults), or empty for
 /// a replayed body-less request or a probe.
@@ -62,6 +133,8 @@ pub struct ConnPool {
     open: Gate,
     /// Woken when a connection comes back or closes, for requests waiting at the limit.
     freed: Arc<tokio::sync::Notify>,
+    /// The endpoint's drain (its state's, shared with its HTTP/2 pool).
+    drain: Arc<Drain>,
 }
 
 /// The limits a request is sent under: its upstream's `max_connections` (per endpoint) and
@@ -101,6 +174,20 @@ impl ConnPool {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// A pool under `drain`.
+    pub fn with_drain(drain: Arc<Drain>) -> Self {
+        ConnPool {
+            drain,
+            ..Default::default()
+        }
+    }
+
+    /// Closes every idle connection (a drain began).
+    pub fn close_idle(&self) {
+        let idle = std::mem::take(&mut *self.lock());
+        drop(idle);
+    }
+
     /// Idle connections held now.
     pub fn idle_count(&self) -> usize {
         self.lock().len()
@@ -131,7 +218,8 @@ impl ConnPool {
 
     /// Returns a connection whose exchange is finished.
     pub fn put(&self, conn: Conn) {
-        if conn.send.is_closed() {
+        // Draining: dropped, so it closes now its exchange is over.
+        if conn.send.is_closed() || self.drain.is_draining() {
             return;
         }
         let now = Instant::now();
@@ -220,10 +308,18 @@ impl ConnPool {
             }
         };
         drop(waited);
-        let mut conn = connect(authority, tls, connect_timeout, slot, self.freed.clone())
-            .await
-            // The place was given back: a waiter may take it.
-            .inspect_err(|_| self.freed.notify_one())?;
+        let closed = self.drain.closed();
+        let mut conn = connect(
+            authority,
+            tls,
+            connect_timeout,
+            slot,
+            self.freed.clone(),
+            closed,
+        )
+        .await
+        // The place was given back: a waiter may take it.
+        .inspect_err(|_| self.freed.notify_one())?;
         match conn.send.try_send_request(req).await {
             Ok(resp) => Ok((resp, conn)),
             Err(e) => {
@@ -243,14 +339,16 @@ impl ConnPool {
 
 /// Dials `authority` (through `dial.rs`: TCP, and TLS when the upstream has it) and starts an
 /// HTTP/1 connection on it; the connection's I/O runs in a task of its own until the peer closes
-/// it or every handle to it is dropped. `slot` is the connection's place under
-/// `max_connections`, given back (and `freed` woken) when it closes.
+/// it, every handle to it is dropped, or `closed` (the endpoint's drain ran out of time).
+/// `slot` is the connection's place under `max_connections`, given back (and `freed` woken)
+/// when it closes.
 async fn connect(
     authority: &Authority,
     tls: Option<&ClientTls>,
     timeout: Duration,
     slot: Slot,
     freed: Arc<tokio::sync::Notify>,
+    closed: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Conn, ProxyError> {
     let dialed = dial::dial(authority, tls, timeout).await?;
     let (send, io) = http1::Builder::new()
@@ -262,8 +360,11 @@ async fn connect(
         })?;
     tokio::spawn(async move {
         // With upgrades: a `101` hands the connection to its tunnel (`tunnel.rs`).
-        if let Err(e) = io.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
+        tokio::select! {
+            r = io.with_upgrades() => if let Err(e) = r {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            },
+            () = closed => tracing::debug!("upstream connection closed: its endpoint's drain ran out of time"),
         }
         drop(slot);
         freed.notify_one();
@@ -277,6 +378,33 @@ async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pending<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        f.poll(&mut cx).is_pending()
+    }
+
+    #[tokio::test]
+    async fn a_drain_closes_only_its_own_generation() {
+        let d = Drain::default();
+        let first = d.begin().expect("a new drain");
+        assert!(d.begin().is_none(), "already draining");
+        // It ends (the endpoint serves again) and a new drain begins: the first timer is void.
+        d.end();
+        let second = d.begin().unwrap();
+        assert!(!d.expire(first));
+        let closed = d.closed();
+        tokio::pin!(closed);
+        assert!(pending(closed.as_mut()));
+        assert!(d.expire(second));
+        closed.await;
+        // Serving again reopens: a new connection is not closed at once.
+        d.end();
+        let again = d.closed();
+        tokio::pin!(again);
+        assert!(pending(again.as_mut()));
+        assert!(!d.is_draining());
+    }
     use bytes::Bytes;
     use http_body_util::{BodyExt, Either, Empty};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -134,6 +134,7 @@ impl TableBuilder {
             domain_suffix: self.dynamic.domain_suffix.as_deref().map(Into::into),
         });
         self.state.publish(table.clone());
+        drain_changed(&old, &table);
         // When each change took effect (zero-config upstreams are named by their service; the
         // fleet benchmark, bench/fleet.sh, reads these timestamps).
         for svc in dirty.into_iter().flatten() {
@@ -345,6 +346,71 @@ fn carry_over(
         }
     }
     endpoints
+}
+
+/// Starts the drain of every endpoint the new table no longer sends requests to, because its
+/// registry removed it or says it is unhealthy, and ends it for those that serve again
+/// (`pool::Drain`). Only upstreams the rebuild replaced are looked at. An endpoint another
+/// upstream still routes to (one state in two upstreams of a service) is not drained.
+fn drain_changed(old: &RoutingTable, new: &RoutingTable) {
+    let changed = |a: &HashMap<Arc<str>, Arc<Upstream>>, b: &HashMap<Arc<str>, Arc<Upstream>>| {
+        a.iter()
+            .filter(|(id, u)| b.get(*id).is_none_or(|v| !Arc::ptr_eq(u, v)))
+            .map(|(_, u)| u.clone())
+            .collect::<Vec<_>>()
+    };
+    let (gone, came) = (
+        changed(&old.upstreams, &new.upstreams),
+        changed(&new.upstreams, &old.upstreams),
+    );
+    if gone.is_empty() && came.is_empty() {
+        return;
+    }
+    let key = |e: &Endpoint| Arc::as_ptr(&e.state);
+    // Endpoints the replaced upstreams route to now (registry-healthy), and those they keep
+    // but the registry says are unhealthy or draining.
+    let mut serving: HashSet<*const EndpointState> = HashSet::new();
+    let mut unhealthy: Vec<(&Endpoint, std::time::Duration)> = Vec::new();
+    for u in &came {
+        for e in u.endpoints.iter() {
+            if e.healthy {
+                serving.insert(key(e));
+            } else {
+                unhealthy.push((e, u.settings().drain_timeout));
+            }
+        }
+    }
+    for u in &came {
+        for e in u.endpoints.iter().filter(|e| e.healthy) {
+            e.state.drain.end();
+        }
+    }
+    for (e, timeout) in unhealthy {
+        if !serving.contains(&key(e)) {
+            e.state.begin_drain(timeout);
+        }
+    }
+    let kept: HashSet<*const EndpointState> = came
+        .iter()
+        .flat_map(|u| u.endpoints.iter().map(key))
+        .collect();
+    for u in &gone {
+        for e in u.endpoints.iter() {
+            if !kept.contains(&key(e)) && !still_routed(new, u, e) {
+                tracing::debug!(upstream = %u.id, endpoint = %e.authority, "endpoint removed: draining");
+                e.state.begin_drain(u.settings().drain_timeout);
+            }
+        }
+    }
+}
+
+/// Whether an upstream of `new` the rebuild did not replace routes to `e` (of `from`): only
+/// upstreams of the same service share endpoint states.
+fn still_routed(new: &RoutingTable, from: &Upstream, e: &Endpoint) -> bool {
+    from.service.is_some()
+        && new.upstreams.values().any(|u| {
+            u.service == from.service && u.endpoints.iter().any(|o| Arc::ptr_eq(&o.state, &e.state))
+        })
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@
 //! A tunnel holds its endpoint's in-flight count for its whole life, so `least_conn` sees
 //! long-lived sockets, and counts in `edge_agent_upgrades_active{upstream}`. [`Tunnels`] counts
 //! the open ones for the SIGTERM drain (`server.rs`): the drain waits for them up to the grace
-//! period, then closes them.
+//! period, then closes them. A tunnel to an endpoint the registry removed stays open until the
+//! upstream's `drain_timeout`, then closes (`pool::Drain`).
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -168,6 +169,7 @@ impl Upgrade {
         parts.headers.insert(header::UPGRADE, proto);
         let open = Open::new(tunnels, upstream);
         let mut close = tunnels.close.subscribe();
+        let drained = in_flight.drain().closed();
         let upstream = upstream.to_string();
         let client = self.client;
         tokio::spawn(async move {
@@ -201,6 +203,9 @@ impl Upgrade {
                 (side, r) = down => ended(&upstream, side, r),
                 _ = async { drop(close.wait_for(|c| *c).await) } => {
                     tracing::info!(%upstream, "tunnel closed by shutdown");
+                }
+                () = drained => {
+                    tracing::info!(%upstream, "tunnel closed: its endpoint's drain ran out of time");
                 }
             }
         });

@@ -29,6 +29,9 @@ pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_RETRIES: u32 = 1;
 /// Budget for all tries of one request.
 pub const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long requests and tunnels to an endpoint the registry removed (or marks unhealthy) may
+/// go on before what is left is closed (`drain_timeout`, `pool::Drain`).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upper bound for `retries`: more is a retry storm, not resilience.
 pub const MAX_RETRIES: u32 = 10;
 
@@ -46,6 +49,8 @@ pub struct UpstreamSettings {
     pub slow_start: Option<Duration>,
     /// Longest back-off a 429's or 503's `Retry-After` may impose on an endpoint.
     pub max_retry_after: Duration,
+    /// How long a removed endpoint's requests and tunnels may finish (`drain_timeout`).
+    pub drain_timeout: Duration,
     pub breakers: CircuitBreakers,
     pub passive: PassiveHealth,
     pub active: Option<ActiveHealth>,
@@ -74,6 +79,7 @@ impl UpstreamSettings {
             ewma_decay: crate::load::DEFAULT_DECAY,
             slow_start: None,
             max_retry_after: crate::retry::DEFAULT_MAX_RETRY_AFTER,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             breakers: CircuitBreakers::default(),
             passive: PassiveHealth::default(),
             active: None,

@@ -111,6 +111,7 @@ pub struct Backend {
     pub addr: SocketAddr,
     hits: Arc<AtomicU64>,
     conns: Arc<AtomicU64>,
+    open: Arc<AtomicU64>,
     behaviour: Arc<Mutex<Behaviour>>,
     last_headers: Arc<Mutex<HashMap<String, String>>>,
     task: tokio::task::JoinHandle<()>,
@@ -146,13 +147,17 @@ impl Backend {
             name.to_string(),
         );
         let accepted = conns.clone();
+        let open = Arc::new(AtomicU64::new(0));
+        let open_now = open.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 accepted.fetch_add(1, Ordering::SeqCst);
+                open_now.fetch_add(1, Ordering::SeqCst);
                 let (h, b, lh, n) = (h.clone(), b.clone(), lh.clone(), n.clone());
+                let open_now = open_now.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let (h, b, lh, n) = (h.clone(), b.clone(), lh.clone(), n.clone());
@@ -185,6 +190,7 @@ impl Backend {
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
+                    open_now.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -193,6 +199,7 @@ impl Backend {
             addr,
             hits,
             conns,
+            open,
             behaviour,
             last_headers,
             task,
@@ -206,6 +213,11 @@ impl Backend {
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.conns.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now (accepted and not yet closed by either side).
+    pub fn open_connections(&self) -> u64 {
+        self.open.load(Ordering::SeqCst)
     }
 
     pub fn set(&self, behaviour: Behaviour) {

@@ -255,3 +255,135 @@ async fn failure_percentage_ejects_an_endpoint_failing_30_percent() {
     )
     .await;
 }
+
+/// Drain (#17): an endpoint removed from the file registry while a 3 s request is on it. The
+/// request finishes with 200; no new request reaches it; its idle pooled connections close at
+/// once (counted at the backend), and the busy one once its exchange is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_endpoint_drains_requests_finish_idle_connections_close() {
+    let _serial = SERIAL.lock().await;
+    let old = Backend::start("old").await;
+    let new = Backend::start("new").await;
+    let s = setup(
+        "[[upstream]]\nid = \"svc\"\nservice = \"svc\"\nread_timeout = \"10s\"\n\n[guard]\nopt_out = [\"svc\"]\n",
+        &[("svc", &[(old.addr, 1)])],
+    )
+    .await;
+    // Four idle keep-alive connections to `old`.
+    for t in concurrent(&s.agent.url("/"), 4) {
+        assert_eq!(t.await.unwrap().0, 200);
+    }
+    let pooled = old.open_connections();
+    assert!(pooled >= 2, "{pooled} connections pooled");
+    old.set(Behaviour {
+        delay: Duration::from_secs(3),
+        ..Default::default()
+    });
+    let url = s.agent.url("/slow");
+    let started = Instant::now();
+    let slow = tokio::spawn(async move {
+        let r = client()
+            .get(url)
+            .header("host", "svc")
+            .send()
+            .await
+            .unwrap();
+        let from = r.headers()["x-backend"].to_str().unwrap().to_string();
+        (r.status().as_u16(), from, started.elapsed())
+    });
+    eventually(
+        Duration::from_secs(5),
+        "the slow request to reach old",
+        || async { (in_flight(&s.agent, old.addr).await == 1).then_some(()) },
+    )
+    .await;
+    // The registry replaces `old` by `new`.
+    integration_tests::write_services(&s.registry, &[("svc", &[(new.addr, 1)])]);
+    eventually(
+        Duration::from_secs(5),
+        "the idle connections to old to close",
+        || async { (old.open_connections() == 1).then_some(()) },
+    )
+    .await;
+    let closed_after = started.elapsed();
+    let hits = old.hits();
+    for _ in 0..10 {
+        let (status, from, _) = s.agent.get("svc", "/").await;
+        assert_eq!((status, from.as_str()), (200, "new"));
+    }
+    assert_eq!(
+        old.hits(),
+        hits,
+        "no new request reaches the removed endpoint"
+    );
+    let (status, from, took) = slow.await.unwrap();
+    assert_eq!(
+        (status, from.as_str()),
+        (200, "old"),
+        "the in-flight request finishes"
+    );
+    assert!(took >= Duration::from_secs(3), "{took:?}");
+    eventually(
+        Duration::from_secs(5),
+        "the busy connection to close after its exchange",
+        || async { (old.open_connections() == 0).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "drain: {pooled} pooled connections, idle ones closed {closed_after:?} after the slow request started; it finished with 200 in {took:?}"
+    );
+}
+
+/// `drain_timeout`: what is still in flight to a removed endpoint when it runs out is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_closes_what_is_left() {
+    let _serial = SERIAL.lock().await;
+    let old = Backend::start_with(
+        "old",
+        Behaviour {
+            delay: Duration::from_secs(20),
+            ..Default::default()
+        },
+    )
+    .await;
+    let new = Backend::start("new").await;
+    let s = setup(
+        "[[upstream]]\nid = \"svc\"\nservice = \"svc\"\nread_timeout = \"30s\"\nretries = 0\ndrain_timeout = \"1s\"\n\n[guard]\nopt_out = [\"svc\"]\n",
+        &[("svc", &[(old.addr, 1)])],
+    )
+    .await;
+    let url = s.agent.url("/");
+    let slow = tokio::spawn(async move {
+        let r = client()
+            .get(url)
+            .header("host", "svc")
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    });
+    eventually(
+        Duration::from_secs(5),
+        "the request to reach old",
+        || async { (in_flight(&s.agent, old.addr).await == 1).then_some(()) },
+    )
+    .await;
+    let removed = Instant::now();
+    integration_tests::write_services(&s.registry, &[("svc", &[(new.addr, 1)])]);
+    let status = slow.await.unwrap();
+    let took = removed.elapsed();
+    eprintln!(
+        "drain_timeout=1s: the request left on the removed endpoint got {status} after {took:?}"
+    );
+    assert_eq!(status, 502, "the connection was closed under it");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "closed {took:?} after the removal, drain_timeout is 1 s"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "old's connection to close",
+        || async { (old.open_connections() == 0).then_some(()) },
+    )
+    .await;
+}

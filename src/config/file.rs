@@ -72,6 +72,8 @@ pub struct UpstreamFile {
     pub slow_start: Option<String>,
     /// Cap on the back-off a `Retry-After` asks for.
     pub max_retry_after: Option<String>,
+    /// How long a removed endpoint's requests and tunnels may finish.
+    pub drain_timeout: Option<String>,
     /// Circuit breakers (`breaker.rs`): connections per endpoint, requests waiting for a
     /// connection, requests in flight, retries in flight.
     pub max_connections: Option<i64>,

@@ -280,6 +280,10 @@ fn upstreams(
             settings.max_retry_after = duration(&format!("{at}.max_retry_after"), v, errs)
                 .unwrap_or(crate::retry::DEFAULT_MAX_RETRY_AFTER);
         }
+        if let Some(v) = &u.drain_timeout {
+            settings.drain_timeout = duration(&format!("{at}.drain_timeout"), v, errs)
+                .unwrap_or(up::DEFAULT_DRAIN_TIMEOUT);
+        }
         let b = &mut settings.breakers;
         for (key, value, into) in [
             ("max_connections", u.max_connections, &mut b.max_connections),
