@@ -1,6 +1,7 @@
 //! TLS for tests: certificates generated on the spot with `rcgen` (a CA and leaves it signs,
 //! written as PEM files the agent reads), and a real HTTPS backend (tokio-rustls under hyper's
-//! HTTP/1 server) that can require a client certificate.
+//! HTTP/1 server, or its HTTP/2 server when ALPN settled on `h2`) that can require a client
+//! certificate.
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,9 +12,9 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
@@ -22,6 +23,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 /// A certificate authority made for one test, its certificate written to `<dir>/<name>-ca.pem`.
@@ -132,13 +134,18 @@ pub fn acceptor(leaf: &Leaf, client_ca: Option<&Ca>, alpn: &[&[u8]]) -> TlsAccep
     TlsAcceptor::from(Arc::new(config))
 }
 
-/// A real HTTPS/1.1 backend on 127.0.0.1: answers every request with `x-backend: <name>`,
-/// `x-sni: <the SNI the client sent>`, and body `<name> <uri>`; counts handshakes that
-/// completed and failed.
+/// A real HTTPS backend on 127.0.0.1: answers every request with `x-backend: <name>`,
+/// `x-sni: <the SNI the client sent>`, `x-version: <the request's HTTP version>` (`HTTP/2.0`
+/// when ALPN chose `h2`, which it serves with hyper's HTTP/2 server) and body `<name> <path and query>`;
+/// counts handshakes that completed and failed. A request for `/hold` is answered only once
+/// the test [`TlsBackend::release`]s it, so requests can be held open together.
 pub struct TlsBackend {
     pub addr: SocketAddr,
     pub handshakes: Arc<AtomicU64>,
     pub failed_handshakes: Arc<AtomicU64>,
+    /// Most requests seen open at once on one connection.
+    pub peak_streams: Arc<AtomicU64>,
+    held: Arc<Semaphore>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -148,9 +155,13 @@ impl TlsBackend {
         let addr = listener.local_addr().unwrap();
         let handshakes = Arc::new(AtomicU64::new(0));
         let failed_handshakes = Arc::new(AtomicU64::new(0));
-        let (ok, failed, name) = (
+        let peak_streams = Arc::new(AtomicU64::new(0));
+        let held = Arc::new(Semaphore::new(0));
+        let (ok, failed, peak, hold, name) = (
             handshakes.clone(),
             failed_handshakes.clone(),
+            peak_streams.clone(),
+            held.clone(),
             name.to_string(),
         );
         let task = tokio::spawn(async move {
@@ -158,8 +169,14 @@ impl TlsBackend {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                let (acceptor, ok, failed, name) =
-                    (acceptor.clone(), ok.clone(), failed.clone(), name.clone());
+                let (acceptor, ok, failed, peak, hold, name) = (
+                    acceptor.clone(),
+                    ok.clone(),
+                    failed.clone(),
+                    peak.clone(),
+                    hold.clone(),
+                    name.clone(),
+                );
                 tokio::spawn(async move {
                     let Ok(stream) = acceptor.accept(tcp).await else {
                         failed.fetch_add(1, Ordering::SeqCst);
@@ -167,23 +184,47 @@ impl TlsBackend {
                     };
                     ok.fetch_add(1, Ordering::SeqCst);
                     let sni = stream.get_ref().1.server_name().unwrap_or("").to_string();
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    // Requests open on this connection now.
+                    let open = Arc::new(AtomicU64::new(0));
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (name, sni) = (name.clone(), sni.clone());
+                        let (name, sni, open, peak, hold) = (
+                            name.clone(),
+                            sni.clone(),
+                            open.clone(),
+                            peak.clone(),
+                            hold.clone(),
+                        );
                         async move {
-                            let body = format!("{name} {}", req.uri());
+                            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                            peak.fetch_max(now, Ordering::SeqCst);
+                            if req.uri().path() == "/hold" {
+                                hold.acquire().await.unwrap().forget();
+                            }
+                            open.fetch_sub(1, Ordering::SeqCst);
+                            // The path: an HTTP/2 request's URI is absolute.
+                            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                            let body = format!("{name} {path}");
                             Ok::<_, Infallible>(
                                 Response::builder()
                                     .header("x-backend", name.as_str())
                                     .header("x-sni", sni.as_str())
+                                    .header("x-version", format!("{:?}", req.version()))
                                     .body(Full::new(Bytes::from(body)))
                                     .unwrap(),
                             )
                         }
                     });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades()
-                        .await;
+                    if h2 {
+                        let _ = http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    } else {
+                        let _ = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .with_upgrades()
+                            .await;
+                    }
                 });
             }
         });
@@ -191,8 +232,15 @@ impl TlsBackend {
             addr,
             handshakes,
             failed_handshakes,
+            peak_streams,
+            held,
             task,
         }
+    }
+
+    /// Lets `n` held `/hold` requests answer.
+    pub fn release(&self, n: usize) {
+        self.held.add_permits(n);
     }
 
     pub fn handshakes(&self) -> u64 {

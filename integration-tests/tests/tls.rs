@@ -6,6 +6,8 @@ use integration_tests::tls::{acceptor, Ca, TlsBackend};
 use integration_tests::*;
 
 const HTTP1: &[&[u8]] = &[b"http/1.1"];
+const H2: &[&[u8]] = &[b"h2"];
+const H2_AND_HTTP1: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// A file registry holding `services` (name → one address, with `metadata` TOML inline or ""),
 /// and an agent on it with `toml` as its config file.
@@ -55,6 +57,43 @@ async fn get(agent: &Agent, host: &str) -> (u16, String, String, String) {
     (status, backend, sni, r.text().await.unwrap_or_default())
 }
 
+/// `GET path` with `Host: host`: (status, the backend's `x-version`, body).
+async fn get_version(agent: &Agent, host: &str, path: &str) -> (u16, String, String) {
+    let r = client()
+        .get(agent.url(path))
+        .header("host", host)
+        .send()
+        .await
+        .expect("request through the agent");
+    let version = r
+        .headers()
+        .get("x-version")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    (
+        r.status().as_u16(),
+        version,
+        r.text().await.unwrap_or_default(),
+    )
+}
+
+/// Upstream `id`'s first endpoint in `/upstreams`: (`connections`, `streams`).
+async fn connections_and_streams(agent: &Agent, id: &str) -> (u64, u64) {
+    let u = agent.upstreams().await;
+    let ep = u["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["id"] == id)
+        .map(|u| u["endpoints"][0].clone())
+        .unwrap_or_else(|| panic!("upstream {id} in {u}"));
+    match (ep["connections"].as_u64(), ep["streams"].as_u64()) {
+        (Some(c), Some(s)) => (c, s),
+        _ => panic!("connections and streams of {id} in {ep}"),
+    }
+}
+
 /// The `requests`/`failures` counters of upstream `id`'s first endpoint in `/upstreams`.
 async fn endpoint_failures(agent: &Agent, id: &str) -> u64 {
     let u = agent.upstreams().await;
@@ -102,6 +141,113 @@ async fn https_upstream_verified_against_the_ca_file_with_sni() {
     let (status, backend, sni, body) = get(&agent, "billing").await;
     assert_eq!((status, backend.as_str()), (200, "billing-1"), "{body}");
     assert_eq!(sni, "billing.internal", "tls_server_name is the SNI");
+}
+
+/// `protocol = "h2"` with `tls = true`: the backend (ALPN `h2` only) sees HTTP/2, and requests
+/// in flight together are streams of one connection, as `/upstreams` and the backend both say.
+#[tokio::test]
+async fn h2_over_tls_multiplexes_requests_on_one_connection() {
+    const N: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "pay");
+    let backend = TlsBackend::start("pay-1", acceptor(&ca.leaf("pay", &["pay"]), None, H2)).await;
+    let agent = agent(
+        &dir,
+        &[("pay", backend.addr, "")],
+        &format!(
+            "[[upstream]]\nid = \"pay\"\nprotocol = \"h2\"\ntls = true\ntls_ca_file = \"{}\"\n",
+            ca.pem_path.display()
+        ),
+    )
+    .await;
+    let (status, version, body) = get_version(&agent, "pay", "/x").await;
+    assert_eq!((status, version.as_str()), (200, "HTTP/2.0"), "{body}");
+    assert_eq!(body, "pay-1 /x");
+
+    // N requests held open at the backend together.
+    let held: Vec<_> = (0..N)
+        .map(|_| {
+            let url = agent.url("/hold");
+            tokio::spawn(async move {
+                let r = client().get(url).header("host", "pay").send().await;
+                let r = r.expect("held request through the agent");
+                let version = r.headers().get("x-version").cloned();
+                (r.status().as_u16(), version)
+            })
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "N streams open on one connection in /upstreams",
+        || async { (connections_and_streams(&agent, "pay").await == (1, N as u64)).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        backend
+            .peak_streams
+            .load(std::sync::atomic::Ordering::SeqCst),
+        N as u64,
+        "the backend saw them all open at once on one connection"
+    );
+    backend.release(N);
+    for h in held {
+        let (status, version) = h.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(version.unwrap(), "HTTP/2.0");
+    }
+    assert_eq!(backend.handshakes(), 1, "one TLS connection for everything");
+    eventually(Duration::from_secs(5), "the streams closed", || async {
+        (connections_and_streams(&agent, "pay").await == (1, 0)).then_some(())
+    })
+    .await;
+}
+
+/// `protocol = "auto"` over TLS offers `h2` and `http/1.1`; the backend's ALPN choice decides,
+/// per endpoint, and is remembered (no probe per request).
+#[tokio::test]
+async fn auto_over_tls_speaks_what_alpn_chose() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "pay");
+    let both = TlsBackend::start(
+        "both-1",
+        acceptor(&ca.leaf("both", &["both"]), None, H2_AND_HTTP1),
+    )
+    .await;
+    let old = TlsBackend::start("old-1", acceptor(&ca.leaf("old", &["old"]), None, HTTP1)).await;
+    let ca_file = ca.pem_path.display();
+    let agent = agent(
+        &dir,
+        &[("both", both.addr, ""), ("old", old.addr, "")],
+        &format!(
+            "[[upstream]]\nid = \"both\"\nprotocol = \"auto\"\ntls = true\ntls_ca_file = \"{ca_file}\"\n\
+             [[upstream]]\nid = \"old\"\nprotocol = \"auto\"\ntls = true\ntls_ca_file = \"{ca_file}\"\n"
+        ),
+    )
+    .await;
+    for _ in 0..3 {
+        let (status, version, body) = get_version(&agent, "both", "/x").await;
+        assert_eq!((status, version.as_str()), (200, "HTTP/2.0"), "{body}");
+        let (status, version, body) = get_version(&agent, "old", "/x").await;
+        assert_eq!((status, version.as_str()), (200, "HTTP/1.1"), "{body}");
+        assert_eq!(body, "old-1 /x");
+    }
+    assert_eq!(both.handshakes(), 1, "one HTTP/2 connection, reused");
+    // The first request's handshake learnt `http/1.1`; later ones reuse the pooled connection.
+    assert!(old.handshakes() <= 2, "handshakes: {}", old.handshakes());
+    assert_eq!(connections_and_streams(&agent, "both").await, (1, 0));
+    assert_eq!(
+        connections_and_streams(&agent, "old").await,
+        (1, 0),
+        "one idle HTTP/1.1 connection, no HTTP/2 stream"
+    );
+    let ups = agent.upstreams().await;
+    let protocols: Vec<_> = ups["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["protocol"].clone())
+        .collect();
+    assert!(protocols.iter().all(|p| p == "auto"), "{protocols:?}");
 }
 
 #[tokio::test]
