@@ -10,7 +10,10 @@
 //! [`Attempt::finish`] records its latency into the EWMA, its outcome into passive health and
 //! the failure counter, and hands back the in-flight guard for the response body to hold;
 //! dropping an unfinished attempt (a cancelled request) records nothing and releases the count
-//! (tower's `load::peak_ewma` records on a handle the same way). A balancer that needs feedback
+//! (tower's `load::peak_ewma` records on a handle the same way). A try whose outcome is only
+//! known at the end of its response body (a gRPC status in trailers after the messages) is
+//! [`Attempt::defer`]red instead: the body records it through [`Deferred::finish`] when the
+//! trailers come, with the same code path. A balancer that needs feedback
 //! reads this state and never touches the proxy.
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -165,37 +168,81 @@ impl<'a> Attempt<'a> {
     /// Records the try's latency and outcome and returns the in-flight guard, which the
     /// response body holds until it is done.
     pub fn finish(self, outcome: Outcome) -> InFlight {
-        let now = clock::now_ms();
-        let (ep, fb) = (self.ep, self.feedback);
-        let state = &ep.state;
-        let rtt = self.started.elapsed();
-        match outcome {
-            Outcome::Success => state.ewma.observe(rtt, now, fb.decay),
-            Outcome::Failure | Outcome::GatewayFailure => {
-                state.failures.fetch_add(1, Ordering::Relaxed);
-                state.ewma.failure(rtt, now, fb.decay);
-            }
-            Outcome::Backoff(d) => {
-                tracing::debug!(upstream = fb.upstream, endpoint = %ep.authority, for_ms = d.as_millis() as u64, "endpoint backs off (rate limited)");
-            }
-        }
-        let share = || ejected_share(fb.endpoints);
-        match passive::record(&state.health, fb.passive, outcome, now, share) {
-            Verdict::Noted => {}
-            Verdict::Capped { failures } => {
-                tracing::debug!(upstream = fb.upstream, endpoint = %ep.authority, failures, "not ejected: max_ejection_percent reached");
-            }
-            Verdict::Ejected {
-                detector,
-                failures,
-                nth,
-                time,
-            } => {
-                fb.metrics.ejection();
-                tracing::warn!(upstream = fb.upstream, endpoint = %ep.authority, detector = detector.name(), failures, ejection = nth, for_ms = time.as_millis() as u64, "endpoint ejected");
-            }
-        }
+        record(
+            &self.ep.state,
+            &self.ep.authority,
+            self.feedback,
+            self.started.elapsed(),
+            outcome,
+        );
         self.in_flight
+    }
+
+    /// Ends the try's wait for its answer without recording it yet: its outcome comes with
+    /// the end of the response body (a gRPC call's `grpc-status` in its trailers, after the
+    /// messages). The latency recorded later is this one, the answer's head. The in-flight
+    /// guard is returned for the body to hold; [`Deferred::finish`] records against it.
+    pub fn defer(self) -> (InFlight, Deferred) {
+        let deferred = Deferred {
+            authority: self.ep.authority.clone(),
+            rtt: self.started.elapsed(),
+        };
+        (self.in_flight, deferred)
+    }
+}
+
+/// A try whose answer has begun but whose outcome is not known yet ([`Attempt::defer`]).
+/// Dropped unfinished (the client went away, the body was cut), it records nothing, like an
+/// unfinished [`Attempt`].
+#[derive(Debug)]
+pub struct Deferred {
+    authority: Authority,
+    rtt: Duration,
+}
+
+impl Deferred {
+    /// Records `outcome` for the try counted by `in_flight` (the guard [`Attempt::defer`]
+    /// returned), with the latency of its answer's head.
+    pub fn finish(self, in_flight: &InFlight, outcome: Outcome, feedback: &Feedback<'_>) {
+        record(&in_flight.0, &self.authority, feedback, self.rtt, outcome);
+    }
+}
+
+/// The one place a try's outcome is written: latency into the EWMA, the failure counter,
+/// passive health (and its log lines and ejection metric).
+fn record(
+    state: &EndpointState,
+    authority: &Authority,
+    fb: &Feedback<'_>,
+    rtt: Duration,
+    outcome: Outcome,
+) {
+    let now = clock::now_ms();
+    match outcome {
+        Outcome::Success => state.ewma.observe(rtt, now, fb.decay),
+        Outcome::Failure | Outcome::GatewayFailure => {
+            state.failures.fetch_add(1, Ordering::Relaxed);
+            state.ewma.failure(rtt, now, fb.decay);
+        }
+        Outcome::Backoff(d) => {
+            tracing::debug!(upstream = fb.upstream, endpoint = %authority, for_ms = d.as_millis() as u64, "endpoint backs off (rate limited)");
+        }
+    }
+    let share = || ejected_share(fb.endpoints);
+    match passive::record(&state.health, fb.passive, outcome, now, share) {
+        Verdict::Noted => {}
+        Verdict::Capped { failures } => {
+            tracing::debug!(upstream = fb.upstream, endpoint = %authority, failures, "not ejected: max_ejection_percent reached");
+        }
+        Verdict::Ejected {
+            detector,
+            failures,
+            nth,
+            time,
+        } => {
+            fb.metrics.ejection();
+            tracing::warn!(upstream = fb.upstream, endpoint = %authority, detector = detector.name(), failures, ejection = nth, for_ms = time.as_millis() as u64, "endpoint ejected");
+        }
     }
 }
 
@@ -535,5 +582,33 @@ mod tests {
         drop(Attempt::start(ep, &fb).finish(Outcome::Failure));
         assert!(ep.state.health.ejected(), "two failures in a row eject");
         assert_eq!(ep.state.requests(), 3);
+    }
+
+    #[test]
+    fn a_deferred_attempt_records_when_finished_and_nothing_when_dropped() {
+        let eps: Vec<Endpoint> = (1..=4)
+            .map(|p| endpoint(&Instance::new("127.0.0.1", p)))
+            .collect();
+        let passive = PassiveHealth {
+            consecutive_failures: 2,
+            ..Default::default()
+        };
+        let metrics = UpstreamMetrics::new("u");
+        let fb = feedback(&eps, &passive, &metrics);
+        let ep = &eps[0];
+        let (guard, deferred) = Attempt::start(ep, &fb).defer();
+        assert_eq!(ep.state.in_flight(), 1);
+        drop(deferred);
+        drop(guard);
+        assert_eq!((ep.state.in_flight(), ep.state.failures()), (0, 0));
+        // Two deferred failures in a row eject, as two finished ones do: nothing in between
+        // counted the tries as successes.
+        for _ in 0..2 {
+            let (guard, deferred) = Attempt::start(ep, &fb).defer();
+            deferred.finish(&guard, Outcome::Failure, &fb);
+            assert_eq!(ep.state.in_flight(), 1, "the body still holds the count");
+        }
+        assert_eq!((ep.state.in_flight(), ep.state.failures()), (0, 2));
+        assert!(ep.state.health.ejected());
     }
 }

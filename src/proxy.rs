@@ -37,7 +37,7 @@ use crate::access_log::{self, AccessLog, Logged, Tried, X_REQUEST_ID};
 use crate::balancer::PickContext;
 use crate::breaker::{Limit, Slot};
 use crate::clock;
-use crate::endpoint::{Attempt, Endpoint, InFlight};
+use crate::endpoint::{Attempt, Deferred, Endpoint, InFlight};
 use crate::error::{FramingError, ProxyError, Sent};
 use crate::framing::{self, BodyFault, ClientBody, Limits};
 use crate::grpc;
@@ -271,7 +271,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        upstream: &Upstream,
+        upstream: &Arc<Upstream>,
         req: Request<Incoming>,
         strip: usize,
         peer: &Peer,
@@ -473,7 +473,19 @@ impl Proxy {
                             ));
                         }
                     }
-                    let resp = into_client_response(resp, conn, try_.finish(outcome));
+                    // A gRPC call that began well gets its status in the trailers, after the
+                    // messages: the body records the try when they come (`GrpcOutcome`).
+                    let resp =
+                        if grpc && outcome == Outcome::Success && !resp.body().is_end_stream() {
+                            let (in_flight, deferred) = try_.defer();
+                            let pending = GrpcOutcome {
+                                deferred,
+                                upstream: Arc::clone(upstream),
+                            };
+                            into_client_response(resp, conn, in_flight, Some(pending))
+                        } else {
+                            into_client_response(resp, conn, try_.finish(outcome), None)
+                        };
                     // A server error on an idempotent request is worth another endpoint.
                     if !last_try && retry::retry_status(status, &parts.method) {
                         tracing::debug!(upstream = %upstream.id, endpoint = %ep.authority, status, attempt, "retrying after gateway error");
@@ -587,6 +599,7 @@ fn into_client_response(
     resp: Response<Incoming>,
     conn: Held,
     in_flight: InFlight,
+    grpc: Option<GrpcOutcome>,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
     if parts.headers.contains_key(header::TRANSFER_ENCODING) {
@@ -602,6 +615,7 @@ fn into_client_response(
             conn: Some(conn),
             in_flight,
             slot: None,
+            grpc,
         }),
     )
 }
@@ -650,11 +664,43 @@ pub struct UpstreamBody {
     in_flight: InFlight,
     /// The request's place under the upstream's `max_requests`.
     slot: Option<Slot>,
+    /// A gRPC call whose try is recorded when its trailers come.
+    grpc: Option<GrpcOutcome>,
+}
+
+/// The try of a gRPC call that answered with messages, waiting for its `grpc-status` in the
+/// trailers to be recorded (a status the upstream's `failure_grpc_statuses` names is a failure,
+/// as in a trailers-only answer). The body looks at each frame only to find the trailers: no
+/// lock, no allocation, nothing buffered. A body that breaks is a failure; one that ends without
+/// trailers, a success (the endpoint answered); one dropped unfinished records nothing.
+struct GrpcOutcome {
+    deferred: Deferred,
+    upstream: Arc<Upstream>,
+}
+
+impl GrpcOutcome {
+    fn record(self, in_flight: &InFlight, trailers: Option<&HeaderMap>, broken: bool) {
+        let passive = &self.upstream.settings().passive;
+        let failed = broken
+            || trailers
+                .and_then(grpc::status)
+                .is_some_and(|c| passive.failed_grpc_status(c));
+        let outcome = if failed {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        };
+        self.deferred
+            .finish(in_flight, outcome, &self.upstream.feedback());
+    }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         if self.inner.is_end_stream() {
+            if let Some(g) = self.grpc.take() {
+                g.record(&self.in_flight, None, false);
+            }
             if let Some(Held::H1(conn)) = self.conn.take() {
                 self.in_flight.state().pool.put(conn);
             }
@@ -670,7 +716,23 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if this.grpc.is_some() {
+            let (trailers, broken) = match &polled {
+                Poll::Ready(Some(Ok(frame))) => match frame.trailers_ref() {
+                    Some(t) => (Some(t), false),
+                    None => return polled,
+                },
+                Poll::Ready(Some(Err(_))) => (None, true),
+                Poll::Ready(None) => (None, false),
+                Poll::Pending => return polled,
+            };
+            if let Some(g) = this.grpc.take() {
+                g.record(&this.in_flight, trailers, broken);
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

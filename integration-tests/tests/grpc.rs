@@ -39,6 +39,11 @@ struct GrpcServer {
 
 impl GrpcServer {
     fn start(cache: &Path, name: &str) -> GrpcServer {
+        Self::start_with(cache, name, &[])
+    }
+
+    /// A server with `env` set (`ECHO_STREAM_ABORT=<code>`: streams end with that status).
+    fn start_with(cache: &Path, name: &str, env: &[(&str, &str)]) -> GrpcServer {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let calls = dir.path().join("calls.log");
@@ -48,6 +53,7 @@ impl GrpcServer {
             .arg(name)
             .arg(port.to_string())
             .arg(&calls)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -417,6 +423,101 @@ async fn goaway_on_graceful_stop_loses_no_call() {
         agent.log_text()
     );
     assert!(first.iter().any(|r| server_of(r) == "a"), "{first:?}");
+}
+
+/// A status in the trailers after messages (UNAVAILABLE once a stream has sent a reply) counts
+/// against the endpoint as a trailers-only one does: after `consecutive_failures` such calls it
+/// is ejected and calls go to the other server. An upstream whose `failure_grpc_statuses` does
+/// not name 14 lets the same calls pass as answers.
+#[tokio::test]
+async fn unavailable_in_trailers_after_messages_ejects_the_endpoint() {
+    let _serial = SERIAL.lock().await;
+    let cache = cache();
+    let a = GrpcServer::start_with(&cache, "a", &[("ECHO_STREAM_ABORT", "14")]);
+    let b = GrpcServer::start(&cache, "b");
+    let dir = tempfile::tempdir().unwrap();
+    let url = registry_file(&dir, &[("pay", &[a.addr, b.addr])]);
+    let passive = "consecutive_failures = 3\nmax_ejection_percent = 100\npanic_threshold = 0\n";
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[upstream]]\nid = \"lenient\"\nservice = \"pay\"\nbalancer = \"roundrobin\"\n\
+             [upstream.checks.passive]\n{passive}failure_grpc_statuses = [13]\n\
+             [[upstream]]\nid = \"pay\"\nbalancer = \"roundrobin\"\n\
+             [upstream.checks.passive]\n{passive}\
+             [[route]]\nhost = \"lenient\"\nupstream = \"lenient\"\n\
+             [[route]]\nhost = \"pay\"\nupstream = \"pay\"\n"
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(&[
+        ("EDGE_AGENT_REGISTRY", &url),
+        ("EDGE_AGENT_CONFIG", cfg.to_str().unwrap()),
+    ])
+    .await;
+    let stream = |authority: &'static str| {
+        let (cache, agent) = (&cache, &agent);
+        async move { one(cache, agent, authority, &["stream", "s", "1"]).await }
+    };
+    // failure_grpc_statuses = [13]: a's UNAVAILABLE streams are answers, a stays in.
+    let mut from_a = 0;
+    for _ in 0..8 {
+        let r = stream("lenient").await;
+        assert_eq!(r["replies"], 1, "the reply before the status: {r}");
+        match server_of(&r) {
+            "a" => {
+                assert_eq!(r["code"], 14, "{r}");
+                assert_eq!(r["message"], "a: stream aborted as asked", "{r}");
+                from_a += 1;
+            }
+            "b" => assert_eq!(r["code"], 0, "{r}"),
+            other => panic!("served by {other:?}: {r}"),
+        }
+    }
+    assert_eq!(from_a, 4, "round robin over both");
+    let ep_a = endpoint(&agent, "pay", a.addr).await;
+    assert_eq!(ep_a["failures"], 0, "{ep_a}");
+    assert_eq!(ep_a["ejected"], false, "{ep_a}");
+
+    // The default (14 is a failure): three such calls on a eject it; then b serves them all.
+    let mut results = Vec::new();
+    for _ in 0..12 {
+        results.push(stream("pay").await);
+    }
+    let failed: Vec<_> = results.iter().filter(|r| r["code"] != 0).collect();
+    assert_eq!(failed.len(), 3, "{results:?}\n{}", agent.log_text());
+    assert!(failed
+        .iter()
+        .all(|r| server_of(r) == "a" && r["code"] == 14));
+    assert!(
+        results[6..]
+            .iter()
+            .all(|r| r["code"] == 0 && server_of(r) == "b"),
+        "after the ejection b serves every call: {results:?}"
+    );
+    let ep_a = endpoint(&agent, "pay", a.addr).await;
+    assert_eq!(ep_a["ejected"], true, "{ep_a}");
+    assert_eq!(ep_a["failures"], 3, "{ep_a}");
+    assert_eq!(ep_a["streams"], 0, "no stream left counted: {ep_a}");
+    assert!(
+        agent.log_text().contains("endpoint ejected"),
+        "{}",
+        agent.log_text()
+    );
+}
+
+/// The endpoint at `addr` of upstream `id`, from `/upstreams`.
+async fn endpoint(agent: &Agent, id: &str, addr: SocketAddr) -> Value {
+    let ups = agent.upstreams().await;
+    ups["upstreams"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|u| u["id"] == id)
+        .flat_map(|u| u["endpoints"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["address"] == addr.to_string())
+        .unwrap_or_else(|| panic!("endpoint {addr} of {id} in {ups}"))
 }
 
 /// Open streams on the endpoint at `addr`, from `/upstreams`.

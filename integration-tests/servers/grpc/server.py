@@ -5,7 +5,10 @@ Serves edge.test.Echo on 127.0.0.1:PORT, its replies naming NAME. Prints "ready"
 With CALL_LOG, appends a line to that file as each unary call starts being handled (grpcio cancels
 calls not yet handed to a handler when it stops, so a test waits for them to be handled).
 SIGTERM stops it gracefully (grpcio sends GOAWAY and lets calls in progress finish, up to 10 s).
+With ECHO_STREAM_ABORT=<code> in the environment, every Stream call sends its replies and then
+fails with that gRPC status (so the status comes in trailers after messages).
 """
+import os
 import signal
 import sys
 import threading
@@ -19,6 +22,7 @@ import echo_pb2_grpc  # noqa: E402
 NAME = sys.argv[2]
 PORT = int(sys.argv[3])
 CALL_LOG = sys.argv[4] if len(sys.argv) > 4 else None
+STREAM_ABORT = int(os.environ.get("ECHO_STREAM_ABORT", "0"))
 _log_lock = threading.Lock()
 
 
@@ -41,6 +45,8 @@ class Echo(echo_pb2_grpc.EchoServicer):
                 time.sleep(request.delay_ms / 1000)
             yield echo_pb2.EchoReply(text=request.text, server=NAME, index=i)
         context.set_trailing_metadata((("x-server", NAME),))
+        if STREAM_ABORT:
+            context.abort(grpc.StatusCode(_code(STREAM_ABORT)), f"{NAME}: stream aborted as asked")
 
 
 def _code(n):
