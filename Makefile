@@ -26,9 +26,12 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Proxy side by side (nginx, HAProxy, edge-agent on loopback), criterion micro-benchmarks,
-# memory at scale, and the fleet simulation (N agents against each installed registry server,
-# bench/fleet.sh); prints markdown tables (see BENCHMARKS.md). Not part of `make test`.
+# Proxy side by side (nginx, HAProxy, edge-agent on loopback: HTTP/1.1 with wrk, HTTP/2 with
+# h2load, gRPC unary with ghz, the access log's cost), criterion micro-benchmarks, memory at
+# scale, and the fleet simulation (N agents against each installed registry server,
+# bench/fleet.sh); prints markdown tables (see BENCHMARKS.md). `BENCH_ONLY=h2 make bench` runs
+# one section (http1, accesslog, h2, grpc, scale, micro, fleet; comma-separated for several).
+# Not part of `make test`.
 bench:
 	bash bench/run.sh
 

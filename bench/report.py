@@ -30,6 +30,13 @@ def read_tsv(name):
         return [line.rstrip("\n").split("\t") for line in f if line.strip()]
 
 
+def loads(xs):
+    """The load averages seen at the start of a target's rounds, as min–max."""
+    if not xs:
+        return "–"
+    return f"{min(xs):.2f}" if min(xs) == max(xs) else f"{min(xs):.2f}–{max(xs):.2f}"
+
+
 def ok(flag):
     return "met" if flag else "**missed**"
 
@@ -38,8 +45,11 @@ print(f"### Proxy throughput (wrk -t1 -c{conns} -d{dur}s --latency, keep-alive; 
 print(f"Proxy under test on CPU {proxy_cpu}; wrk and the backend on CPU {load_cpu} (taskset).\n")
 wrk = read_tsv("wrk.tsv")
 by = {}
-for name, _round, rps, p50, p99, reqs, ticks, errs in wrk:
-    d = by.setdefault(name, {"rps": [], "p50": [], "p99": [], "cpu": [], "busy": [], "errs": 0})
+for row in wrk:
+    name, _round, rps, p50, p99, reqs, ticks, errs = row[:8]
+    d = by.setdefault(name, {"rps": [], "p50": [], "p99": [], "cpu": [], "busy": [], "errs": 0, "load": []})
+    if len(row) > 8:
+        d["load"].append(float(row[8]))
     d["rps"].append(float(rps))
     d["p50"].append(float(p50))
     d["p99"].append(float(p99))
@@ -48,8 +58,8 @@ for name, _round, rps, p50, p99, reqs, ticks, errs in wrk:
     d["busy"].append(int(ticks) / clk / float(dur) * 100)
     d["errs"] += int(errs)
 if by:
-    print("| target | req/s (median) | req/s (min–max) | p50 µs | p99 µs | CPU µs/request | CPU busy % | errors |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| target | req/s (median) | req/s (min–max) | p50 µs | p99 µs | CPU µs/request | CPU busy % | errors | load avg (1 min) |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for name in ORDER:
         if name not in by:
             continue
@@ -57,13 +67,20 @@ if by:
         cpu = f"{med(d['cpu']):.1f}" if d["cpu"] else "–"
         print(
             f"| {LABEL[name]} | {med(d['rps']):,.0f} | {min(d['rps']):,.0f}–{max(d['rps']):,.0f} "
-            f"| {med(d['p50']):.0f} | {med(d['p99']):.0f} | {cpu} | {med(d['busy']):.0f} | {d['errs']} |"
+            f"| {med(d['p50']):.0f} | {med(d['p99']):.0f} | {cpu} | {med(d['busy']):.0f} | {d['errs']} | {loads(d['load'])} |"
         )
     print("\nCPU µs/request: utime+stime of the serving process(es) (nginx: master + worker; the "
           "'directly' row is the backend's own cost) over the round ÷ requests. CPU busy %: the same "
           "time ÷ the run's length, where 100 is one core. A pinned proxy well under ~95% busy was "
           "not the bottleneck of its run (wrk and the backend share the other core), so its req/s "
           "says less about the proxy than its CPU per request does.\n")
+    if all(k in by for k in ("agent1", "agent1log")) and not all(k in by for k in ("nginx", "haproxy")):
+        # BENCH_ONLY=accesslog: the access-log row alone.
+        ca, cl = med(by["agent1"]["cpu"]), med(by["agent1log"]["cpu"])
+        print("| ratio | value | target |")
+        print("| --- | ---: | --- |")
+        print(f"| access log (stdout JSON) on / off, requests per proxy CPU-second | {ca / cl:.2f} | ≥ 0.90: {ok(ca / cl >= 0.90)} |")
+        print()
     if all(k in by for k in ("nginx", "haproxy", "agent1")):
         a, n, h = med(by["agent1"]["rps"]), med(by["nginx"]["rps"]), med(by["haproxy"]["rps"])
         print("| ratio | value | target |")
@@ -87,6 +104,88 @@ if by:
                 measured = sum(int(r[5]) for r in wrk if r[0] == "agent1log")
                 print(f"| access-log lines written (measured requests {measured:,} + 2 s warm-up) | {written} | all: none dropped |")
         print()
+
+H2_LABEL = {
+    "direct": f"backend directly (nginx h2c origin, CPU {load_cpu})",
+    "nginx": "nginx 1.22, 1 worker: listen http2, grpc_pass (h2c) upstream",
+    "haproxy": "HAProxy 2.6, nbthread 1: bind proto h2, server proto h2",
+    "agent1": "edge-agent, TOKIO_WORKER_THREADS=1, upstream protocol = \"h2c\"",
+}
+h2 = read_tsv("h2.tsv")
+if h2:
+    h2c = os.environ.get("BENCH_H2_CONNS", "4")
+    h2m = os.environ.get("BENCH_H2_STREAMS", "25")
+    print(f"### HTTP/2 (h2load -c{h2c} -m{h2m} -D{dur}, h2c prior knowledge on both sides; median of {rounds} interleaved rounds)\n")
+    print(f"{int(h2c) * int(h2m)} concurrent streams over {h2c} connections, 99-byte responses. Proxy under test on CPU {proxy_cpu}; "
+          f"h2load and the backend (nginx, `listen ... http2`, 1 worker) on CPU {load_cpu}.\n")
+    hb = {}
+    for name, _round, rps, okn, bad, mean, ticks, bticks, load in h2:
+        d = hb.setdefault(name, {"rps": [], "per_cpu": [], "busy": [], "bbusy": [], "mean": [], "bad": 0, "load": []})
+        d["rps"].append(float(rps))
+        d["mean"].append(float(mean))
+        if int(ticks) > 0:
+            d["per_cpu"].append(int(okn) / (int(ticks) / clk))
+        d["busy"].append(int(ticks) / clk / float(dur) * 100)
+        d["bbusy"].append(int(bticks) / clk / float(dur) * 100)
+        d["bad"] += int(bad)
+        d["load"].append(float(load))
+    print("| target | req/s (median) | req/s (min–max) | requests per proxy CPU-second | proxy CPU busy % | backend CPU busy % | mean request time µs | failed or non-2xx | load avg (1 min) |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name in ["direct", "nginx", "haproxy", "agent1"]:
+        if name not in hb:
+            continue
+        d = hb[name]
+        per = "–" if name == "direct" else f"{med(d['per_cpu']):,.0f}"
+        busy = "–" if name == "direct" else f"{med(d['busy']):.0f}"
+        print(f"| {H2_LABEL[name]} | {med(d['rps']):,.0f} | {min(d['rps']):,.0f}–{max(d['rps']):,.0f} | {per} | {busy} "
+              f"| {med(d['bbusy']):.0f} | {med(d['mean']):.0f} | {d['bad']} | {loads(d['load'])} |")
+    print("\nRequests per proxy CPU-second: requests answered 2xx in the round ÷ utime+stime of the proxy's "
+          "process(es) over the round (nginx: master + worker). 'direct' is the backend alone (its CPU is the "
+          "backend column).\n")
+    if all(k in hb for k in ("nginx", "haproxy", "agent1")):
+        a, n, h = (med(hb[k]["rps"]) for k in ("agent1", "nginx", "haproxy"))
+        ca, cn, ch = (med(hb[k]["per_cpu"]) for k in ("agent1", "nginx", "haproxy"))
+        print("| h2 ratio | value | target |")
+        print("| --- | ---: | --- |")
+        print(f"| edge-agent / nginx, requests per proxy CPU-second | {ca / cn:.2f} | ≥ 1.0: {ok(ca / cn >= 1.0)} |")
+        print(f"| edge-agent / HAProxy, requests per proxy CPU-second | {ca / ch:.2f} | – |")
+        print(f"| edge-agent / nginx, req/s | {a / n:.2f} | – |")
+        print(f"| edge-agent / HAProxy, req/s | {a / h:.2f} | – |")
+        print()
+
+grpc = read_tsv("grpc.tsv")
+if grpc:
+    gc = os.environ.get("BENCH_GRPC_CONCURRENCY", "100")
+    gn = os.environ.get("BENCH_GRPC_CONNS", "4")
+    print(f"### gRPC unary (ghz -c{gc} --connections {gn} -z{dur}s, --cpus 1; median of {rounds} interleaved rounds)\n")
+    print(f"`edge.test.Echo/Unary` (integration-tests/servers/grpc/echo.proto) on grpc-echo (bench/grpc, grpc-go), "
+          f"ghz and grpc-echo on CPU {load_cpu}, the agent on CPU {proxy_cpu}.\n")
+    gb = {}
+    for name, _round, rps, okn, bad, p50, p99, ticks, bticks, load in grpc:
+        d = gb.setdefault(name, {"rps": [], "per_cpu": [], "busy": [], "bbusy": [], "p50": [], "p99": [], "bad": 0, "load": []})
+        d["rps"].append(float(rps))
+        d["p50"].append(float(p50))
+        d["p99"].append(float(p99))
+        if int(ticks) > 0 and name != "direct":
+            d["per_cpu"].append(float(okn) / (int(ticks) / clk))
+        d["busy"].append(int(ticks) / clk / float(dur) * 100)
+        d["bbusy"].append(int(bticks) / clk / float(dur) * 100)
+        d["bad"] += int(float(bad))
+        d["load"].append(float(load))
+    label = {"direct": "grpc-echo directly", "agent1": "through edge-agent (TOKIO_WORKER_THREADS=1, protocol = \"h2c\")"}
+    print("| target | calls/s (median) | calls/s (min–max) | calls per proxy CPU-second | proxy CPU busy % | backend CPU busy % | p50 µs | p99 µs | non-OK | load avg (1 min) |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name in ["direct", "agent1"]:
+        if name not in gb:
+            continue
+        d = gb[name]
+        per = "–" if name == "direct" else f"{med(d['per_cpu']):,.0f}"
+        busy = "–" if name == "direct" else f"{med(d['busy']):.0f}"
+        print(f"| {label[name]} | {med(d['rps']):,.0f} | {min(d['rps']):,.0f}–{max(d['rps']):,.0f} | {per} | {busy} "
+              f"| {med(d['bbusy']):.0f} | {med(d['p50']):.0f} | {med(d['p99']):.0f} | {d['bad']} | {loads(d['load'])} |")
+    if "direct" in gb and "agent1" in gb:
+        r = med(gb["agent1"]["rps"]) / med(gb["direct"]["rps"])
+        print(f"\nThrough the agent / direct, calls/s: **{r:.2f}**.\n")
 
 fixed = read_tsv("fixed.tsv")
 rate = open(os.path.join(out, "rate")).read().strip() if os.path.exists(os.path.join(out, "rate")) else "?"
