@@ -4,8 +4,8 @@
 //! Detection reads the first bytes of a connection: the HTTP/2 connection preface
 //! (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, RFC 9113 §3.4, "prior knowledge") means HTTP/2, anything
 //! else HTTP/1.1, decided as soon as a byte differs. The bytes read are replayed to the chosen
-//! server through [`Prefixed`]. `Upgrade: h2c` (RFC 7540 §3.2, removed from RFC 9113) is not
-//! served: hyper has no server side for it, and clients that speak h2c use prior knowledge.
+//! server through [`Prefixed`]. An HTTP/1.1 connection may still turn HTTP/2 by `Upgrade: h2c`
+//! on its first request (RFC 7540 §3.2): `h2c.rs`, which the listener runs next.
 //!
 //! Limits (hyper's HTTP/2 server on the `h2` crate): concurrent streams per connection
 //! [`MAX_CONCURRENT_STREAMS`]; header list [`MAX_HEADER_LIST_SIZE`]; streams reset by the client

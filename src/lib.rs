@@ -40,6 +40,7 @@ pub mod error;
 pub mod framing;
 pub mod grpc;
 pub mod guard;
+pub mod h2c;
 pub mod h2pool;
 pub mod h2server;
 pub mod health;

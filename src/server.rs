@@ -9,11 +9,13 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::admin::Admin;
+use crate::h2c::{self, Sniffed};
 use crate::h2server::{self, Detected, ResetGuard};
 use crate::proxy::{Peer, Proxy};
 
@@ -24,9 +26,9 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// one read may fill the buffer's whole spare capacity, which can be past `max_buf_size`, and a
 /// head that arrives whole in it is parsed without the size being looked at (hyper 1.x). Header
 /// lines are capped on their own by `framing::DEFAULT_MAX_HEADER_LINE`.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const MAX_HEADER_BYTES: usize = h2c::MAX_HEAD;
 /// Most request headers accepted.
-pub const MAX_HEADERS: usize = 100;
+pub const MAX_HEADERS: usize = h2c::MAX_HEADERS;
 
 fn builder() -> http1::Builder {
     let mut b = http1::Builder::new();
@@ -93,22 +95,30 @@ pub async fn serve_proxy(
                 let watcher = graceful.watcher();
                 let (mut stop, http1_open) = (shutdown.clone(), http1_open.clone());
                 let conn = async move {
-                    // The preface (or its absence) must come as quickly as a request head.
-                    let detected =
-                        tokio::time::timeout(HEADER_READ_TIMEOUT, h2server::detect(stream)).await;
-                    let Ok(Ok((proto, io))) = detected else {
+                    // The preface (or its absence), and an HTTP/1.1 connection's first head
+                    // (`Upgrade: h2c`, `h2c.rs`), must come as quickly as a request head.
+                    let opened = async {
+                        let (proto, io) = h2server::detect(stream).await?;
+                        std::io::Result::Ok(match proto {
+                            Detected::Http2 => Opened::Http2(io),
+                            Detected::Http1 => h2c::sniff(io).await?.into(),
+                        })
+                    };
+                    let Ok(Ok(opened)) = tokio::time::timeout(HEADER_READ_TIMEOUT, opened).await
+                    else {
                         return Ok(());
                     };
-                    let io = TokioIo::new(io);
-                    match proto {
-                        Detected::Http1 => {
+                    match opened {
+                        Opened::Http1(io) => {
                             let svc = service_fn(move |req| {
                                 let proxy = proxy.clone();
                                 let peer = peer.clone();
                                 async move { proxy.handle(req, &peer).await }
                             });
                             let _counted = http1_open.enter();
-                            let conn = builder().serve_connection(io, svc).with_upgrades();
+                            let conn = builder()
+                                .serve_connection(TokioIo::new(io), svc)
+                                .with_upgrades();
                             tokio::pin!(conn);
                             tokio::select! {
                                 r = conn.as_mut() => r,
@@ -118,28 +128,8 @@ pub async fn serve_proxy(
                                 }
                             }
                         }
-                        Detected::Http2 => {
-                            let guard = Arc::new(ResetGuard::default());
-                            let g = guard.clone();
-                            let svc = service_fn(move |req| {
-                                let proxy = proxy.clone();
-                                let peer = peer.clone();
-                                let served = g.serving();
-                                async move {
-                                    let resp = proxy.handle(req, &peer).await;
-                                    served.done();
-                                    resp
-                                }
-                            });
-                            let conn = watcher.watch(h2_builder().serve_connection(io, svc));
-                            tokio::select! {
-                                r = conn => r,
-                                _ = guard.tripped() => {
-                                    tracing::warn!(%remote, max = h2server::MAX_CANCELLED_PER_SEC, "HTTP/2 client cancelled too many requests in a second: connection closed");
-                                    Ok(())
-                                }
-                            }
-                        }
+                        Opened::Http2(io) => serve_h2(io, proxy, peer, watcher, remote).await,
+                        Opened::Upgraded(io) => serve_h2(io, proxy, peer, watcher, remote).await,
                     }
                 };
                 spawn_conn(conn, remote, Some(open.clone()));
@@ -171,6 +161,58 @@ pub async fn serve_proxy(
                 "grace period over with requests still in flight"
             );
             left
+        }
+    }
+}
+
+/// A proxy connection once its protocol is known.
+enum Opened<I> {
+    Http1(h2c::Replay<h2server::Prefixed<I>>),
+    /// HTTP/2 by prior knowledge.
+    Http2(h2server::Prefixed<I>),
+    /// HTTP/2 after `Upgrade: h2c` (the `101` is written).
+    Upgraded(h2c::Upgraded<h2server::Prefixed<I>>),
+}
+
+impl<I> From<Sniffed<h2server::Prefixed<I>>> for Opened<I> {
+    fn from(s: Sniffed<h2server::Prefixed<I>>) -> Self {
+        match s {
+            Sniffed::Http1(io) => Opened::Http1(io),
+            Sniffed::Upgraded(io) => Opened::Upgraded(io),
+        }
+    }
+}
+
+/// Serves one HTTP/2 connection with the limits of `h2server.rs`, until it ends, the drain
+/// ends it, or its client cancels too many requests.
+async fn serve_h2<I>(
+    io: I,
+    proxy: Arc<Proxy>,
+    peer: Peer,
+    watcher: Watcher,
+    remote: SocketAddr,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let guard = Arc::new(ResetGuard::default());
+    let g = guard.clone();
+    let svc = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let peer = peer.clone();
+        let served = g.serving();
+        async move {
+            let resp = proxy.handle(req, &peer).await;
+            served.done();
+            resp
+        }
+    });
+    let conn = watcher.watch(h2_builder().serve_connection(TokioIo::new(io), svc));
+    tokio::select! {
+        r = conn => r,
+        _ = guard.tripped() => {
+            tracing::warn!(%remote, max = h2server::MAX_CANCELLED_PER_SEC, "HTTP/2 client cancelled too many requests in a second: connection closed");
+            Ok(())
         }
     }
 }

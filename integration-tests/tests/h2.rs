@@ -1,6 +1,8 @@
-//! HTTP/2 on the proxy port (#13): real clients (`curl --http2-prior-knowledge`, `h2load` from
-//! Debian's nghttp2-client, installed by `servers/h2/install.sh`), and the `h2` crate as a client
-//! to inject what a hostile one sends (rapid reset, a SETTINGS flood, oversized headers).
+//! HTTP/2 on the proxy port (#13): real clients (`curl --http2-prior-knowledge`, `curl --http2`
+//! and `nghttp -u` for `Upgrade: h2c`, `h2load`; nghttp and h2load from Debian's
+//! nghttp2-client, installed by `servers/h2/install.sh`), and the `h2` crate or raw bytes as a
+//! client to inject what a hostile one sends (rapid reset, a SETTINGS flood, oversized headers,
+//! upgrade requests the agent must not take).
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
@@ -91,6 +93,182 @@ async fn curl_h2_prior_knowledge_and_http1_share_the_port() {
     ] {
         assert!(m.contains(needle), "missing {needle:?} in:\n{m}");
     }
+}
+
+/// `Upgrade: h2c` (RFC 7540 §3.2) from curl: `101`, then HTTP/2, the upgrade request answered
+/// on stream 1 and the next one on the same connection; a long header survives the HPACK
+/// literals the agent injects. A request with a body asking for the upgrade is served as
+/// HTTP/1.1, body and all.
+#[tokio::test]
+async fn curl_upgrades_to_h2c_and_a_request_with_a_body_stays_http1() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("web", &[(a.addr, 1)])]);
+    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", &url)]).await;
+    let port = agent.proxy.port().to_string();
+    let connect_to = format!("web:80:127.0.0.1:{port}");
+    let long = format!("x-long: {}", "v".repeat(300));
+    // Two URLs: the second goes over the upgraded connection (no new connect).
+    let (code, out) = curl(&[
+        "--http2",
+        "-H",
+        &long,
+        "-w",
+        "\n%{http_version} %{http_code} %{num_connects}\n",
+        "--connect-to",
+        &connect_to,
+        "http://web/x?y=1",
+        "http://web/second",
+    ])
+    .await;
+    assert_eq!(code, 0, "curl failed: {out}\n{}", agent.log_text());
+    assert_eq!(
+        out,
+        "a /x?y=1\n2 200 1\na /second\n2 200 0\n",
+        "{}",
+        agent.log_text()
+    );
+    let seen = a.last_headers();
+    assert_eq!(seen["host"], "web", "the authority is the Host: {seen:?}");
+    assert_eq!(seen["x-long"], "v".repeat(300));
+    for hop in ["upgrade", "http2-settings", "connection"] {
+        assert!(
+            !seen.contains_key(hop),
+            "{hop} reached the backend: {seen:?}"
+        );
+    }
+    // A body: no upgrade, HTTP/1.1 end to end.
+    let (code, out) = curl(&[
+        "--http2",
+        "--data-binary",
+        "hello",
+        "-w",
+        "\n%{http_version} %{http_code}",
+        "--connect-to",
+        &connect_to,
+        "http://web/post",
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out, "a /post\n1.1 200");
+    assert_eq!(a.last_headers()["content-length"], "5");
+    let m = agent.metrics().await;
+    for needle in [
+        "edge_agent_requests_total{upstream=\"web\",status=\"200\",protocol=\"h2\"} 2",
+        "edge_agent_requests_total{upstream=\"web\",status=\"200\",protocol=\"http1\"} 1",
+    ] {
+        assert!(m.contains(needle), "missing {needle:?} in:\n{m}");
+    }
+}
+
+/// `nghttp -u` (nghttp2's client, which also sends PRIORITY frames right after its SETTINGS):
+/// the upgrade request on stream 1 and two more requests, all answered over one connection.
+#[tokio::test]
+async fn nghttp_upgrades_to_h2c() {
+    let h2load = servers::install("h2");
+    let nghttp = h2load.with_file_name("nghttp");
+    assert!(
+        nghttp.exists(),
+        "{} missing: nghttp2-client installs it beside h2load",
+        nghttp.display()
+    );
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("web", &[(a.addr, 1)])]);
+    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", &url)]).await;
+    let out = Command::new(&nghttp)
+        .args(["-u", "-v", "-t", "10", "-H", "host: web"])
+        .arg(agent.url("/one"))
+        .arg(agent.url("/two"))
+        .arg(agent.url("/three"))
+        .output()
+        .await
+        .expect("nghttp runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "nghttp failed: {text}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.log_text()
+    );
+    assert!(text.contains("HTTP Upgrade success"), "{text}");
+    assert_eq!(text.matches(":status: 200").count(), 3, "{text}");
+    // Stream 1 is the upgrade request's; the others are the client's own (odd, from 3).
+    assert!(
+        text.lines()
+            .any(|l| l.contains("recv HEADERS frame") && l.contains("stream_id=1>")),
+        "{text}"
+    );
+    for body in ["a /one", "a /two", "a /three"] {
+        assert!(text.contains(body), "{body} in {text}");
+    }
+    assert_eq!(a.hits(), 3);
+}
+
+/// Upgrade requests the agent does not take are served as plain HTTP/1.1 (the RFC lets a
+/// server ignore `Upgrade`): a malformed `HTTP2-Settings`, a missing `Connection` option, a
+/// body, a pipelined second request; and the HTTP/1.1 refusals still apply to them.
+#[tokio::test]
+async fn upgrades_not_taken_are_plain_http1() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = registry(&dir);
+    write_services(&path, &[("web", &[(a.addr, 1)])]);
+    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", &url)]).await;
+    let ok_settings = "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n";
+    // `close` so each answer ends with the connection.
+    let upgrade = "Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings, close\r\n";
+    let cases = [
+        // Not base64url; not whole settings; ENABLE_PUSH = 2.
+        format!("GET /bad HTTP/1.1\r\nHost: web\r\n{upgrade}HTTP2-Settings: !!!\r\n\r\n"),
+        format!("GET /bad HTTP/1.1\r\nHost: web\r\n{upgrade}HTTP2-Settings: AAMAAA\r\n\r\n"),
+        format!("GET /bad HTTP/1.1\r\nHost: web\r\n{upgrade}HTTP2-Settings: AAIAAAAC\r\n\r\n"),
+        // Connection does not name HTTP2-Settings.
+        format!("GET /bad HTTP/1.1\r\nHost: web\r\nUpgrade: h2c\r\nConnection: Upgrade, close\r\n{ok_settings}\r\n"),
+        // A body.
+        format!("POST /bad HTTP/1.1\r\nHost: web\r\n{upgrade}{ok_settings}Content-Length: 2\r\n\r\nhi"),
+        // Two settings headers.
+        format!("GET /bad HTTP/1.1\r\nHost: web\r\n{upgrade}{ok_settings}{ok_settings}\r\n"),
+    ];
+    for (i, req) in cases.iter().enumerate() {
+        let answer = raw(&agent, req.as_bytes()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "case {i}: {req:?} got {answer:?}"
+        );
+        assert!(answer.contains("a /bad"), "case {i}: {answer}");
+    }
+    // Pipelined after an upgrade request: both answered in HTTP/1.1, in order.
+    let two = format!(
+        "GET /one HTTP/1.1\r\nHost: web\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n{ok_settings}\r\nGET /two HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+    );
+    let answer = raw(&agent, two.as_bytes()).await;
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+    assert!(answer.find("a /one") < answer.find("a /two"), "{answer}");
+    // The HTTP/1.1 rules hold for an upgrade request: two Host headers are a 400.
+    let twice = format!("GET / HTTP/1.1\r\nHost: web\r\nHost: other\r\n{upgrade}{ok_settings}\r\n");
+    let answer = raw(&agent, twice.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(a.hits(), cases.len() as u64 + 2);
+}
+
+/// Writes `req` to the proxy port on a new connection and reads until the agent closes it
+/// (at most 10 s).
+async fn raw(agent: &Agent, req: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(agent.proxy).await.unwrap();
+    s.write_all(req).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).to_string()
 }
 
 #[tokio::test]
