@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use discovery::{Event, Instance, Update};
+use discovery::{Discovery, Event, Instance, LivenessError, Update};
 use tokio::sync::mpsc;
 
 use crate::clock;
@@ -27,6 +27,36 @@ use crate::table::{Dirty, Dynamic, Services, TableBuilder};
 pub const STALENESS_TICK: Duration = Duration::from_secs(1);
 /// How often on-demand sources are told which services are still in use.
 pub const TOUCH_INTERVAL: Duration = Duration::from_secs(10);
+/// How often every service is read again from its source and compared with what the watch
+/// pushed (`EDGE_AGENT_RESYNC_INTERVAL`); each agent jitters it by up to ±10 %.
+pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(300);
+/// Reads that confirm (or refute) an update the removal guard holds, and the time between
+/// them: a blocking query or a push does not repeat an unchanged answer, so the guard asks.
+pub const CONFIRM_READS: u32 = 3;
+pub const CONFIRM_READ_GAP: Duration = Duration::from_secs(1);
+/// Resync reads in flight at once, so a host watching thousands of services does not open
+/// thousands of registry calls at the same moment.
+pub const RESYNC_CONCURRENCY: usize = 8;
+
+/// Why a source was read directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadWhy {
+    /// To confirm an update the removal guard holds.
+    Confirm,
+    /// The periodic resync.
+    Resync,
+}
+
+/// A direct read's answer, back in the cache task.
+struct ReadDone {
+    source: usize,
+    service: String,
+    why: ReadWhy,
+    /// What the watch had said of the service when the read was asked ([`Cache::version`]):
+    /// an answer the watch has overtaken since is dropped.
+    version: (u64, u64),
+    result: Result<Option<Vec<Instance>>, LivenessError>,
+}
 
 /// Input to the cache task besides discovery events.
 pub enum Control {
@@ -45,10 +75,22 @@ pub struct Cache {
     /// Where the last good view is saved, and whether it changed since the last write.
     state_dir: Option<PathBuf>,
     unsaved: bool,
+    /// The sources, for direct reads ([`Discovery::read`]); by index.
+    sources: Vec<Arc<dyn Discovery>>,
+    /// Watch answers seen per (source, service), and per source for whole-catalog answers:
+    /// a direct read asked before the latest of them is stale.
+    versions: HashMap<(usize, String), u64>,
+    epochs: HashMap<usize, u64>,
+    /// Holds that have confirming reads asked or under way.
+    confirming: HashSet<(usize, String)>,
+    reads_tx: mpsc::UnboundedSender<ReadDone>,
+    reads_rx: Option<mpsc::UnboundedReceiver<ReadDone>>,
+    resync_interval: Option<Duration>,
 }
 
 impl Cache {
     pub fn new(state: Arc<State>, dynamic: Dynamic) -> Self {
+        let (reads_tx, reads_rx) = mpsc::unbounded_channel();
         let mut cache = Cache {
             tables: TableBuilder::new(state.clone(), dynamic),
             state,
@@ -56,9 +98,32 @@ impl Cache {
             held: HashMap::new(),
             state_dir: None,
             unsaved: false,
+            sources: Vec::new(),
+            versions: HashMap::new(),
+            epochs: HashMap::new(),
+            confirming: HashSet::new(),
+            reads_tx,
+            reads_rx: Some(reads_rx),
+            resync_interval: None,
         };
         cache.rebuild(None);
         cache
+    }
+
+    /// Reads `sources` (by index, as events name them) directly: to confirm held updates at
+    /// once, and every `resync` (jittered; `None`: never) to correct what a lost notification
+    /// left stale.
+    pub fn with_sources(
+        mut self,
+        sources: Vec<Arc<dyn Discovery>>,
+        resync: Option<Duration>,
+    ) -> Self {
+        self.sources = sources;
+        self.resync_interval = resync.map(|d| {
+            let jitter = rand::random_range(0.9..1.1);
+            d.mul_f64(jitter)
+        });
+        self
     }
 
     /// Saves the last good view in `dir` from now on, and first serves what is saved there
@@ -131,8 +196,24 @@ impl Cache {
         let mut used: HashMap<Arc<str>, u64> = HashMap::new();
         let mut save = tokio::time::interval(state_file::WRITE_INTERVAL);
         save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let resync_every = self.resync_interval.unwrap_or(Duration::from_secs(3600));
+        let mut resync =
+            tokio::time::interval_at(tokio::time::Instant::now() + resync_every, resync_every);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reads = self.reads_rx.take().expect("the cache runs once");
+        let resync_slots = Arc::new(tokio::sync::Semaphore::new(RESYNC_CONCURRENCY));
         loop {
             tokio::select! {
+                Some(done) = reads.recv() => {
+                    let dirty = self.read_done(done);
+                    if !dirty.is_empty() {
+                        self.rebuild(Some(&dirty));
+                        self.unsaved = true;
+                    }
+                    self.publish_held();
+                    self.ask_confirmations();
+                }
+                _ = resync.tick(), if self.resync_interval.is_some() => self.resync(&resync_slots),
                 ev = events.recv() => match ev {
                     Some((source, ev)) => {
                         let gone = matches!(&ev, Event::Service { update: Update::NotFound, .. });
@@ -144,6 +225,7 @@ impl Cache {
                             self.state.wake();
                         }
                         self.publish_held();
+                        self.ask_confirmations();
                         self.update_ready();
                     }
                     None => return,
@@ -217,6 +299,7 @@ impl Cache {
                 return dirty;
             }
             Event::Snapshot(all) => {
+                *self.epochs.entry(source).or_default() += 1;
                 for svc in self.reported_by(source) {
                     if !all.contains_key(&svc) {
                         self.set(source, svc, None, &mut dirty);
@@ -227,6 +310,7 @@ impl Cache {
                 }
             }
             Event::Service { service, update } => {
+                *self.versions.entry((source, service.clone())).or_default() += 1;
                 let update = match self.apply_delta(source, &service, update, &mut dirty) {
                     None => return self.applied(status, kind, dirty),
                     Some(u) => u,
@@ -255,6 +339,7 @@ impl Cache {
                 self.set(source, service, next, &mut dirty);
             }
             Event::Catalog(names) => {
+                *self.epochs.entry(source).or_default() += 1;
                 let names: HashSet<String> = names.into_iter().collect();
                 for svc in self.reported_by(source) {
                     if !names.contains(&svc) {
@@ -421,6 +506,154 @@ impl Cache {
             }
         }
         dirty.insert(service);
+    }
+
+    /// What the watch of `source` has said of `service` so far (see [`ReadDone::version`]).
+    fn version(&self, source: usize, service: &str) -> (u64, u64) {
+        (
+            self.epochs.get(&source).copied().unwrap_or(0),
+            self.versions
+                .get(&(source, service.to_string()))
+                .copied()
+                .unwrap_or(0),
+        )
+    }
+
+    /// Starts a direct read of `service` from `source`, when the source has one; its answer
+    /// comes back to the cache task as a [`ReadDone`] after `delay`.
+    fn ask(
+        &self,
+        source: usize,
+        service: &str,
+        why: ReadWhy,
+        delay: Duration,
+        slots: Option<Arc<tokio::sync::Semaphore>>,
+    ) -> bool {
+        let Some(src) = self.sources.get(source) else {
+            return false;
+        };
+        let Some(read) = src.clone().read(service) else {
+            return false;
+        };
+        let (tx, version, service) = (
+            self.reads_tx.clone(),
+            self.version(source, service),
+            service.to_string(),
+        );
+        tokio::spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let _slot = match &slots {
+                Some(s) => s.clone().acquire_owned().await.ok(),
+                None => None,
+            };
+            let result = read.await;
+            let _ = tx.send(ReadDone {
+                source,
+                service,
+                why,
+                version,
+                result,
+            });
+        });
+        true
+    }
+
+    /// Asks the sources of newly held updates to confirm them: [`CONFIRM_READS`] reads,
+    /// [`CONFIRM_READ_GAP`] apart, each counting as one more answer (`guard.rs`). A source
+    /// without direct reads waits for `confirm_window` as before.
+    fn ask_confirmations(&mut self) {
+        let new: Vec<(usize, String)> = self
+            .held
+            .keys()
+            .filter(|k| !self.confirming.contains(*k))
+            .cloned()
+            .collect();
+        for key in new {
+            let mut asked = false;
+            for n in 1..=CONFIRM_READS {
+                asked |= self.ask(key.0, &key.1, ReadWhy::Confirm, CONFIRM_READ_GAP * n, None);
+            }
+            if asked {
+                tracing::info!(service = %key.1, reads = CONFIRM_READS, "asking the registry to confirm a held update");
+            }
+            self.confirming.insert(key);
+        }
+        let held = &self.held;
+        self.confirming.retain(|k| held.contains_key(k));
+    }
+
+    /// Reads every service each source has back from it (the resync timer).
+    fn resync(&mut self, slots: &Arc<tokio::sync::Semaphore>) {
+        let mut asked = 0;
+        for (service, by_source) in &self.services {
+            for &source in by_source.keys() {
+                if !self.held.contains_key(&(source, service.clone()))
+                    && self.ask(
+                        source,
+                        service,
+                        ReadWhy::Resync,
+                        Duration::ZERO,
+                        Some(slots.clone()),
+                    )
+                {
+                    asked += 1;
+                }
+            }
+        }
+        tracing::debug!(
+            services = asked,
+            "resync: reading every watched service again"
+        );
+    }
+
+    /// A direct read answered: a resync that differs from the pushed view corrects it (logged
+    /// and counted); a confirming read counts as one more answer for a held update. Answers
+    /// the watch has overtaken since they were asked are dropped.
+    fn read_done(&mut self, done: ReadDone) -> Dirty {
+        let mut dirty = Dirty::new();
+        let kind = self.state.sources.get(done.source).map_or("", |s| s.kind);
+        let instances = match done.result {
+            Ok(i) => i,
+            Err((ek, message)) => {
+                tracing::debug!(source = kind, service = %done.service, error = %message, kind = %ek, "direct read failed");
+                return dirty;
+            }
+        };
+        if done.version != self.version(done.source, &done.service) {
+            tracing::debug!(source = kind, service = %done.service, "direct read overtaken by the watch: dropped");
+            return dirty;
+        }
+        let key = (done.source, done.service);
+        match done.why {
+            ReadWhy::Confirm => {
+                if !self.held.contains_key(&key) {
+                    return dirty;
+                }
+            }
+            ReadWhy::Resync => {
+                let mut sorted = instances.clone();
+                if let Some(s) = sorted.as_mut() {
+                    s.sort();
+                }
+                let current = self.services.get(&key.1).and_then(|m| m.get(&key.0));
+                if current == sorted.as_ref() || self.held.contains_key(&key) {
+                    return dirty;
+                }
+                metrics::counter!(m::RESYNC_CORRECTIONS, "source" => kind).increment(1);
+                tracing::warn!(
+                    source = kind,
+                    service = %key.1,
+                    pushed = current.map_or(0, Vec::len),
+                    read = sorted.as_ref().map_or(0, Vec::len),
+                    "resync: the registry differs from what its watch pushed; correcting"
+                );
+            }
+        }
+        self.set(key.0, key.1, instances, &mut dirty);
+        self.services.retain(|_, set| !set.is_empty());
+        dirty
     }
 
     /// Shows what the guard holds now in `State::held` for the admin API (nothing is stored

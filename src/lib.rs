@@ -99,7 +99,8 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     }
     let on_demand = sources.iter().filter(|s| s.on_demand()).cloned().collect();
     let state = State::with_on_demand(statuses, on_demand);
-    let mut cache = Cache::new(state.clone(), config.dynamic.clone());
+    let mut cache = Cache::new(state.clone(), config.dynamic.clone())
+        .with_sources(sources.clone(), config.resync_interval);
     match config.state_dir.clone().or_else(state_file::default_dir) {
         Some(dir) => cache = cache.with_state_dir(dir),
         None => tracing::warn!("no state directory: the view is not saved across restarts"),

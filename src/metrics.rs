@@ -19,6 +19,7 @@ pub const RETRIES_TOTAL: &str = "edge_agent_retries_total";
 pub const CONFIG_RELOADS: &str = "edge_agent_config_reloads_total";
 pub const UPSTREAM_ERRORS: &str = "edge_agent_upstream_errors_total";
 pub const DISCOVERY_HELD: &str = "edge_agent_discovery_held_total";
+pub const RESYNC_CORRECTIONS: &str = "edge_agent_discovery_resync_corrections_total";
 pub const UPSTREAM_PANIC: &str = "edge_agent_upstream_panic";
 pub const EJECTIONS: &str = "edge_agent_ejections_total";
 pub const RETRY_BUDGET_EXHAUSTED: &str = "edge_agent_retry_budget_exhausted_total";
@@ -143,6 +144,10 @@ fn describe() {
         DISCOVERY_HELD,
         "Updates held by the removal guard (they would remove most of a service), by source."
     );
+    metrics::describe_counter!(
+        RESYNC_CORRECTIONS,
+        "Services whose periodic re-read differed from what the watch had pushed, by source."
+    );
     metrics::describe_gauge!(
         UPSTREAM_PANIC,
         "1 while an upstream is in panic mode (too few healthy endpoints: all are used)."
@@ -197,6 +202,7 @@ pub const ALL: &[&str] = &[
     CONFIG_RELOADS,
     UPSTREAM_ERRORS,
     DISCOVERY_HELD,
+    RESYNC_CORRECTIONS,
     UPSTREAM_PANIC,
     EJECTIONS,
     RETRY_BUDGET_EXHAUSTED,
@@ -327,6 +333,7 @@ mod tests {
             DISCOVERY_ERRORS,
             CONFIG_RELOADS,
             DISCOVERY_HELD,
+            RESYNC_CORRECTIONS,
         ] {
             metrics::counter!(name, "source" => "file").increment(1);
         }

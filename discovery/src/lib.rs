@@ -222,6 +222,11 @@ pub type LivenessFuture = Pin<Box<dyn Future<Output = Result<(), LivenessError>>
 /// How long a liveness call may take before the registry counts as hung.
 pub const LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// One direct read of a service ([`Discovery::read`]): its instances now, `None` when the
+/// registry does not know it.
+pub type ReadFuture =
+    Pin<Box<dyn Future<Output = Result<Option<Vec<Instance>>, LivenessError>> + Send + 'static>>;
+
 /// A registry adapter.
 pub trait Discovery: Send + Sync + 'static {
     /// Short label for metrics and logs: the `kind` of the source's row in [`SCHEMES`].
@@ -258,6 +263,15 @@ pub trait Discovery: Send + Sync + 'static {
     /// stream cannot tell a hung registry from a quiet one. Any answer counts (even an error
     /// status): it is the silence that is measured. `None`: nothing to check (a file).
     fn liveness(self: Arc<Self>) -> Option<LivenessFuture> {
+        None
+    }
+
+    /// Reads `service` once, now (a non-blocking query, not a watch), with the same filters
+    /// its watch uses, bounded by the source's call timeout. The agent asks it to confirm an
+    /// update the removal guard holds (a blocking query or a push never repeats an unchanged
+    /// answer) and to resync what the watch pushed on a slow timer. `None`: the source has no
+    /// such read (a file, whose watch is the file itself).
+    fn read(self: Arc<Self>, _service: &str) -> Option<ReadFuture> {
         None
     }
 }

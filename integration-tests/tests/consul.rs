@@ -686,3 +686,240 @@ async fn a_hung_consul_is_seen_within_seconds() {
     let (down, up) = integration_tests::a_hung_registry_is_seen(&agent, pid, "consul", "web").await;
     eprintln!("consul SIGSTOP: source_up 0 after {down:?}; 1 again {up:?} after SIGCONT");
 }
+
+/// The removal guard confirms by asking (#17): three of a service's four instances vanish at
+/// once (their node is deregistered from the catalog), the blocking query delivers that once
+/// and never repeats it, and the guard's direct reads confirm it within seconds instead of the
+/// 30 s `confirm_window`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_removal_is_confirmed_by_asking_within_seconds() {
+    let _serial = SERIAL.lock().await;
+    let consul = Consul::start(None).await;
+    let backends = [
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+        Backend::start("d").await,
+    ];
+    consul.register("pay", "pay-a", backends[0].addr, 1).await;
+    for (i, b) in backends[1..].iter().enumerate() {
+        let body = json!({
+            "Node": "other-node", "Address": "127.0.0.1",
+            "Service": {"ID": format!("pay-{i}"), "Service": "pay",
+                        "Address": b.addr.ip().to_string(), "Port": b.addr.port()},
+        });
+        consul.put("/v1/catalog/register", Some(body)).await;
+    }
+    let mut env = agent_env(&consul.url());
+    env.push(("EDGE_AGENT_REMOVAL_GUARD", "on".to_string()));
+    let agent = start_agent(&env).await;
+    until_served_by(&agent, "pay", &["a", "b", "c", "d"], "four instances").await;
+    let removed_at = Instant::now();
+    consul
+        .put(
+            "/v1/catalog/deregister",
+            Some(json!({"Node": "other-node"})),
+        )
+        .await;
+    // Held at first (three of four gone at once), then confirmed by the reads.
+    let mut to_removed = 0u32;
+    let confirmed = eventually(
+        Duration::from_secs(20),
+        "the held removal to apply",
+        || async {
+            let (status, backend, _) = agent.get("pay", "/").await;
+            assert_eq!(status, 200);
+            if backend == "a" {
+                let all_a = {
+                    let mut ok = true;
+                    for _ in 0..8 {
+                        ok &= agent.get("pay", "/").await.1 == "a";
+                    }
+                    ok
+                };
+                return all_a.then(|| removed_at.elapsed());
+            }
+            None
+        },
+    )
+    .await;
+    for b in &backends[1..] {
+        to_removed += b.hits() as u32;
+    }
+    let m = agent.metrics().await;
+    assert_eq!(
+        metric_value(&agent, "edge_agent_discovery_held_total{source=\"consul\"}").await,
+        Some(1.0),
+        "the removal was held first: {m}"
+    );
+    eprintln!(
+        "held removal of 3 of 4 confirmed by direct reads after {confirmed:?} (confirm_window 30 s); the removed backends served {to_removed} requests in all, the test's own included"
+    );
+    assert!(
+        confirmed < Duration::from_secs(10),
+        "confirmed after {confirmed:?}: the guard waited for its window"
+    );
+    assert!(
+        confirmed >= Duration::from_millis(1500),
+        "applied after {confirmed:?}: it was not held for its confirming reads"
+    );
+}
+
+/// A blocking-query answer that says "nothing changed" at a new index, once: the change it
+/// hid is never delivered by the watch, and the resync (`EDGE_AGENT_RESYNC_INTERVAL`) finds and
+/// corrects it, counting `edge_agent_discovery_resync_corrections_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_watch_missed_is_corrected_by_the_resync() {
+    let _serial = SERIAL.lock().await;
+    let consul = Consul::start(None).await;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    consul.register("inv", "inv-a", a.addr, 1).await;
+    let proxy = StaleProxy::start(consul.port, "/v1/health/service/inv").await;
+    let mut env = agent_env(&format!("consul://127.0.0.1:{}", proxy.port));
+    env.push(("EDGE_AGENT_RESYNC_INTERVAL", "4s".to_string()));
+    let agent = start_agent(&env).await;
+    until_served_by(&agent, "inv", &["a"], "a").await;
+    proxy.arm();
+    let changed = Instant::now();
+    consul.register("inv", "inv-b", b.addr, 1).await;
+    eventually(PROPAGATION, "the proxy to hide the change once", || async {
+        (proxy.hidden() == 1).then_some(())
+    })
+    .await;
+    // The watch was told nothing changed: only `a` serves until the resync.
+    let (_, backend, _) = agent.get("inv", "/").await;
+    let before = metric_value(
+        &agent,
+        "edge_agent_discovery_resync_corrections_total{source=\"consul\"}",
+    )
+    .await;
+    until_served_by(
+        &agent,
+        "inv",
+        &["a", "b"],
+        "the resync to correct the missed change",
+    )
+    .await;
+    let took = changed.elapsed();
+    let m = agent.metrics().await;
+    eprintln!(
+        "a hidden change (first answer after it: {backend}) corrected by the resync after {took:?} (interval 4 s ±10 %)"
+    );
+    assert_eq!(before, None, "no correction before the resync: {m}");
+    assert_eq!(
+        metric_value(
+            &agent,
+            "edge_agent_discovery_resync_corrections_total{source=\"consul\"}"
+        )
+        .await,
+        Some(1.0),
+        "{m}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+/// An HTTP proxy in front of Consul that, once armed, answers one blocking query for `path`
+/// with the previous answer's body under the new index: a lost change notification, a fault a
+/// real Consul does not produce on demand.
+struct StaleProxy {
+    port: u16,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    hidden: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StaleProxy {
+    async fn start(target: u16, path: &'static str) -> StaleProxy {
+        use http_body_util::{BodyExt, Full};
+        use hyper::body::Incoming;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hidden = Arc::new(AtomicU64::new(0));
+        let last: Arc<std::sync::Mutex<Option<bytes::Bytes>>> = Arc::default();
+        let (armed2, hidden2) = (armed.clone(), hidden.clone());
+        let task = tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (http, armed, hidden, last) =
+                    (http.clone(), armed2.clone(), hidden2.clone(), last.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                        let (http, armed, hidden, last) =
+                            (http.clone(), armed.clone(), hidden.clone(), last.clone());
+                        async move {
+                            let pq = req
+                                .uri()
+                                .path_and_query()
+                                .map_or("/", |p| p.as_str())
+                                .to_string();
+                            let method = req.method().clone();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let resp = http
+                                .request(method, format!("http://127.0.0.1:{target}{pq}"))
+                                .body(body)
+                                .send()
+                                .await;
+                            let Ok(resp) = resp else {
+                                return Ok::<_, std::convert::Infallible>(
+                                    hyper::Response::builder()
+                                        .status(502)
+                                        .body(Full::new(bytes::Bytes::new()))
+                                        .unwrap(),
+                                );
+                            };
+                            let mut out = hyper::Response::builder().status(resp.status().as_u16());
+                            for (k, v) in resp.headers() {
+                                if k != "content-length" && k != "transfer-encoding" {
+                                    out = out.header(k.as_str(), v.as_bytes());
+                                }
+                            }
+                            let mut bytes = resp.bytes().await.unwrap_or_default();
+                            if pq.starts_with(path) {
+                                let blocking = pq.contains("index=");
+                                let mut last = last.lock().unwrap();
+                                if blocking && armed.swap(false, Ordering::SeqCst) {
+                                    if let Some(old) = last.clone() {
+                                        bytes = old;
+                                        hidden.fetch_add(1, Ordering::SeqCst);
+                                    }
+                                } else {
+                                    *last = Some(bytes.clone());
+                                }
+                            }
+                            Ok(out.body(Full::new(bytes)).unwrap())
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        StaleProxy {
+            port,
+            armed,
+            hidden,
+            task,
+        }
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn hidden(&self) -> u64 {
+        self.hidden.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for StaleProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -21,6 +21,7 @@ Environment (each also a flag; flags and variables override the config file):
   EDGE_AGENT_STATE_DIR       directory for the saved view      [default: /var/lib/edge-agent as root, else ~/.local/state/edge-agent]
   EDGE_AGENT_ADMIN_TOKEN     bearer token required by the admin API (except /healthz) [default: none]
   EDGE_AGENT_REMOVAL_GUARD   hold updates that remove most of a service: on/off [default: on]
+  EDGE_AGENT_RESYNC_INTERVAL read every watched service again this often, correcting what a lost notification left (off to disable) [default: 5m]
   EDGE_AGENT_LOG_FORMAT      text or json                      [default: text]
   EDGE_AGENT_ACCESS_LOG      off, stdout or a file path (reopened on SIGUSR1) [default: off]
   EDGE_AGENT_ACCESS_LOG_FORMAT json or text (nginx combined + upstream fields) [default: json]
@@ -67,6 +68,9 @@ pub struct Cli {
     /// Drain time after SIGTERM [default: 10s]
     #[arg(long, env = "EDGE_AGENT_SHUTDOWN_GRACE", global = true)]
     pub shutdown_grace: Option<String>,
+    /// Read every watched service again this often; off to disable [default: 5m]
+    #[arg(long, env = "EDGE_AGENT_RESYNC_INTERVAL", global = true)]
+    pub resync_interval: Option<String>,
     /// Directory for state snapshots
     #[arg(long, env = "EDGE_AGENT_STATE_DIR", global = true)]
     pub state_dir: Option<PathBuf>,

@@ -41,6 +41,8 @@ pub struct AgentFile {
     pub shutdown_grace: Option<String>,
     /// This host's zone (`EDGE_AGENT_ZONE` wins).
     pub zone: Option<String>,
+    /// How often watched services are read again (`EDGE_AGENT_RESYNC_INTERVAL` wins).
+    pub resync_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone)]

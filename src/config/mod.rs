@@ -75,6 +75,9 @@ pub struct Config {
     pub access_log: crate::access_log::Settings,
     /// `EDGE_AGENT_REQUEST_ID=on`: add `x-request-id` to requests without one.
     pub request_id: bool,
+    /// `EDGE_AGENT_RESYNC_INTERVAL`: how often every watched service is read again from its
+    /// source (`cache.rs`); `None`: off.
+    pub resync_interval: Option<Duration>,
     /// The part that a reload may change.
     pub dynamic: Dynamic,
 }

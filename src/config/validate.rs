@@ -104,6 +104,24 @@ pub(super) fn build(cli: &Cli, file: &FileConfig, errs: &mut Vec<String>) -> Con
     let default_settings = UpstreamSettings::with_balancer(default_spec);
     let routes = routes(&file.route, &upstreams, errs);
     let guard = guard(cli, &file.guard, errs);
+    let resync_interval = match pick(
+        &cli.resync_interval,
+        &a.resync_interval,
+        "EDGE_AGENT_RESYNC_INTERVAL",
+        "agent.resync_interval",
+    ) {
+        Some((_, v)) if v.trim().eq_ignore_ascii_case("off") => None,
+        Some((name, v)) => match duration(name, &v, errs) {
+            Some(d) if d < MIN_RESYNC_INTERVAL => {
+                errs.push(format!(
+                    "{name}={v:?}: must be at least {MIN_RESYNC_INTERVAL:?} (or off)"
+                ));
+                None
+            }
+            d => d,
+        },
+        None => Some(crate::cache::DEFAULT_RESYNC_INTERVAL),
+    };
     Config {
         listen,
         admin_listen,
@@ -115,6 +133,7 @@ pub(super) fn build(cli: &Cli, file: &FileConfig, errs: &mut Vec<String>) -> Con
         log_json,
         access_log,
         request_id,
+        resync_interval,
         dynamic: Dynamic {
             default_settings,
             domain_suffix,
@@ -169,6 +188,9 @@ fn guard(cli: &Cli, g: &GuardFile, errs: &mut Vec<String>) -> GuardConfig {
 }
 
 /// The flag/env value if set, else the file's, with the name to use in errors.
+/// Shortest resync interval accepted: each one reads every watched service again.
+const MIN_RESYNC_INTERVAL: Duration = Duration::from_secs(1);
+
 fn pick(
     env: &Option<String>,
     file: &Option<String>,

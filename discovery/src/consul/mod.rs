@@ -247,6 +247,25 @@ impl Discovery for ConsulDiscovery {
         }))
     }
 
+    /// `GET /v1/health/service/<name>?passing` without an index: answered at once. Consul
+    /// answers an unknown service with an empty list, read as `None`.
+    fn read(self: Arc<Self>, service: &str) -> Option<crate::ReadFuture> {
+        let name = normalize(service)?;
+        Some(Box::pin(async move {
+            let answer = self
+                .get(&["v1", "health", "service", &name], 0, true)
+                .await
+                .map_err(|f| (f.kind, f.message))?;
+            let (instances, _problems) = api::parse_health(&answer.body).map_err(|e| {
+                (
+                    crate::ErrorKind::Parse,
+                    format!("consul service {name}: {e}"),
+                )
+            })?;
+            Ok((!instances.is_empty()).then_some(instances))
+        }))
+    }
+
     fn describe(&self) -> String {
         let scheme = if self.https { "consul+https" } else { "consul" };
         let mut u = Url::parse(&format!("http://{}", self.authority)).expect("authority parses");
