@@ -28,6 +28,7 @@ pub mod dns;
 pub mod eureka;
 pub mod file;
 mod http;
+pub mod lookup;
 pub use http::ClientError;
 pub mod nacos;
 

@@ -139,7 +139,8 @@ impl GenInstance {
         }
         inst.weight = self.weight.unwrap_or(DEFAULT_WEIGHT);
         inst.healthy = self.healthy.unwrap_or(true);
-        inst.zone = self.zone.clone();
+        // An empty zone names no zone (the file registry's rule, as for the other sources).
+        inst.zone = self.zone.clone().filter(|z| !z.is_empty());
         inst.metadata = self.metadata.clone();
         inst
     }

@@ -642,3 +642,37 @@ async fn a_hung_eureka_is_seen_within_seconds() {
     eprintln!("eureka SIGSTOP: source_up 0 after {down:?}; 1 again {up:?} after SIGCONT");
     eu.cancel("EU-HUNG", "eu-hung-a").await;
 }
+
+/// #17, the first request for a name registered a moment ago: with a long poll interval (30 s,
+/// the Java client's), the agent asks Eureka for that app at once instead of answering 404
+/// until the next poll; a name nobody registers is still a quick 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_request_for_a_just_registered_name_asks_eureka() {
+    let _serial = SERIAL.lock().await;
+    let port = shared_port().await;
+    let eu = Eureka::new(port);
+    let agent = start_agent(&format!("eureka://127.0.0.1:{port}/eureka?interval=30s")).await;
+    // The first poll has answered (the agent is ready); now a new app registers.
+    let a = Backend::start("first-a").await;
+    eu.register("EU-FIRST", "eu-first-a", a.addr, &[]).await;
+    let t = Instant::now();
+    let (status, backend, body) = agent.get("eu-first", "/").await;
+    let took = t.elapsed();
+    assert_eq!((status, backend.as_str()), (200, "first-a"), "{body}");
+    // Unknown: a 404, soon (one lookup, not the 5 s on-demand wait).
+    let t = Instant::now();
+    let (status, _, _) = agent.get("eu-nobody", "/").await;
+    let not_found = t.elapsed();
+    assert_eq!(status, 404);
+    // Asked again at once: rate-limited per name, still 404 without another lookup.
+    let t = Instant::now();
+    assert_eq!(agent.get("eu-nobody", "/").await.0, 404);
+    let again = t.elapsed();
+    eprintln!(
+        "eureka first request (interval 30 s): 200 after {took:?}; unknown name 404 after {not_found:?}, again after {again:?}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(not_found < Duration::from_secs(3), "{not_found:?}");
+    assert!(again < Duration::from_millis(500), "{again:?}");
+    eu.cancel("EU-FIRST", "eu-first-a").await;
+}

@@ -165,6 +165,54 @@ pub struct EurekaDiscovery {
     interval: Duration,
     timeout: Duration,
     client: reqwest::Client,
+    lookups: Lookups,
+}
+
+/// First-request lookups (#17, `lookup.rs`): a request for a name the last poll did not have
+/// asks Eureka for that app at once (`GET /apps/<NAME>`) rather than waiting up to a whole
+/// `interval`.
+#[derive(Debug)]
+struct Lookups {
+    /// Lower-cased apps the last snapshot sent had.
+    known: std::sync::RwLock<std::collections::HashSet<String>>,
+    asked: crate::lookup::Asked,
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
+    rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+}
+
+impl Lookups {
+    fn new(
+        tx: tokio::sync::mpsc::UnboundedSender<String>,
+        rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) -> Self {
+        Lookups {
+            known: Default::default(),
+            asked: Default::default(),
+            tx,
+            rx: std::sync::Mutex::new(Some(rx)),
+        }
+    }
+
+    /// Whether `name` may exist: known, or a lookup is asked or under way.
+    fn want(&self, name: &str) -> bool {
+        if self
+            .known
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+        {
+            return true;
+        }
+        match self.asked.ask(name) {
+            crate::lookup::Ask::New => self.tx.send(name.to_string()).is_ok(),
+            crate::lookup::Ask::Pending => true,
+            crate::lookup::Ask::Answered => false,
+        }
+    }
+
+    fn sent(&self, snapshot: &std::collections::BTreeMap<String, Vec<crate::Instance>>) {
+        *self.known.write().unwrap_or_else(|e| e.into_inner()) = snapshot.keys().cloned().collect();
+    }
 }
 
 impl EurekaDiscovery {
@@ -180,6 +228,15 @@ impl EurekaDiscovery {
         let mut failures = 0usize;
         let mut untried = self.servers.len();
         let mut local: Option<Registry> = None;
+        let Some(mut lookups) = self
+            .lookups
+            .rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
         loop {
             let server = &self.servers[current];
             match self.round(server, &mut local, &sink).await {
@@ -210,10 +267,17 @@ impl EurekaDiscovery {
                     failures = 0;
                     untried = self.servers.len();
                     backoff = builder.build();
-                    if !sink.send(Event::Snapshot(reg.snapshot())).await {
+                    let snapshot = reg.snapshot();
+                    self.lookups.sent(&snapshot);
+                    if !sink.send(Event::Snapshot(snapshot)).await {
                         return;
                     }
-                    tokio::time::sleep(self.interval).await;
+                    if !self
+                        .wait_answering_lookups(server, &mut local, &mut lookups, &sink)
+                        .await
+                    {
+                        return;
+                    }
                 }
                 Err(f) => {
                     local = None;
@@ -238,6 +302,55 @@ impl EurekaDiscovery {
             }
             if sink.tx.is_closed() {
                 return;
+            }
+        }
+    }
+}
+
+impl EurekaDiscovery {
+    /// Waits one `interval` before the next poll, answering first-request lookups meanwhile:
+    /// a name Eureka has joins the local copy (so the next delta agrees with it) and a new
+    /// snapshot is sent; a name it does not have is `NotFound`, so the waiting request gets
+    /// its 404 at once. `false` when the agent has gone away.
+    async fn wait_answering_lookups(
+        &self,
+        server: &Server,
+        local: &mut Option<Registry>,
+        lookups: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+        sink: &Sink,
+    ) -> bool {
+        let next_poll = tokio::time::sleep(self.interval);
+        tokio::pin!(next_poll);
+        loop {
+            let name = tokio::select! {
+                _ = &mut next_poll => return true,
+                name = lookups.recv() => match name {
+                    Some(n) => n,
+                    None => return true,
+                },
+            };
+            let sent = match self.fetch_app(server, &name, sink).await {
+                Ok(Some(answer)) if !answer.items.is_empty() => {
+                    tracing::debug!(server = %server.display, app = %name, instances = answer.items.len(), "eureka lookup found the app");
+                    let reg = local.get_or_insert_with(Registry::default);
+                    reg.replace_app(&answer);
+                    let snapshot = reg.snapshot();
+                    self.lookups.sent(&snapshot);
+                    sink.send(Event::Snapshot(snapshot)).await
+                }
+                Ok(_) => {
+                    tracing::debug!(server = %server.display, app = %name, "eureka lookup: no such app");
+                    sink.send(Event::Service {
+                        service: name.clone(),
+                        update: crate::Update::NotFound,
+                    })
+                    .await
+                }
+                Err(f) => sink.error(f.kind, f.message).await,
+            };
+            self.lookups.asked.answered(&name);
+            if !sent {
+                return false;
             }
         }
     }
@@ -280,6 +393,16 @@ impl Discovery for EurekaDiscovery {
 
     fn run(self: Arc<Self>, sink: Sink) -> BoxFuture {
         Box::pin(self.run_loop(sink))
+    }
+
+    /// Eureka is polled whole; "on demand" here is only the first-request lookup of a name the
+    /// last poll did not have ([`Lookups`]).
+    fn on_demand(&self) -> bool {
+        true
+    }
+
+    fn watch(&self, service: &str) -> bool {
+        self.lookups.want(&service.trim().to_ascii_lowercase())
     }
 }
 

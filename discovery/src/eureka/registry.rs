@@ -55,6 +55,18 @@ impl Registry {
         ignored
     }
 
+    /// Puts one app as a direct read found it in place of what the copy had of it.
+    pub fn replace_app(&mut self, answer: &Answer) {
+        let mut fresh: BTreeMap<String, BTreeMap<String, Entry>> = BTreeMap::new();
+        for item in &answer.items {
+            fresh
+                .entry(item.app.clone())
+                .or_default()
+                .insert(item.id.clone(), item.entry.clone());
+        }
+        self.apps.extend(fresh);
+    }
+
     /// Eureka's reconciliation hash: `STATUS_count_` for every status present, sorted by name.
     pub fn hashcode(&self) -> String {
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();

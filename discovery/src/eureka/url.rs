@@ -104,6 +104,7 @@ impl EurekaDiscovery {
                 url: redact(url),
                 source,
             })?;
+        let (lookup_tx, lookup_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(EurekaDiscovery {
             servers,
             https,
@@ -111,6 +112,7 @@ impl EurekaDiscovery {
             interval,
             timeout,
             client,
+            lookups: super::Lookups::new(lookup_tx, lookup_rx),
         })
     }
 

@@ -293,6 +293,50 @@ impl EurekaDiscovery {
         Ok((value, body.len()))
     }
 
+    /// `GET <server>/apps/<NAME>`: one app, now (the first request for a name the last poll
+    /// did not have). `None`: Eureka does not know it (404).
+    pub(super) async fn fetch_app(
+        &self,
+        server: &Server,
+        app: &str,
+        sink: &Sink,
+    ) -> Result<Option<Answer>, Failure> {
+        let path = format!("/apps/{}", app.to_ascii_uppercase());
+        let url = format!("{}{path}", server.base);
+        let mut req = self
+            .client
+            .get(&url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .timeout(self.timeout);
+        if let Some(c) = &self.credentials {
+            req = req.basic_auth(&c.user, c.password.as_ref());
+        }
+        let what: &str = &format!("eureka GET {url}");
+        let resp = req.send().await.map_err(|e| Failure::request(what, e))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            return Err(Failure::status(what, resp).await);
+        }
+        let value: Value = resp.json().await.map_err(|e| Failure {
+            kind: ErrorKind::Parse,
+            message: format!("{what}: not JSON: {e}"),
+        })?;
+        // One app's answer is `{"application": …}`: read it as a registry of that app alone.
+        let wrapped =
+            serde_json::json!({"applications": {"application": value.get("application")}});
+        let answer = parse_answer(&wrapped).map_err(|e| Failure {
+            kind: ErrorKind::Parse,
+            message: format!("{what}: {e}"),
+        })?;
+        for p in &answer.problems {
+            sink.error(ErrorKind::Parse, format!("eureka {}: {p}", server.display))
+                .await;
+        }
+        Ok(Some(answer))
+    }
+
     pub(super) async fn fetch_answer(
         &self,
         server: &Server,
