@@ -344,6 +344,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Upgraded<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if buf.remaining() == 0 {
+            // Nothing can be given; reading the client into no room would look like its EOF.
+            return Poll::Ready(Ok(()));
+        }
         let want = match this.phase {
             Phase::Through => return Pin::new(&mut this.inner).poll_read(cx, buf),
             Phase::Inject(pos) => {
