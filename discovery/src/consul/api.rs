@@ -67,7 +67,23 @@ impl ConsulDiscovery {
         index: u64,
         health: bool,
     ) -> Result<Answer, Failure> {
-        let mut url = Url::parse(&self.base).expect("base URL parses");
+        let (at, server) = self.server();
+        let result = self.get_from(server, segments, index, health).await;
+        result.map_err(|mut f| {
+            self.failed_on(at, &mut f.message);
+            f
+        })
+    }
+
+    /// One blocking GET from `server`.
+    async fn get_from(
+        &self,
+        server: &super::Server,
+        segments: &[&str],
+        index: u64,
+        health: bool,
+    ) -> Result<Answer, Failure> {
+        let mut url = Url::parse(&server.base).expect("base URL parses");
         url.path_segments_mut()
             .expect("http URL has a path")
             .extend(segments);
@@ -92,7 +108,7 @@ impl ConsulDiscovery {
         }
         let shown = format!(
             "consul GET {}{}",
-            self.authority,
+            server.authority,
             &url[::url::Position::BeforePath..]
         );
         let mut req = self.client.get(url).timeout(self.call_timeout());

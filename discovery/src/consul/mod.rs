@@ -5,6 +5,7 @@
 //! EDGE_AGENT_REGISTRY=consul://127.0.0.1:8500
 //! EDGE_AGENT_REGISTRY=consul+https://consul.internal:8501?dc=eu1&tag=v2&near=_agent&wait=5m&idle_ttl=10m
 //! EDGE_AGENT_REGISTRY=consul://?service=payments&service=users      # address from CONSUL_HTTP_ADDR
+//! EDGE_AGENT_REGISTRY=consul://10.0.0.1:8500?server=10.0.0.2:8500&server=10.0.0.3   # failover list
 //! ```
 //!
 //! # Client
@@ -22,6 +23,18 @@
 //!   address comes from `CONSUL_HTTP_ADDR` (`host:port`, `http://…` or `https://…`), else
 //!   [`DEFAULT_ADDR`]. `CONSUL_HTTP_SSL=true` turns HTTPS on as well. Port defaults: 8500
 //!   (HTTP), 8501 (HTTPS).
+//! - Several servers (or agents): repeated `server=host[:port]` (same scheme and port default
+//!   as the URL; no path, no credentials; a server listed twice is refused). The agent splits
+//!   `EDGE_AGENT_REGISTRY` on commas, hence a parameter rather than `consul://a,b,c`. The URL's
+//!   host comes first; with no host (`consul://?server=a&server=b`) the list is the `server=`
+//!   values only and `CONSUL_HTTP_ADDR` is not read. Every call goes to one current server; a
+//!   call that fails (connection, timeout, status, bad JSON) moves the current server on to the
+//!   next in order (once per failure, however many watches saw it: a compare-and-swap on the
+//!   index), its error says `trying <next> next`, and the watch retries there after its usual
+//!   back-off. There is no return to the first server while the current one answers. The
+//!   servers of one datacenter share the Raft index, so a blocking query could carry on, but a
+//!   failed watch starts over from index 0 anyway. The liveness check asks each server in turn
+//!   from the current one: the source is up while any answers.
 //! - `CONSUL_HTTP_TOKEN` (or the file named by `CONSUL_HTTP_TOKEN_FILE`) is sent as
 //!   `X-Consul-Token` on every call. It never appears in [`Discovery::describe`], logs or errors,
 //!   and there is deliberately no URL parameter for it.
@@ -178,13 +191,22 @@ enum Cmd {
     Idle { name: String, generation: u64 },
 }
 
-/// A source watching one Consul datacenter.
-pub struct ConsulDiscovery {
+/// One Consul agent or server the source may ask.
+#[derive(Debug, Clone, PartialEq)]
+struct Server {
     /// `http(s)://host:port`.
     base: String,
-    https: bool,
     /// `host:port`, for describe and messages.
     authority: String,
+}
+
+/// A source watching one Consul datacenter.
+pub struct ConsulDiscovery {
+    /// The URL's host (or `CONSUL_HTTP_ADDR`) and then each `server=`, in failover order.
+    servers: Vec<Server>,
+    /// Index in `servers` of the one every call goes to now; a failed call moves it on.
+    current: AtomicUsize,
+    https: bool,
     token: Option<Token>,
     dc: Option<String>,
     tags: Vec<String>,
@@ -225,6 +247,26 @@ fn normalize(name: &str) -> Option<String> {
 }
 
 impl ConsulDiscovery {
+    /// The server calls go to now, with its index (to hand to [`ConsulDiscovery::failed_on`]).
+    fn server(&self) -> (usize, &Server) {
+        let i = self.current.load(Ordering::Relaxed) % self.servers.len();
+        (i, &self.servers[i])
+    }
+
+    /// A call to server `i` failed: with more than one server, move every call on to the next
+    /// (unless another call already has) and say which in `message`.
+    fn failed_on(&self, i: usize, message: &mut String) {
+        if self.servers.len() < 2 {
+            return;
+        }
+        let next = (i + 1) % self.servers.len();
+        let _ = self
+            .current
+            .compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed);
+        let now = self.server().1;
+        message.push_str(&format!("; trying {} next", now.authority));
+    }
+
     fn catalog_contains(&self, name: &str) -> Option<bool> {
         self.catalog
             .read()
@@ -239,11 +281,23 @@ impl Discovery for ConsulDiscovery {
         "consul"
     }
 
-    /// `GET /v1/status/leader`: answered by any agent without an ACL token.
+    /// `GET /v1/status/leader`: answered by any agent without an ACL token. With several
+    /// servers, each in turn from the current one until one answers: the source is live while
+    /// any of them is.
     fn liveness(self: Arc<Self>) -> Option<crate::LivenessFuture> {
         Some(Box::pin(async move {
-            let url = format!("{}/v1/status/leader", self.base);
-            crate::http::answers(&self.client, "consul liveness (/v1/status/leader)", &url).await
+            let (first, _) = self.server();
+            let n = self.servers.len();
+            let calls: Vec<(String, String)> = (0..n)
+                .map(|k| &self.servers[(first + k) % n])
+                .map(|s| {
+                    (
+                        format!("consul liveness ({}/v1/status/leader)", s.authority),
+                        format!("{}/v1/status/leader", s.base),
+                    )
+                })
+                .collect();
+            crate::http::any_answers(&self.client, calls).await
         }))
     }
 
@@ -268,9 +322,13 @@ impl Discovery for ConsulDiscovery {
 
     fn describe(&self) -> String {
         let scheme = if self.https { "consul+https" } else { "consul" };
-        let mut u = Url::parse(&format!("http://{}", self.authority)).expect("authority parses");
+        let first = &self.servers[0].authority;
+        let mut u = Url::parse(&format!("http://{first}")).expect("authority parses");
         {
             let mut q = u.query_pairs_mut();
+            for s in &self.servers[1..] {
+                q.append_pair("server", &s.authority);
+            }
             if let Some(dc) = &self.dc {
                 q.append_pair("dc", dc);
             }
@@ -286,11 +344,7 @@ impl Discovery for ConsulDiscovery {
                 q.append_pair("service", s);
             }
         }
-        format!(
-            "{scheme}://{}/?{}",
-            self.authority,
-            u.query().unwrap_or_default()
-        )
+        format!("{scheme}://{first}/?{}", u.query().unwrap_or_default())
     }
 
     fn run(self: Arc<Self>, sink: Sink) -> BoxFuture {

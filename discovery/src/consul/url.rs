@@ -28,6 +28,45 @@ fn truthy(v: &str) -> bool {
     )
 }
 
+/// A server from a host and an optional port; `base` is set once the scheme is final (the
+/// environment may still turn HTTPS on).
+fn server(host: &str, port: Option<u16>, https: bool) -> Server {
+    let port = port.unwrap_or(if https { 8501 } else { 8500 });
+    let authority = if host.starts_with('[') {
+        format!("{host}:{port}")
+    } else {
+        join_host_port(host, port)
+    };
+    Server {
+        base: String::new(),
+        authority,
+    }
+}
+
+/// A `server=` value: `host` or `host:port`, nothing else.
+fn parse_server(value: &str, https: bool) -> Result<Server, String> {
+    if value.is_empty() {
+        return Err("server= needs host[:port]".into());
+    }
+    if value.contains("://") || value.contains('/') || value.contains('@') {
+        return Err(format!(
+            "server={value:?}: expected host[:port] (the scheme is the URL's, no path, no credentials)"
+        ));
+    }
+    // A scheme without a default port, so an explicit `:80` is kept.
+    let u =
+        Url::parse(&format!("consul://{value}")).map_err(|e| format!("server={value:?}: {e}"))?;
+    let host = u
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("server={value:?}: no host"))?;
+    if !u.path().is_empty() || u.query().is_some() || u.fragment().is_some() {
+        return Err(format!("server={value:?}: expected host[:port]"));
+    }
+    let port = u.port();
+    Ok(server(host, port, https))
+}
+
 impl ConsulDiscovery {
     /// From `consul://…` or `consul+https://…`, reading Consul's variables from the environment.
     pub fn from_url(url: &str) -> Result<Self, SourceError> {
@@ -63,9 +102,17 @@ impl ConsulDiscovery {
         if env(ENV_SSL).is_some_and(|v| truthy(&v)) {
             https = true;
         }
+        let listed: Vec<String> = parsed
+            .query_pairs()
+            .filter(|(k, _)| k == "server")
+            .map(|(_, v)| v.trim().to_string())
+            .collect();
         let host = parsed.host_str().filter(|h| !h.is_empty());
-        let (host, port) = match host {
-            Some(h) => (h.to_string(), parsed.port()),
+        let mut servers = Vec::new();
+        match host {
+            Some(h) => servers.push(server(h, parsed.port(), https)),
+            // `consul://?server=a&server=b`: those servers only, not CONSUL_HTTP_ADDR.
+            None if !listed.is_empty() => {}
             None => {
                 let addr = env(ENV_ADDR).unwrap_or_else(|| DEFAULT_ADDR.to_string());
                 let rest = if let Some(r) = addr.strip_prefix("https://") {
@@ -86,15 +133,19 @@ impl ConsulDiscovery {
                     .host_str()
                     .filter(|h| !h.is_empty())
                     .ok_or_else(|| invalid(format!("{ENV_ADDR}={addr:?}: no host")))?;
-                (h.to_string(), u.port())
+                servers.push(server(h, u.port(), https));
             }
-        };
-        let port = port.unwrap_or(if https { 8501 } else { 8500 });
-        let authority = if host.starts_with('[') {
-            format!("{host}:{port}")
-        } else {
-            join_host_port(&host, port)
-        };
+        }
+        for value in &listed {
+            let s = parse_server(value, https).map_err(&invalid)?;
+            if servers.contains(&s) {
+                return Err(invalid(format!(
+                    "server={value:?}: {} is already listed",
+                    s.authority
+                )));
+            }
+            servers.push(s);
+        }
         let mut dc = None;
         let mut tags = Vec::new();
         let mut near = None;
@@ -121,6 +172,7 @@ impl ConsulDiscovery {
                     idle_ttl = crate::parse_duration(&value, MIN_DURATION)
                         .map_err(|e| invalid(format!("idle_ttl={value:?}: {e}")))?
                 }
+                "server" => {} // read above
                 "service" => {
                     for name in value.split(',').filter(|n| !n.trim().is_empty()) {
                         let n = normalize(name).ok_or_else(|| {
@@ -133,7 +185,7 @@ impl ConsulDiscovery {
                 }
                 other => {
                     return Err(invalid(format!(
-                    "unknown parameter {other:?} (known: dc, tag, near, wait, idle_ttl, service)"
+                    "unknown parameter {other:?} (known: server, dc, tag, near, wait, idle_ttl, service)"
                 )))
                 }
             }
@@ -187,10 +239,13 @@ impl ConsulDiscovery {
             })
             .build();
         let scheme = if https { "https" } else { "http" };
+        for s in &mut servers {
+            s.base = format!("{scheme}://{}", s.authority);
+        }
         Ok(ConsulDiscovery {
-            base: format!("{scheme}://{authority}"),
+            servers,
+            current: AtomicUsize::new(0),
             https,
-            authority,
             token,
             dc,
             tags,
@@ -216,9 +271,14 @@ impl ConsulDiscovery {
         self.idle_ttl
     }
 
-    /// `http(s)://host:port` of the Consul HTTP API.
+    /// `http(s)://host:port` of the Consul HTTP API calls go to now.
     pub fn base(&self) -> &str {
-        &self.base
+        &self.server().1.base
+    }
+
+    /// `http(s)://host:port` of every server, in failover order.
+    pub fn servers(&self) -> Vec<String> {
+        self.servers.iter().map(|s| s.base.clone()).collect()
     }
 
     pub fn has_token(&self) -> bool {
@@ -298,6 +358,53 @@ pub(super) mod tests {
                 "{bad}"
             );
         }
+        // Further servers, in failover order; with no host, the server= list only.
+        let c = src("consul://a:1?server=b&server=[::1]:3&server=c:80", &[]).unwrap();
+        assert_eq!(
+            c.servers(),
+            [
+                "http://a:1",
+                "http://b:8500",
+                "http://[::1]:3",
+                "http://c:80"
+            ]
+        );
+        assert!(
+            c.describe().starts_with(
+                "consul://a:1/?server=b%3A8500&server=%5B%3A%3A1%5D%3A3&server=c%3A80&wait="
+            ),
+            "{}",
+            c.describe()
+        );
+        let c = src(
+            "consul://?server=b:2&server=c:3",
+            &[("CONSUL_HTTP_ADDR", "x:9")],
+        )
+        .unwrap();
+        assert_eq!(c.servers(), ["http://b:2", "http://c:3"]);
+        let c = src("consul+https://a?server=b", &[]).unwrap();
+        assert_eq!(c.servers(), ["https://a:8501", "https://b:8501"]);
+        for (bad, says) in [
+            ("consul://a?server=", "server= needs host[:port]"),
+            (
+                "consul://a?server=http://b:1",
+                "server=\"http://b:1\": expected host[:port]",
+            ),
+            (
+                "consul://a?server=b:1/x",
+                "server=\"b:1/x\": expected host[:port]",
+            ),
+            ("consul://a?server=u@b", "no credentials"),
+            ("consul://a?server=b:99999", "server=\"b:99999\""),
+            (
+                "consul://a:1?server=a:1",
+                "server=\"a:1\": a:1 is already listed",
+            ),
+        ] {
+            let err = src(bad, &[]).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+
         let err = src("consul://tok@h:1", &[]).unwrap_err().to_string();
         assert!(!err.contains("tok"), "{err}");
         assert!(src("consul://", &[("CONSUL_HTTP_ADDR", "unix:///tmp/c.sock")]).is_err());

@@ -542,6 +542,53 @@ mod tests {
         );
     }
 
+    /// With `server=` listed, a server that refuses connections is an error naming the next
+    /// one, and every call moves on to it; the liveness check answers while any server does.
+    #[tokio::test]
+    async fn a_failed_server_moves_calls_to_the_next() {
+        let script: Script = Arc::new(|path, query| match path {
+            "/v1/catalog/services" if !query.contains("index=") => {
+                Some((200, 10, r#"{"web":[]}"#.into()))
+            }
+            "/v1/health/service/web" if !query.contains("index=") => {
+                Some((200, 5, format!("[{}]", entry(7))))
+            }
+            "/v1/status/leader" => Some((200, 1, r#""127.0.0.1:8300""#.into())),
+            _ => None,
+        });
+        let (live, _) = scripted(script).await;
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let url = format!("consul://127.0.0.1:{dead}?server=127.0.0.1:{live}&wait=2s");
+        let src = Arc::new(src(&url, &[]).unwrap());
+        assert_eq!(src.base(), format!("http://127.0.0.1:{dead}"));
+        let (tx, mut rx) = mpsc::channel(64);
+        assert!(src.watch("web"));
+        tokio::spawn(src.clone().run(Sink::new(0, tx)));
+        let mut errors = Vec::new();
+        let set = loop {
+            match next_event(&mut rx).await {
+                Event::Error { kind, message } => errors.push((kind, message)),
+                ev @ Event::Service { .. } => break ev,
+                Event::Catalog(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(ports(&set), vec![7]);
+        assert_eq!(src.base(), format!("http://127.0.0.1:{live}"));
+        let next = format!("trying 127.0.0.1:{live} next");
+        assert!(
+            !errors.is_empty()
+                && errors
+                    .iter()
+                    .all(|(k, m)| *k == ErrorKind::Connect && m.contains(&next)),
+            "{errors:?}"
+        );
+        assert!(src.clone().liveness().unwrap().await.is_ok());
+    }
+
     #[tokio::test]
     async fn on_demand_watches_start_idle_out_and_wait_for_the_catalog() {
         let released = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Start a single-node dev-mode Consul server in the FOREGROUND (exec), bound to
-# 127.0.0.1 only. The caller's child PID becomes consul's PID: kill it to stop.
+# Start a single-node dev-mode Consul server (or, with CONSUL_ROLE, one member of a cluster) in
+# the FOREGROUND (exec), bound to 127.0.0.1 only. The caller's child PID becomes consul's PID:
+# kill it to stop.
 #
 # Environment:
+#   CONSUL_ROLE           optional: dev (default: one -dev server), server (a cluster server:
+#                         -server -bootstrap-expect=$CONSUL_BOOTSTRAP_EXPECT, default 3) or
+#                         client (a client agent). server and client need CONSUL_DATA_DIR and
+#                         CONSUL_RETRY_JOIN, and run raft_multiplier = 1 (dev mode's timing:
+#                         an election takes ~1-2 s instead of ~5-10 s).
+#   CONSUL_RETRY_JOIN     with server/client: space-separated 127.0.0.1:<serf lan port> of the
+#                         other members (each becomes a -retry-join, retried every 1 s)
 #   CONSUL_HTTP_PORT      required: HTTP API port on 127.0.0.1
 #   CONSUL_BIN            optional: consul binary (default: output of ./install.sh)
 #   CONSUL_DATA_DIR       optional: -data-dir (default: none, dev mode keeps state in memory)
@@ -86,8 +94,31 @@ if [[ -z "$serf_lan_port" ]]; then serf_lan_port="$(next_free)"; i=$((i + 1)); f
 serf_wan_port="${CONSUL_SERF_WAN_PORT:-}"
 if [[ -z "$serf_wan_port" ]]; then serf_wan_port="$(next_free)"; i=$((i + 1)); fi
 
+role="${CONSUL_ROLE:-dev}"
+case "$role" in
+    dev) mode=(-dev) ;;
+    server|client)
+        [[ -n "${CONSUL_DATA_DIR:-}" ]] || die "CONSUL_ROLE=$role needs CONSUL_DATA_DIR"
+        [[ -n "${CONSUL_RETRY_JOIN:-}" ]] || die "CONSUL_ROLE=$role needs CONSUL_RETRY_JOIN"
+        # Members start side by side: the first finds no peer yet, so retry every second
+        # (Consul's default is 30 s).
+        mode=(-hcl 'performance { raft_multiplier = 1 }' -retry-interval 1s)
+        if [[ "$role" == server ]]; then
+            expect="${CONSUL_BOOTSTRAP_EXPECT:-3}"
+            [[ "$expect" =~ ^[1-9][0-9]*$ ]] || die "CONSUL_BOOTSTRAP_EXPECT is not a count: $expect"
+            mode+=(-server -bootstrap-expect "$expect")
+        fi
+        for peer in $CONSUL_RETRY_JOIN; do
+            [[ "$peer" =~ ^127\.0\.0\.1:[0-9]+$ ]] \
+                || die "CONSUL_RETRY_JOIN: expected 127.0.0.1:<port>, got $peer"
+            mode+=(-retry-join "$peer")
+        done
+        ;;
+    *) die "CONSUL_ROLE must be dev, server or client, not $role" ;;
+esac
+
 args=(
-    agent -dev
+    agent "${mode[@]}"
     -bind 127.0.0.1
     -client 127.0.0.1
     -node "${CONSUL_NODE_NAME:-edge-agent-consul}"
@@ -127,8 +158,8 @@ if [[ -n "${CONSUL_ACL_TOKEN:-}" ]]; then
 }")
 fi
 
-printf '[consul-start] %s http=127.0.0.1:%s dns=%s server=%s serf_lan=%s serf_wan=%s acl=%s\n' \
-    "$CONSUL_BIN" "$http_port" "$dns_port" "$server_port" "$serf_lan_port" "$serf_wan_port" \
+printf '[consul-start] role=%s %s http=127.0.0.1:%s dns=%s server=%s serf_lan=%s serf_wan=%s acl=%s\n' \
+    "$role" "$CONSUL_BIN" "$http_port" "$dns_port" "$server_port" "$serf_lan_port" "$serf_wan_port" \
     "$([[ -n "${CONSUL_ACL_TOKEN:-}" ]] && echo deny || echo off)" >&2
 
 exec "$CONSUL_BIN" "${args[@]}" "$@"

@@ -1,0 +1,408 @@
+//! #17, registry clusters that lose a node: real clusters on loopback, the built agent pointed at
+//! them, a bounded paced load through the agent while one registry node is killed (SIGKILL).
+//! Each scenario counts the client-visible failures of that load (target 0: the agent serves
+//! from its last good view while the registry fails over) and measures the time from a change
+//! registered after the fault to the agent routing by it. Figures are printed as
+//! `cluster-figures: …` lines (`-- --nocapture`) and collected in RELIABILITY.md.
+//!
+//! - Consul 1.14: three servers (`-bootstrap-expect=3`) and a client agent, each with its own
+//!   ports and data dir, `-retry-join`ed on 127.0.0.1 (`servers/consul/start.sh`,
+//!   `CONSUL_ROLE`). The agent pointed at the client agent, the leader killed; and the agent
+//!   given the three servers (`consul://a?server=b&server=c`), the first one killed.
+//!
+//! Scenarios run one at a time (two cores; each one's figures are not the other's load).
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration_tests::servers::{install, ServerProcess};
+use integration_tests::{client, eventually, free_port, metric_value, Agent, Backend};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::json;
+use tokio::sync::Mutex;
+
+/// Requests per second of the load through the agent.
+const RATE: u64 = 100;
+/// Upper bound of one load's length (it is stopped sooner; the count is bounded either way).
+const LOAD_MAX: Duration = Duration::from_secs(40);
+/// Per-request client timeout (a healthy request takes milliseconds).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline for a cluster to form and elect a leader.
+const CLUSTER_START: Duration = Duration::from_secs(60);
+/// Deadline for a change made after the fault to reach the agent.
+const PROPAGATION: Duration = Duration::from_secs(30);
+/// The service every scenario routes to.
+const SVC: &str = "web";
+
+/// Serialises the scenarios of this binary.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// Client-visible outcome of a load.
+#[derive(Debug, Default)]
+struct Tally {
+    requests: u64,
+    failed: u64,
+    /// The first few failures, for the assertion message.
+    samples: Vec<String>,
+}
+
+/// A paced load of [`RATE`] GETs per second for `Host: SVC` through the agent, until stopped
+/// (at most [`LOAD_MAX`]). A request fails unless it comes back 200 from one of `names`.
+struct Load {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Tally>,
+}
+
+impl Load {
+    fn start(proxy: SocketAddr, names: &[&str]) -> Load {
+        let names: Arc<Vec<String>> = Arc::new(names.iter().map(|s| s.to_string()).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let c = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(REQUEST_TIMEOUT)
+                .build()
+                .unwrap();
+            let max = LOAD_MAX.as_secs() * RATE;
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut handles = Vec::new();
+            for i in 0..max {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                tick.tick().await;
+                let (c, names) = (c.clone(), names.clone());
+                let url = format!("http://{proxy}/r{i}");
+                handles.push(tokio::spawn(async move {
+                    match c.get(&url).header("host", SVC).send().await {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            let backend = r
+                                .headers()
+                                .get("x-backend")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string();
+                            let body = r.text().await.unwrap_or_default();
+                            (status == 200 && names.contains(&backend))
+                                .then_some(())
+                                .ok_or_else(|| format!("{status} {backend:?}: {body:.120}"))
+                        }
+                        Err(e) => Err(format!("transport: {e}")),
+                    }
+                }));
+            }
+            let mut t = Tally::default();
+            for h in handles {
+                t.requests += 1;
+                if let Err(e) = h.await.unwrap() {
+                    t.failed += 1;
+                    if t.samples.len() < 5 {
+                        t.samples.push(e);
+                    }
+                }
+            }
+            t
+        });
+        Load { stop, task }
+    }
+
+    async fn finish(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+/// Polls `/upstreams` until `addr` is an available endpoint of [`SVC`]; the time it took.
+async fn until_routed(agent: &Agent, addr: SocketAddr, what: &str) -> Duration {
+    let t = Instant::now();
+    let addr = addr.to_string();
+    eventually(PROPAGATION, what, || async {
+        agent
+            .healthy_endpoints(SVC)
+            .await
+            .contains(&addr)
+            .then_some(())
+    })
+    .await;
+    t.elapsed()
+}
+
+/// SIGKILLs a registry node (no goodbye to its peers), then reaps it.
+fn kill_hard(proc: &mut ServerProcess) {
+    let pid = proc.pid().expect("a running server");
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("SIGKILL the registry node");
+    proc.stop();
+}
+
+async fn start_agent(registry: &str) -> Agent {
+    Agent::start(&[
+        ("EDGE_AGENT_REGISTRY", registry),
+        ("RUST_LOG", "info,edge_agent=debug,discovery=debug"),
+        ("NO_COLOR", "1"),
+    ])
+    .await
+}
+
+/// One member of a Consul cluster.
+struct ConsulNode {
+    name: String,
+    proc: ServerProcess,
+    http: u16,
+    /// Server RPC port: what `/v1/status/leader` names.
+    rpc: u16,
+}
+
+/// Three Consul servers and one client agent on loopback.
+struct ConsulCluster {
+    servers: Vec<ConsulNode>,
+    client: ConsulNode,
+    _data: tempfile::TempDir,
+}
+
+impl ConsulCluster {
+    async fn start() -> ConsulCluster {
+        let bin = install("consul");
+        let data = tempfile::tempdir().unwrap();
+        // http, serf lan, serf wan, rpc for each of the four.
+        let ports: Vec<[u16; 4]> = (0..4)
+            .map(|_| [free_port(), free_port(), free_port(), free_port()])
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, p) in ports.iter().enumerate() {
+            let role = if i < 3 { "server" } else { "client" };
+            let join: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i && *j < 3)
+                .map(|(_, q)| format!("127.0.0.1:{}", q[1]))
+                .collect();
+            let name = format!("consul-{role}-{i}");
+            let env = vec![
+                ("CONSUL_BIN", bin.display().to_string()),
+                ("CONSUL_ROLE", role.to_string()),
+                ("CONSUL_NODE_NAME", name.clone()),
+                ("CONSUL_HTTP_PORT", p[0].to_string()),
+                ("CONSUL_SERF_LAN_PORT", p[1].to_string()),
+                ("CONSUL_SERF_WAN_PORT", p[2].to_string()),
+                ("CONSUL_SERVER_PORT", p[3].to_string()),
+                ("CONSUL_RETRY_JOIN", join.join(" ")),
+                (
+                    "CONSUL_DATA_DIR",
+                    data.path().join(&name).display().to_string(),
+                ),
+            ];
+            nodes.push(ConsulNode {
+                proc: ServerProcess::start("consul", &env),
+                name,
+                http: p[0],
+                rpc: p[3],
+            });
+        }
+        let mut client_node = nodes.pop().unwrap();
+        let started = Instant::now();
+        // Every member knows the leader, and the client agent has joined the catalog.
+        for n in nodes.iter_mut().chain(std::iter::once(&mut client_node)) {
+            n.proc
+                .wait_ready(
+                    &format!("http://127.0.0.1:{}/v1/status/leader", n.http),
+                    CLUSTER_START,
+                    |body| !body.trim().trim_matches('"').is_empty(),
+                )
+                .await;
+        }
+        let cluster = ConsulCluster {
+            servers: nodes,
+            client: client_node,
+            _data: data,
+        };
+        let catalog = format!("http://127.0.0.1:{}/v1/catalog/nodes", cluster.client.http);
+        eventually(CLUSTER_START, "four nodes in the catalog", || async {
+            let r = client().get(&catalog).send().await.ok()?;
+            let nodes: serde_json::Value = r.json().await.ok()?;
+            (nodes.as_array()?.len() == 4).then_some(())
+        })
+        .await;
+        println!(
+            "cluster-figures: consul 3 servers + client formed in {:?}",
+            started.elapsed()
+        );
+        cluster
+    }
+
+    /// Index in `servers` of the leader, as the client agent sees it (`None` while there is
+    /// none, or it names a server not in this cluster).
+    async fn leader(&self) -> Option<usize> {
+        let url = format!("http://127.0.0.1:{}/v1/status/leader", self.client.http);
+        let r = client()
+            .get(url)
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .ok()?;
+        let body: String = r.json().await.ok()?;
+        let port: u16 = body.rsplit_once(':')?.1.parse().ok()?;
+        self.servers.iter().position(|s| s.rpc == port)
+    }
+
+    /// Registers `id` of [`SVC`] at `addr` on the client agent, with a passing TTL check.
+    async fn register(&self, id: &str, addr: SocketAddr) {
+        let url = format!(
+            "http://127.0.0.1:{}/v1/agent/service/register",
+            self.client.http
+        );
+        let body = json!({
+            "ID": id, "Name": SVC, "Address": addr.ip().to_string(), "Port": addr.port(),
+            "Check": {"TTL": "30m", "Status": "passing"},
+        });
+        let r = client().put(url).json(&body).send().await.unwrap();
+        assert!(r.status().is_success(), "register {id}: {}", r.status());
+    }
+
+    /// Polls the catalog (through the client agent) until `id` is listed as passing: the
+    /// registration reached the servers.
+    async fn until_in_catalog(&self, id: &str) {
+        let url = format!(
+            "http://127.0.0.1:{}/v1/health/service/{SVC}?passing=true",
+            self.client.http
+        );
+        eventually(PROPAGATION, &format!("{id} in the catalog"), || async {
+            let r = client().get(&url).send().await.ok()?;
+            let v: serde_json::Value = r.json().await.ok()?;
+            v.as_array()?
+                .iter()
+                .any(|e| e["Service"]["ID"] == id)
+                .then_some(())
+        })
+        .await
+    }
+}
+
+/// The agent on the client agent; the leader SIGKILLed under load: no request fails, a new
+/// leader is elected, and an instance registered after that election is routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_leader_killed_under_load_costs_no_requests() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = ConsulCluster::start().await;
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    cluster.register("web-a", a.addr).await;
+    cluster.register("web-b", b.addr).await;
+    let agent = start_agent(&format!("consul://127.0.0.1:{}", cluster.client.http)).await;
+    // Consul's watches start on demand: the first request starts this one.
+    let (status, _, body) = agent.get(SVC, "/").await;
+    assert_eq!(status, 200, "{body}");
+    until_routed(&agent, a.addr, "a routed").await;
+    until_routed(&agent, b.addr, "b routed").await;
+
+    let load = Load::start(agent.proxy, &["a", "b", "c"]);
+    tokio::time::sleep(Duration::from_secs(1)).await; // load before the fault (a window)
+    let old = eventually(CLUSTER_START, "a leader", || cluster.leader()).await;
+    let old_name = cluster.servers[old].name.clone();
+    kill_hard(&mut cluster.servers[old].proc);
+    let killed = Instant::now();
+    let new = eventually(CLUSTER_START, "a new leader", || async {
+        cluster.leader().await.filter(|l| *l != old)
+    })
+    .await;
+    let election = killed.elapsed();
+    cluster.register("web-c", c.addr).await;
+    let registered = Instant::now();
+    cluster.until_in_catalog("web-c").await;
+    let in_catalog = registered.elapsed();
+    let routed = until_routed(&agent, c.addr, "c, registered after the election, routed").await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // load after the change (a window)
+    let t = load.finish().await;
+    let errors = metric_value(
+        &agent,
+        "edge_agent_discovery_errors_total{source=\"consul\"",
+    )
+    .await
+    .unwrap_or(0.0);
+    println!(
+        "cluster-figures: consul leader {old_name} killed (agent -> client agent): {} requests, \
+         {} failed; new leader {} after {election:?}; change registered after the election \
+         in the catalog after {in_catalog:?}, routed by the agent after {routed:?} \
+         ({:?} after the kill); discovery errors counted {errors}",
+        t.requests,
+        t.failed,
+        cluster.servers[new].name,
+        killed.elapsed() - Duration::from_secs(1)
+    );
+    assert_eq!(t.failed, 0, "failed requests: {:?}", t.samples);
+    assert!(t.requests >= RATE * 2, "the load ran: {t:?}");
+}
+
+/// The agent given the three servers (`consul://s1?server=s2&server=s3`, s1 a follower);
+/// s1 SIGKILLed under load: no request fails, the source moves to s2, stays up, and an instance
+/// registered right after the kill is routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_server_list_fails_over_when_the_first_dies() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = ConsulCluster::start().await;
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    cluster.register("web-a", a.addr).await;
+    cluster.register("web-b", b.addr).await;
+    cluster.until_in_catalog("web-b").await;
+    // Followers first, the leader last: the first server's death is a failover, not an
+    // election.
+    let leader = eventually(CLUSTER_START, "a leader", || cluster.leader()).await;
+    let mut order: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    order.push(leader);
+    let ports: Vec<u16> = cluster.servers.iter().map(|s| s.http).collect();
+    let http = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let url = format!(
+        "consul://{}?server={}&server={}",
+        http(order[0]),
+        http(order[1]),
+        http(order[2])
+    );
+    let agent = start_agent(&url).await;
+    // Consul's watches start on demand: the first request starts this one.
+    let (status, _, body) = agent.get(SVC, "/").await;
+    assert_eq!(status, 200, "{body}");
+    until_routed(&agent, a.addr, "a routed").await;
+    until_routed(&agent, b.addr, "b routed").await;
+    let up = "edge_agent_discovery_source_up{source=\"consul\"}";
+
+    let load = Load::start(agent.proxy, &["a", "b", "c"]);
+    tokio::time::sleep(Duration::from_secs(1)).await; // load before the fault (a window)
+    let first = cluster.servers[order[0]].name.clone();
+    kill_hard(&mut cluster.servers[order[0]].proc);
+    let killed = Instant::now();
+    cluster.register("web-c", c.addr).await;
+    let routed = until_routed(&agent, c.addr, "c, registered after the kill, routed").await;
+    let since_kill = killed.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await; // load after the change (a window)
+    let t = load.finish().await;
+    let next = format!("trying {} next", http(order[1]));
+    let log = agent.log_text();
+    assert!(
+        log.contains(&next),
+        "the agent's log says it moved to the next server ({next})"
+    );
+    assert_eq!(
+        metric_value(&agent, up).await,
+        Some(1.0),
+        "the source stays up while another server answers"
+    );
+    println!(
+        "cluster-figures: consul first of 3 listed servers ({first}) killed: {} requests, {} \
+         failed; change registered right after the kill routed after {routed:?} \
+         ({since_kill:?} after the kill); source_up stayed 1",
+        t.requests, t.failed
+    );
+    assert_eq!(t.failed, 0, "failed requests: {:?}", t.samples);
+    assert!(t.requests >= RATE * 2, "the load ran: {t:?}");
+}
