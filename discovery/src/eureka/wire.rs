@@ -270,7 +270,13 @@ fn parse_instance(v: &Value) -> Result<(String, Action, Entry, Vec<String>), Str
 
 impl EurekaDiscovery {
     /// `GET {base}{path}` as JSON: the parsed body and its size.
-    async fn get(&self, server: &Server, path: &str) -> Result<(Value, usize), Failure> {
+    /// `GET <server><path>` for JSON, with the source's credentials and timeout: the answer,
+    /// and how to name the call in messages.
+    async fn send(
+        &self,
+        server: &Server,
+        path: &str,
+    ) -> Result<(reqwest::Response, String), Failure> {
         let url = format!("{}{path}", server.base);
         let mut req = self
             .client
@@ -280,8 +286,15 @@ impl EurekaDiscovery {
         if let Some(c) = &self.credentials {
             req = req.basic_auth(&c.user, c.password.as_ref());
         }
-        let what: &str = &format!("eureka GET {url}");
-        let resp = req.send().await.map_err(|e| Failure::request(what, e))?;
+        let what = format!("eureka GET {url}");
+        let resp = req.send().await.map_err(|e| Failure::request(&what, e))?;
+        Ok((resp, what))
+    }
+
+    async fn get(&self, server: &Server, path: &str) -> Result<(Value, usize), Failure> {
+        let (resp, what) = self.send(server, path).await?;
+        let what: &str = &what;
+        let url = &what["eureka GET ".len()..];
         if !resp.status().is_success() {
             return Err(Failure::status(what, resp).await);
         }
@@ -302,17 +315,8 @@ impl EurekaDiscovery {
         sink: &Sink,
     ) -> Result<Option<Answer>, Failure> {
         let path = format!("/apps/{}", app.to_ascii_uppercase());
-        let url = format!("{}{path}", server.base);
-        let mut req = self
-            .client
-            .get(&url)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .timeout(self.timeout);
-        if let Some(c) = &self.credentials {
-            req = req.basic_auth(&c.user, c.password.as_ref());
-        }
-        let what: &str = &format!("eureka GET {url}");
-        let resp = req.send().await.map_err(|e| Failure::request(what, e))?;
+        let (resp, what) = self.send(server, &path).await?;
+        let what: &str = &what;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
