@@ -9,6 +9,9 @@
 //!   ports and data dir, `-retry-join`ed on 127.0.0.1 (`servers/consul/start.sh`,
 //!   `CONSUL_ROLE`). The agent pointed at the client agent, the leader killed; and the agent
 //!   given the three servers (`consul://a?server=b&server=c`), the first one killed.
+//! - Eureka (Spring Cloud Netflix): two peers replicating to each other (`servers/eureka/start.sh`,
+//!   `EUREKA_PEER_URLS`), the agent given both (`eureka://a?server=b`), the first one killed and
+//!   a change registered on the survivor.
 //!
 //! Scenarios run one at a time (two cores; each one's figures are not the other's load).
 use std::net::SocketAddr;
@@ -401,6 +404,151 @@ async fn consul_server_list_fails_over_when_the_first_dies() {
         "cluster-figures: consul first of 3 listed servers ({first}) killed: {} requests, {} \
          failed; change registered right after the kill routed after {routed:?} \
          ({since_kill:?} after the kill); source_up stayed 1",
+        t.requests, t.failed
+    );
+    assert_eq!(t.failed, 0, "failed requests: {:?}", t.samples);
+    assert!(t.requests >= RATE * 2, "the load ran: {t:?}");
+}
+
+/// Deadline for a Eureka server to answer (25–40 s alone here; two start side by side).
+const EUREKA_START: Duration = Duration::from_secs(240);
+
+/// A Eureka peer: its process and port.
+struct EurekaPeer {
+    proc: ServerProcess,
+    port: u16,
+}
+
+impl EurekaPeer {
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}/eureka", self.port)
+    }
+
+    /// Registers `id` of app `WEB` at `addr`, `UP`, on this peer.
+    async fn register(&self, id: &str, addr: SocketAddr) {
+        let body = json!({"instance": {
+            "instanceId": id,
+            "hostName": addr.ip().to_string(),
+            "app": "WEB",
+            "ipAddr": addr.ip().to_string(),
+            "vipAddress": SVC,
+            "status": "UP",
+            "port": {"$": addr.port(), "@enabled": "true"},
+            "securePort": {"$": 443, "@enabled": "false"},
+            "dataCenterInfo": {"@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo", "name": "MyOwn"},
+            "leaseInfo": {"renewalIntervalInSecs": 30, "durationInSecs": 900},
+        }});
+        let r = client()
+            .post(format!("{}/apps/WEB", self.base()))
+            .json(&body)
+            .send()
+            .await
+            .expect("register");
+        assert_eq!(r.status().as_u16(), 204, "register {id} on {}", self.base());
+    }
+
+    /// Polls this peer until it lists `id` under `WEB` (registered here or replicated).
+    async fn until_listed(&self, id: &str) -> Duration {
+        let t = Instant::now();
+        let url = format!("{}/apps/WEB", self.base());
+        eventually(PROPAGATION, &format!("{id} on {}", self.base()), || async {
+            let r = client()
+                .get(&url)
+                .header("accept", "application/json")
+                .send()
+                .await
+                .ok()?;
+            r.text().await.ok()?.contains(id).then_some(())
+        })
+        .await;
+        t.elapsed()
+    }
+}
+
+/// Two Eureka servers replicating to each other.
+async fn eureka_peers() -> (EurekaPeer, EurekaPeer) {
+    let jar = install("eureka");
+    let ports = [free_port(), free_port()];
+    let started = Instant::now();
+    let mut peers: Vec<EurekaPeer> = (0..2)
+        .map(|i| {
+            let other = format!("http://127.0.0.1:{}/eureka/", ports[1 - i]);
+            let proc = ServerProcess::start(
+                "eureka",
+                &[
+                    ("EUREKA_PORT", ports[i].to_string()),
+                    ("EUREKA_JAR", jar.display().to_string()),
+                    ("EUREKA_PEER_URLS", other),
+                    ("EUREKA_PARENT_PID", std::process::id().to_string()),
+                ],
+            );
+            EurekaPeer {
+                proc,
+                port: ports[i],
+            }
+        })
+        .collect();
+    for p in peers.iter_mut() {
+        let url = format!("{}/apps", p.base());
+        p.proc
+            .wait_ready(&url, EUREKA_START, |body| body.contains("applications"))
+            .await;
+    }
+    println!(
+        "cluster-figures: eureka 2 peers up in {:?}",
+        started.elapsed()
+    );
+    let b = peers.pop().unwrap();
+    (peers.pop().unwrap(), b)
+}
+
+/// The agent given both peers (`eureka://a?server=b`); a SIGKILLed under load: no request
+/// fails, the agent fails over to b, and an instance registered on b after the kill is routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eureka_peer_killed_under_load_fails_over_to_the_other() {
+    let _serial = SERIAL.lock().await;
+    let (mut first, second) = eureka_peers().await;
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    first.register("web-a", a.addr).await;
+    first.register("web-b", b.addr).await;
+    // The peers replicate: what the first holds reaches the second.
+    let replicated = second.until_listed("web-b").await;
+    let url = format!(
+        "eureka://127.0.0.1:{}/eureka?server=127.0.0.1:{}/eureka&interval=500ms",
+        first.port, second.port
+    );
+    let agent = start_agent(&url).await;
+    until_routed(&agent, a.addr, "a routed").await;
+    until_routed(&agent, b.addr, "b routed").await;
+    let up = "edge_agent_discovery_source_up{source=\"eureka\"}";
+
+    let load = Load::start(agent.proxy, &["a", "b", "c"]);
+    tokio::time::sleep(Duration::from_secs(1)).await; // load before the fault (a window)
+    kill_hard(&mut first.proc);
+    let killed = Instant::now();
+    second.register("web-c", c.addr).await;
+    let routed = until_routed(&agent, c.addr, "c, registered on the survivor, routed").await;
+    let since_kill = killed.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await; // load after the change (a window)
+    let t = load.finish().await;
+    let next = format!("trying 127.0.0.1:{}", second.port);
+    assert!(
+        agent.log_text().contains(&next),
+        "the agent's log says it moved to the second peer ({next})"
+    );
+    assert_eq!(
+        metric_value(&agent, up).await,
+        Some(1.0),
+        "the source stays up while a peer answers"
+    );
+    println!(
+        "cluster-figures: eureka first of 2 peers killed: {} requests, {} failed; replication \
+         between the peers took {replicated:?}; change registered on the survivor right after \
+         the kill routed after {routed:?} ({since_kill:?} after the kill); source_up stayed 1",
         t.requests, t.failed
     );
     assert_eq!(t.failed, 0, "failed requests: {:?}", t.samples);

@@ -10,6 +10,11 @@
 #   EUREKA_JAVA_OPTS   extra JVM options (word-split), e.g. "-Xmx256m"; placed
 #                      after our -D flags, so a -Dkey=value here wins too.
 #   JAVA               java binary (default: java on PATH).
+#   EUREKA_PEER_URLS   if set, comma-separated service URLs of the other peers
+#                      (http://127.0.0.1:<port>/eureka/): this server replicates
+#                      to them and reads their registry at start
+#                      (defaultZone = them, register-with-eureka and
+#                      fetch-registry true); unset, a standalone server.
 #   EUREKA_PARENT_PID  if set, a watchdog stops the server (SIGTERM) within
 #                      about 1 s of that process exiting, so a test binary that
 #                      keeps its server in a static (never dropped) leaks no JVM.
@@ -40,6 +45,19 @@ if [[ ! -f "$jar" ]]; then
 fi
 
 url="http://127.0.0.1:${EUREKA_PORT}/eureka/"
+zone="$url"
+peered=false
+if [[ -n "${EUREKA_PEER_URLS:-}" ]]; then
+  IFS=, read -r -a peers <<<"$EUREKA_PEER_URLS"
+  for p in "${peers[@]}"; do
+    if ! [[ "$p" =~ ^http://127\.0\.0\.1:[0-9]+/eureka/$ ]]; then
+      echo "eureka start.sh: EUREKA_PEER_URLS: expected http://127.0.0.1:<port>/eureka/, got '$p'" >&2
+      exit 2
+    fi
+  done
+  zone="$EUREKA_PEER_URLS"
+  peered=true
+fi
 retention_ms="${EUREKA_DELTA_RETENTION_MS:-30000}"
 
 if [[ -n "${EUREKA_PARENT_PID:-}" ]]; then
@@ -65,9 +83,9 @@ exec "${JAVA:-java}" \
   -Deureka.instance.hostname=127.0.0.1 \
   -Deureka.instance.ip-address=127.0.0.1 \
   -Deureka.instance.prefer-ip-address=true \
-  -Deureka.client.register-with-eureka=false \
-  -Deureka.client.fetch-registry=false \
-  -Deureka.client.service-url.defaultZone="$url" \
+  -Deureka.client.register-with-eureka="$peered" \
+  -Deureka.client.fetch-registry="$peered" \
+  -Deureka.client.service-url.defaultZone="$zone" \
   -Deureka.server.my-url="$url" \
   -Deureka.server.registry-sync-retries=0 \
   -Deureka.server.wait-time-in-ms-when-sync-empty=0 \
