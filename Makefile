@@ -1,5 +1,6 @@
 # edge-agent — `make run` (agent + demo backends on the default file registry), `make test`,
 # `make bench`, `make lint`.
+SHELL := bash
 CARGO ?= cargo
 DEMO_ADDRS ?= 127.0.0.1:18081 127.0.0.1:18082
 
@@ -8,14 +9,20 @@ DEMO_ADDRS ?= 127.0.0.1:18081 127.0.0.1:18082
 build:
 	$(CARGO) build --workspace --bins --examples
 
-# The agent on config/services.toml with two demo backends behind it. Ctrl-C stops both.
+# The agent on config/services.toml with two demo backends behind it. Ctrl-C stops both. The
+# binaries built here are run as they are (`cargo run --bin` alone would build the dependencies
+# again with other features), and the agent starts once both backends accept connections.
 run:
 	$(CARGO) build --bin edge-agent --example demo_backend
-	@$(CARGO) run -q --example demo_backend -- $(DEMO_ADDRS) & backend=$$!; \
+	@bin="$${CARGO_TARGET_DIR:-target}/debug"; \
+	"$$bin/examples/demo_backend" $(DEMO_ADDRS) & backend=$$!; \
 	trap 'kill $$backend 2>/dev/null' EXIT INT TERM; \
+	for addr in $(DEMO_ADDRS); do \
+	  for i in $$(seq 100); do (exec 3<>/dev/tcp/$${addr%:*}/$${addr##*:}) 2>/dev/null && break; sleep 0.1; done; \
+	done; \
 	echo "edge-agent: proxy on 127.0.0.1:15001, admin on 127.0.0.1:15000"; \
 	echo "try:  curl -H 'Host: hello' http://127.0.0.1:15001/   and   curl http://127.0.0.1:15000/upstreams"; \
-	$(CARGO) run -q --bin edge-agent
+	"$$bin/edge-agent"
 
 # Every test: unit tests, and integration tests that start real backends and registries on
 # loopback (registry servers are built once per machine into ~/.cache/edge-agent).
