@@ -40,6 +40,7 @@ use base64::Engine as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::h2server::PREFACE;
+use crate::io::write_through;
 
 /// Longest first request head read before deciding (the HTTP/1.1 server's own head limit: a
 /// longer one is handed on as read, and refused there with 431).
@@ -423,38 +424,6 @@ fn advance(phase: Phase, got: &[u8]) -> Phase {
     }
 }
 
-macro_rules! write_through {
-    ($t:ident) => {
-        impl<I: AsyncWrite + Unpin> AsyncWrite for $t<I> {
-            fn poll_write(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                buf: &[u8],
-            ) -> Poll<io::Result<usize>> {
-                Pin::new(&mut self.inner).poll_write(cx, buf)
-            }
-            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.inner).poll_flush(cx)
-            }
-            fn poll_shutdown(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-            ) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.inner).poll_shutdown(cx)
-            }
-            fn poll_write_vectored(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                bufs: &[io::IoSlice<'_>],
-            ) -> Poll<io::Result<usize>> {
-                Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-            }
-            fn is_write_vectored(&self) -> bool {
-                self.inner.is_write_vectored()
-            }
-        }
-    };
-}
 write_through!(Replay);
 write_through!(Upgraded);
 

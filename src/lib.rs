@@ -11,7 +11,7 @@
 //! own layer, so no two units import each other (`tests/layers.rs` fails on a cycle):
 //!
 //! ```text
-//! 1  clock  rng  breaker  error  framing  metrics  access_log  stats  guard  state_file  tls  h2server  grpc  replay   leaves
+//! 1  io  clock  rng  breaker  error  framing  metrics  access_log  stats  guard  state_file  tls  h2server  grpc  replay   leaves
 //! 2  load  dial  pool  h2pool  health/{passive,active}   per-endpoint measures and connections
 //! 3  endpoint                                         Endpoint, EndpointState, Attempt
 //! 4  balancer/{roundrobin,chash,ewma,least_conn}      Spec, Kind, REGISTRY, Candidates
@@ -44,6 +44,7 @@ pub mod h2c;
 pub mod h2pool;
 pub mod h2server;
 pub mod health;
+mod io;
 pub mod liveness;
 pub mod load;
 pub mod metrics;
