@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the agent's hot and warm paths (`make bench` runs them; see
 //! BENCHMARKS.md): balancer pick cost by size, consistent-hash lookup, metrics recording per
-//! request, and the snapshot build-and-swap that follows a one-endpoint registry change.
+//! request, the snapshot build-and-swap that follows a one-endpoint registry change, and the
+//! pick through subsets and zones (#14) beside the bare pick, interleaved.
 //!
 //! Measurement is kept short (`sample_size(20)`, 2 s) so the whole `make bench` stays within
 //! its time budget; the figures are medians, good to a few percent on a quiet machine.
@@ -18,7 +19,9 @@ use edge_agent::cache::Cache;
 use edge_agent::endpoint::Endpoint;
 use edge_agent::metrics::UpstreamMetrics;
 use edge_agent::state::{SourceStatus, State};
+use edge_agent::subset::{Selector, SubsetSettings, Subsets};
 use edge_agent::table::Dynamic;
+use edge_agent::zone::{ZoneMode, ZoneSettings, DEFAULT_ZONE_MIN_SHARE};
 
 const SIZES: [usize; 3] = [3, 100, 1_000];
 const BALANCERS: [&str; 4] = ["roundrobin", "chash", "ewma", "least_conn"];
@@ -201,9 +204,93 @@ fn config() -> Criterion {
         .measurement_time(Duration::from_secs(2))
 }
 
+/// 1,000 endpoints in zones `a`, `b`, `c` (by index mod 3), half of them `version = v1`, half
+/// `v2` (by index mod 2), so every subset and zone group is spread over the whole list.
+fn labelled(n: usize) -> Vec<Endpoint> {
+    (0..n)
+        .map(|i| {
+            let mut inst = Instance::new(format!("10.0.{}.{}", i / 250, i % 250 + 1), 8080);
+            inst.zone = Some(["a", "b", "c"][i % 3].to_string());
+            let version = if i % 2 == 0 { "v1" } else { "v2" };
+            inst.metadata.insert("version".into(), version.into());
+            Endpoint::from_instance(&inst, "file", Default::default()).expect("valid address")
+        })
+        .collect()
+}
+
+/// The pick through an upstream's [`Subsets`] (what the proxy does since #14) beside the bare
+/// pick (a balancer's `Candidates` over the whole list, the proxy before #14), at 1,000
+/// endpoints, for every balancer. The cases of one balancer run one after another (bare,
+/// none, subset, header, zone, bare again), so a change in the machine's load shows as a
+/// difference between the two bare runs. `none`: no subset, no zones (the default upstream);
+/// `subset`: `subset = { version = "v2" }` (500 endpoints); `header`: `subset_from_header` with
+/// `x-version: v2`; `zone`: `zone_aware = "prefer"`, local zone `a` healthy (333 endpoints).
+fn subset_picks(c: &mut Criterion) {
+    let _handle = edge_agent::metrics::install();
+    let metrics = UpstreamMetrics::new("bench");
+    let n = 1_000;
+    let eps = labelled(n);
+    let v2 = Selector([("version".to_string(), "v2".to_string())].into());
+    let zoned = ZoneSettings {
+        mode: ZoneMode::Prefer,
+        local: Some("a".into()),
+        min_share: DEFAULT_ZONE_MIN_SHARE,
+    };
+    let mut g = c.benchmark_group("subset_pick");
+    for name in BALANCERS {
+        let spec = spec(name);
+        let b = spec.build(&eps);
+        let none = Subsets::build(&spec, &eps, &SubsetSettings::default(), &[]);
+        let subset = SubsetSettings {
+            selector: v2.clone(),
+            ..Default::default()
+        };
+        let subset = Subsets::build(&spec, &eps, &subset, &[]);
+        let header = Subsets::build(&spec, &eps, &SubsetSettings::default(), &["version"]);
+        let zone = SubsetSettings {
+            zone: zoned.clone(),
+            ..Default::default()
+        };
+        let zone = Subsets::build(&spec, &eps, &zone, &[]);
+        let base = ctx();
+        let counter = AtomicU64::new(1);
+        let cx = || {
+            let mut cx = base;
+            if name == "chash" {
+                cx.key = Some(next_key(&counter));
+            }
+            cx
+        };
+        let bare = |g: &mut criterion::BenchmarkGroup<_>, label: &str| {
+            g.bench_function(BenchmarkId::new(name, label), |bench| {
+                bench.iter(|| {
+                    let mut cands = Candidates::new(b.as_ref(), &eps, cx());
+                    black_box(cands.next())
+                })
+            });
+        };
+        bare(&mut g, "bare");
+        for (label, s, h) in [
+            ("none", &none, None),
+            ("subset", &subset, None),
+            ("header", &header, Some(("version", "v2"))),
+            ("zone", &zone, None),
+        ] {
+            g.bench_function(BenchmarkId::new(name, label), |bench| {
+                bench.iter(|| {
+                    let picks = s.picks((&eps, b.as_ref()), black_box(h), cx(), &metrics);
+                    black_box(picks.ok().and_then(|mut p| p.next()))
+                })
+            });
+        }
+        bare(&mut g, "bare_again");
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = micro;
     config = config();
-    targets = picks, chash_lookup, metrics_record, snapshot_swap
+    targets = picks, chash_lookup, metrics_record, snapshot_swap, subset_picks
 }
 criterion_main!(micro);
