@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 
 pub mod fake_registry;
 pub mod servers;
+pub mod subsets;
 pub mod tls;
 
 /// Path of the built agent binary (`EDGE_AGENT_BIN`, else next to this test's target dir).

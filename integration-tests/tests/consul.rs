@@ -923,3 +923,172 @@ impl Drop for StaleProxy {
         self.task.abort();
     }
 }
+
+/// Registers `id` of `name` at `addr` with `tags` and `Service.Meta` `meta`, and a passing TTL
+/// check (`service:<id>`). Registering an id again replaces its tags and meta.
+async fn register_tagged(
+    consul: &Consul,
+    name: &str,
+    id: &str,
+    addr: SocketAddr,
+    tags: &[&str],
+    meta: &[(&str, &str)],
+) {
+    let meta: serde_json::Map<String, serde_json::Value> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    let body = json!({
+        "ID": id, "Name": name, "Address": addr.ip().to_string(), "Port": addr.port(),
+        "Tags": tags, "Meta": meta,
+        "Check": {"TTL": "30m", "Status": "passing"},
+    });
+    consul.put("/v1/agent/service/register", Some(body)).await;
+}
+
+/// #14 on Consul: instances tagged `v1`/`v2` with `Service.Meta.version`. An upstream with
+/// `subset = { version = "v2" }` (by meta) or `{ "tag:v2" = "true" }` (by tag) gets only the v2
+/// instance; when its check fails, `fallback` decides: `none` → 503 naming the subset, `any` →
+/// the rest of the service, a default subset → that subset. Re-tagging the v1 instance (the same
+/// id registered again with other tags and meta) moves it into the v2 subset, and its endpoint
+/// state (request counter, EWMA) carries on rather than starting again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subsets_follow_tags_and_meta_and_fallback_decides() {
+    use integration_tests::subsets::{
+        answered_by, config_file, counter, endpoint, until_only, until_status, upstream,
+    };
+    let _serial = SERIAL.lock().await;
+    let consul = Consul::start(None).await;
+    let (one, two) = (Backend::start("one").await, Backend::start("two").await);
+    register_tagged(
+        &consul,
+        "pay",
+        "pay-1",
+        one.addr,
+        &["v1"],
+        &[("version", "v1")],
+    )
+    .await;
+    register_tagged(
+        &consul,
+        "pay",
+        "pay-2",
+        two.addr,
+        &["v2"],
+        &[("version", "v2")],
+    )
+    .await;
+    let (_dir, cfg) = config_file(
+        r#"
+[[upstream]]
+id = "v2-none"
+service = "pay"
+subset = { version = "v2" }
+
+[[upstream]]
+id = "v2-any"
+service = "pay"
+subset = { version = "v2" }
+fallback = "any"
+
+[[upstream]]
+id = "v2-tag"
+service = "pay"
+subset = { "tag:v2" = "true" }
+fallback = { "tag:v1" = "true" }
+"#,
+    );
+    let mut env = agent_env(&consul.url());
+    env.push(("EDGE_AGENT_CONFIG", cfg.display().to_string()));
+    let agent = start_agent(&env).await;
+    for id in ["v2-none", "v2-any", "v2-tag"] {
+        until_only(&agent, id, &[], &["two"], PROPAGATION).await;
+    }
+    let c = answered_by(&agent, "v2-none", &[], 40).await;
+    assert_eq!(c.get("two"), Some(&40), "{c:?}");
+    // `/upstreams`: the subset, and which endpoint is in it (by meta and by tag).
+    let u = agent.upstreams().await;
+    let (a1, a2) = (one.addr.to_string(), two.addr.to_string());
+    assert_eq!(
+        upstream(&u, "v2-none").unwrap()["subset"]["selector"]["version"],
+        "v2"
+    );
+    for id in ["v2-none", "v2-tag"] {
+        assert_eq!(
+            endpoint(&u, id, &a1).unwrap()["in_subset"],
+            false,
+            "{id}: {u}"
+        );
+        assert_eq!(
+            endpoint(&u, id, &a2).unwrap()["in_subset"],
+            true,
+            "{id}: {u}"
+        );
+    }
+
+    // The v2 instance's check fails: Consul stops listing it, and the subset is empty.
+    consul.check("pay-2", "fail").await;
+    let body = until_status(&agent, "v2-none", &[], 503, PROPAGATION).await;
+    assert!(
+        body.contains("subset version=v2") && body.contains("v2-none"),
+        "{body}"
+    );
+    let any = answered_by(&agent, "v2-any", &[], 20).await;
+    assert_eq!(any.get("one"), Some(&20), "fallback any: {any:?}");
+    let tagged = answered_by(&agent, "v2-tag", &[], 20).await;
+    assert_eq!(tagged.get("one"), Some(&20), "fallback tag:v1: {tagged:?}");
+    let m = agent.metrics().await;
+    for id in ["v2-none", "v2-any", "v2-tag"] {
+        let n = counter(&m, "edge_agent_subset_fallback_total", id);
+        assert!(n >= 1, "{id}: {n} fallbacks counted");
+    }
+    consul.check("pay-2", "pass").await;
+    until_only(&agent, "v2-none", &[], &["two"], PROPAGATION).await;
+
+    // Re-tag pay-1 as v2: it joins the subset with its state. Every request `one` answered went
+    // through the agent, so its endpoint's request counter equals the backend's hit count, in
+    // every upstream that lists it (one endpoint, one state).
+    let requests =
+        |u: &serde_json::Value, id: &str| endpoint(u, id, &a1).and_then(|e| e["requests"].as_u64());
+    let before = eventually(PROPAGATION, "pay-1's requests counted", || async {
+        let u = agent.upstreams().await;
+        let r = requests(&u, "v2-any")?;
+        (r == one.hits() && r >= 20).then_some(r)
+    })
+    .await;
+    let ewma_before = endpoint(&agent.upstreams().await, "v2-any", &a1).unwrap()["ewma_ms"]
+        .as_f64()
+        .unwrap();
+    assert!(ewma_before > 0.0, "pay-1 has a latency estimate");
+    register_tagged(
+        &consul,
+        "pay",
+        "pay-1",
+        one.addr,
+        &["v2"],
+        &[("version", "v2")],
+    )
+    .await;
+    until_only(&agent, "v2-none", &[], &["one", "two"], PROPAGATION).await;
+    until_only(&agent, "v2-tag", &[], &["one", "two"], PROPAGATION).await;
+    let after = eventually(PROPAGATION, "pay-1's counter carried on", || async {
+        let u = agent.upstreams().await;
+        let r: Vec<u64> = ["v2-none", "v2-any", "v2-tag"]
+            .iter()
+            .map(|id| requests(&u, id))
+            .collect::<Option<_>>()?;
+        (r.iter().all(|x| *x == one.hits())).then_some(r[0])
+    })
+    .await;
+    assert!(
+        after > before,
+        "requests {before} before the move, {after} after"
+    );
+    let u = agent.upstreams().await;
+    let e = endpoint(&u, "v2-none", &a1).unwrap();
+    assert_eq!(e["in_subset"], true, "{e}");
+    assert!(
+        e["ewma_ms"].as_f64().unwrap() > 0.0,
+        "the estimate was kept: {e}"
+    );
+}

@@ -676,3 +676,103 @@ async fn the_first_request_for_a_just_registered_name_asks_eureka() {
     assert!(again < Duration::from_millis(500), "{again:?}");
     eu.cancel("EU-FIRST", "eu-first-a").await;
 }
+
+/// #14 on Eureka: instances with metadata `version` and `zone`. A route's `subset_from_header`
+/// sends `x-version: v2` to the v2 instance (the canary), requests without the header to the
+/// upstream's subset (v1), and an unknown value follows `fallback` (`none`: 503 naming it); a
+/// zone-aware upstream reads the zone from metadata. Taking the canary out of service leaves
+/// its subset empty: 503, while the default traffic goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_by_header_and_zones_from_metadata() {
+    use integration_tests::subsets::{
+        answered_by, config_file, endpoint, until_only, until_status,
+    };
+    let _serial = SERIAL.lock().await;
+    let port = shared_port().await;
+    let eu = Eureka::new(port);
+    let v1a = Backend::start("v1-a").await;
+    let v1b = Backend::start("v1-b").await;
+    let v2a = Backend::start("v2-a").await;
+    let app = "EU-CANARY";
+    eu.register(
+        app,
+        "eu-canary-v1a",
+        v1a.addr,
+        &[("version", "v1"), ("zone", "a")],
+    )
+    .await;
+    eu.register(
+        app,
+        "eu-canary-v1b",
+        v1b.addr,
+        &[("version", "v1"), ("zone", "b")],
+    )
+    .await;
+    eu.register(
+        app,
+        "eu-canary-v2a",
+        v2a.addr,
+        &[("version", "v2"), ("zone", "a")],
+    )
+    .await;
+    let (_dir, cfg) = config_file(
+        r#"
+[[upstream]]
+id = "canary"
+service = "eu-canary"
+subset = { version = "v1" }
+
+[[upstream]]
+id = "canary-near"
+service = "eu-canary"
+zone_aware = "prefer"
+
+[[route]]
+host = "canary"
+upstream = "canary"
+subset_from_header = { header = "x-version", key = "version" }
+
+[[route]]
+host = "canary-near"
+upstream = "canary-near"
+"#,
+    );
+    let mut env = agent_env(&format!(
+        "eureka://127.0.0.1:{port}/eureka?interval={INTERVAL}"
+    ));
+    env.push(("EDGE_AGENT_CONFIG", cfg.display().to_string()));
+    env.push(("EDGE_AGENT_ZONE", "a".to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let agent = Agent::start(&env).await;
+
+    let v2 = [("x-version", "v2")];
+    until_only(&agent, "canary", &[], &["v1-a", "v1-b"], PROPAGATION).await;
+    until_only(&agent, "canary", &v2, &["v2-a"], PROPAGATION).await;
+    let c = answered_by(&agent, "canary", &v2, 30).await;
+    assert_eq!(c.get("v2-a"), Some(&30), "{c:?}");
+    let c = answered_by(&agent, "canary", &[("x-version", "v1")], 30).await;
+    assert_eq!(c.get("v2-a"), None, "{c:?}");
+    let (status, _, body) =
+        integration_tests::subsets::get_with(&agent, "canary", &[("x-version", "v9")]).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("subset version=v9"), "{body}");
+
+    // Zones from metadata: the local zone a (v1-a, v2-a) takes everything.
+    until_only(&agent, "canary-near", &[], &["v1-a", "v2-a"], PROPAGATION).await;
+    let u = agent.upstreams().await;
+    for (b, zone) in [(&v1a, "a"), (&v1b, "b"), (&v2a, "a")] {
+        let e = endpoint(&u, "canary-near", &b.addr.to_string()).expect("listed");
+        assert_eq!(e["zone"], zone, "{e}");
+    }
+
+    // The canary out of service: its subset is empty, and `fallback = "none"` says so.
+    eu.set_status(app, "eu-canary-v2a", "OUT_OF_SERVICE").await;
+    let body = until_status(&agent, "canary", &v2, 503, PROPAGATION).await;
+    assert!(body.contains("subset version=v2"), "{body}");
+    let c = answered_by(&agent, "canary", &[], 20).await;
+    assert_eq!(c.values().sum::<usize>(), 20, "{c:?}");
+    assert_eq!(c.get("v2-a"), None, "{c:?}");
+    for id in ["eu-canary-v1a", "eu-canary-v1b", "eu-canary-v2a"] {
+        eu.cancel(app, id).await;
+    }
+}

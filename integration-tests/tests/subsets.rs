@@ -2,13 +2,14 @@
 //! routing (#14) end to end on the file registry: real backends on loopback, the built binary
 //! driven from outside. The registry-specific mappings (Consul tags, Nacos clusters, Eureka
 //! metadata) are tested in `consul.rs`, `nacos.rs` and `eureka.rs`.
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use integration_tests::{client, eventually, Agent, Backend};
+use integration_tests::subsets::{answered_by as counts, counter, get_with as get, upstream};
+use integration_tests::{eventually, Agent, Backend};
 
 /// One instance in the file registry.
 struct Inst<'a> {
@@ -85,23 +86,6 @@ async fn setup(config: &str, services: &[(&str, &[Inst<'_>])], env: &[(&str, &st
     }
 }
 
-/// `GET /` with `Host: host` and `headers`: (status, `x-backend`, body).
-async fn get(agent: &Agent, host: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
-    let mut req = client().get(agent.url("/")).header("host", host);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let r = req.send().await.expect("request through the agent");
-    let status = r.status().as_u16();
-    let backend = r
-        .headers()
-        .get("x-backend")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    (status, backend, r.text().await.unwrap_or_default())
-}
-
 /// Waits until upstream `id` lists `n` endpoints.
 async fn wait_endpoints(agent: &Agent, id: &str, n: usize) {
     eventually(
@@ -114,35 +98,6 @@ async fn wait_endpoints(agent: &Agent, id: &str, n: usize) {
         },
     )
     .await;
-}
-
-fn upstream<'a>(u: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
-    u["upstreams"].as_array()?.iter().find(|x| x["id"] == id)
-}
-
-/// The counter `name{upstream="id"}` in `/metrics`.
-fn counter(metrics: &str, name: &str, id: &str) -> u64 {
-    let prefix = format!("{name}{{upstream=\"{id}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-async fn counts(
-    agent: &Agent,
-    host: &str,
-    headers: &[(&str, &str)],
-    n: usize,
-) -> HashMap<String, usize> {
-    let mut out = HashMap::new();
-    for _ in 0..n {
-        let (status, backend, body) = get(agent, host, headers).await;
-        assert_eq!(status, 200, "{body}");
-        *out.entry(backend).or_insert(0) += 1;
-    }
-    out
 }
 
 /// A subset gets only its endpoints; when they are all down, `fallback` decides (a subset
@@ -446,7 +401,7 @@ zone_aware = "strict"
     )
     .await;
     wait_endpoints(&s.agent, "svc", 9).await;
-    let by_zone = |c: &HashMap<String, usize>| {
+    let by_zone = |c: &BTreeMap<String, usize>| {
         let mut z = [0usize; 3];
         for (name, n) in c {
             z[(name.as_bytes()[0] - b'a') as usize] += n;
