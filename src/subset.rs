@@ -29,7 +29,7 @@
 //!
 //! Layer 4, beside the balancers: it builds balancers over endpoint lists and reads the zone
 //! arithmetic; `upstream.rs` holds the result.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -239,38 +239,45 @@ impl Target {
     }
 
     fn picks<'a>(&'a self, ctx: PickContext<'a>) -> Picks<'a> {
-        Picks::over(
-            &self.group.endpoints,
-            self.group.balancer.as_ref(),
-            &self.zones,
-            ctx,
-        )
+        let all = (&*self.group.endpoints, self.group.balancer.as_ref());
+        Picks::over(all, &self.zones, ctx)
     }
 }
 
 /// The endpoints to try for one request, in order, each at most once: the chosen zone group's
 /// candidates first (when zones are on), then (unless `strict`) the rest of the target's.
+///
+/// Kept small (one [`Candidates`] and references): it is built and moved on every request, and
+/// the list after the zone group is only set up if the group runs out, which the first try
+/// almost never does.
 pub struct Picks<'a> {
-    first: Option<(Candidates<'a>, &'a [u32])>,
-    rest: Option<Candidates<'a>>,
+    /// The list being walked: the chosen zone group's, or the whole target's.
+    now: Candidates<'a>,
+    /// `prefer`: the target's whole list, walked after the zone group.
+    then: Option<Rest<'a>>,
     pending: Option<&'a Endpoint>,
     /// The request starts outside the local zone.
     pub spilled: bool,
     strict: Option<&'a str>,
 }
 
+/// The target's whole list, and where each endpoint of the zone group sits in it.
+struct Rest<'a> {
+    endpoints: &'a [Endpoint],
+    balancer: &'a dyn Balancer,
+    parent: &'a [u32],
+}
+
 impl<'a> Picks<'a> {
     fn over(
-        endpoints: &'a [Endpoint],
-        balancer: &'a dyn Balancer,
+        (endpoints, balancer): (&'a [Endpoint], &'a dyn Balancer),
         zones: &'a Option<ZoneSplit>,
         ctx: PickContext<'a>,
     ) -> Picks<'a> {
-        let all = Candidates::new(balancer, endpoints, ctx);
         match zones {
             None => Picks {
-                first: None,
-                rest: Some(all),
+                now: Candidates::new(balancer, endpoints, ctx),
+                then: None,
                 pending: None,
                 spilled: false,
                 strict: None,
@@ -280,11 +287,12 @@ impl<'a> Picks<'a> {
                 let k = if strict { 0 } else { z.choose(&ctx) };
                 let g = &z.groups[k].1;
                 Picks {
-                    first: Some((
-                        Candidates::new(g.balancer.as_ref(), &g.endpoints, ctx),
-                        &g.parent,
-                    )),
-                    rest: (!strict).then_some(all),
+                    now: Candidates::new(g.balancer.as_ref(), &g.endpoints, ctx),
+                    then: (!strict).then_some(Rest {
+                        endpoints,
+                        balancer,
+                        parent: &g.parent,
+                    }),
                     pending: None,
                     spilled: k != 0,
                     strict: strict.then_some(&*z.local),
@@ -309,16 +317,20 @@ impl<'a> Iterator for Picks<'a> {
         if let Some(ep) = self.pending.take() {
             return Some(ep);
         }
-        if let Some((first, parent)) = &mut self.first {
-            if let Some((i, ep)) = first.next_indexed() {
-                if let (Some(rest), Some(&p)) = (&mut self.rest, parent.get(i)) {
-                    rest.skip(p as usize);
-                }
+        loop {
+            if let Some(ep) = self.now.next() {
                 return Some(ep);
             }
-            self.first = None;
+            // The zone group ran out: go on over the whole target, skipping what it yielded.
+            let then = self.then.take()?;
+            let mut rest = Candidates::new(then.balancer, then.endpoints, self.now.context());
+            for i in self.now.tried().iter() {
+                if let Some(&p) = then.parent.get(i) {
+                    rest.mark_tried(p as usize);
+                }
+            }
+            self.now = rest;
         }
-        self.rest.as_mut()?.next()
     }
 }
 
@@ -340,8 +352,9 @@ pub struct Subsets {
     by_header: Box<[(Box<str>, ByValue)]>,
 }
 
-/// A header rule's targets, by the value of its key.
-type ByValue = HashMap<Box<str>, Target>;
+/// A header rule's targets, by the value of its key, sorted by value: a binary search of a few
+/// short strings is cheaper per request than hashing the value.
+type ByValue = Box<[(Box<str>, Target)]>;
 
 impl Subsets {
     /// The targets over `all` (the upstream's endpoints) for `settings`, with a target per
@@ -367,6 +380,7 @@ impl Subsets {
                 .iter()
                 .filter_map(|e| e.metadata.get(key).map(String::as_str))
                 .collect();
+            // In the set's order: sorted, as the lookup's binary search needs.
             let targets = values
                 .into_iter()
                 .map(|v| (v.into(), Target::new(spec, all, &sel.with(key, v), z)))
@@ -406,11 +420,11 @@ impl Subsets {
 
     /// Recomputes every zone split's shares (see the module doc).
     pub fn refresh(&self) {
-        let targets = self
-            .primary
-            .iter()
-            .chain(&self.fallback)
-            .chain(self.by_header.iter().flat_map(|(_, m)| m.values()));
+        let targets = self.primary.iter().chain(&self.fallback).chain(
+            self.by_header
+                .iter()
+                .flat_map(|(_, m)| m.iter().map(|(_, t)| t)),
+        );
         for z in targets
             .filter_map(|t| t.zones.as_ref())
             .chain(&self.all_zones)
@@ -435,7 +449,10 @@ impl Subsets {
                 self.by_header
                     .iter()
                     .find(|(k, _)| &**k == key)
-                    .and_then(|(_, m)| m.get(value))
+                    .and_then(|(_, m)| {
+                        let i = m.binary_search_by(|(v, _)| (**v).cmp(value)).ok()?;
+                        Some(&m[i].1)
+                    })
                     .ok_or_else(|| self.settings.selector.with(key, value)),
             ),
             None => self.primary.as_ref().map(Ok),
@@ -484,11 +501,11 @@ impl Subsets {
 
     fn all<'a>(
         &'a self,
-        (endpoints, balancer): (&'a [Endpoint], &'a dyn Balancer),
+        all: (&'a [Endpoint], &'a dyn Balancer),
         ctx: PickContext<'a>,
         metrics: &UpstreamMetrics,
     ) -> Result<Picks<'a>, Unavailable> {
-        let mut p = Picks::over(endpoints, balancer, &self.all_zones, ctx);
+        let mut p = Picks::over(all, &self.all_zones, ctx);
         if let Some(zone) = p.strict {
             if p.peek().is_none() {
                 return Err(Unavailable(format!("zone {zone}")));

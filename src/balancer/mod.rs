@@ -273,6 +273,14 @@ impl Tried {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The indices tried, in the order they were first inserted.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.inline[..self.len.min(4)]
+            .iter()
+            .chain(&self.more)
+            .map(|&i| i as usize)
+    }
 }
 
 /// The endpoints to try for one request, in order, each at most once.
@@ -304,9 +312,20 @@ impl<'a> Candidates<'a> {
         self.endpoints.get(i).map(|e| (i, e))
     }
 
-    /// Marks index `i` as tried (another list yielded the same endpoint).
-    pub fn skip(&mut self, i: usize) {
+    /// Marks index `i` as tried (another list yielded the same endpoint). Not `skip`, which
+    /// would read as `Iterator::skip`.
+    pub fn mark_tried(&mut self, i: usize) {
         self.tried.insert(i);
+    }
+
+    /// The indices yielded (or skipped) so far.
+    pub fn tried(&self) -> &Tried {
+        &self.tried
+    }
+
+    /// The request's pick context.
+    pub fn context(&self) -> PickContext<'a> {
+        self.ctx
     }
 }
 
