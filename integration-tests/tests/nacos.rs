@@ -509,3 +509,166 @@ async fn a_hung_nacos_is_seen_within_seconds() {
     let (down, up) = integration_tests::a_hung_registry_is_seen(&agent, pid, "nacos", "web").await;
     eprintln!("nacos SIGSTOP: source_up 0 after {down:?}; 1 again {up:?} after SIGCONT");
 }
+
+/// One instance registered through nacos-sdk (ephemeral: it lives as long as the client's gRPC
+/// connection), one client per instance, as each application would hold its own.
+struct SdkInstance {
+    naming: nacos_sdk::api::naming::NamingService,
+    instance: nacos_sdk::api::naming::ServiceInstance,
+    service: String,
+}
+
+impl SdkInstance {
+    /// Registers `b` as an instance of `service` in cluster `cluster` with `metadata`.
+    async fn register(
+        n: &Nacos,
+        service: &str,
+        b: &Backend,
+        cluster: &str,
+        metadata: &[(&str, &str)],
+    ) -> SdkInstance {
+        use nacos_sdk::api::naming::{NamingServiceBuilder, ServiceInstance};
+        use nacos_sdk::api::props::ClientProps;
+        let props = ClientProps::new()
+            .env_first(false)
+            .server_addr(format!("127.0.0.1:{}", n.port))
+            .namespace("")
+            .app_name(format!("subset-test-{}", b.addr.port()))
+            .naming_load_cache_at_start(false)
+            .cache_dir(n.data.path().join(format!("app-{}", b.addr.port())));
+        let naming = NamingServiceBuilder::new(props)
+            .build()
+            .await
+            .expect("a nacos-sdk client");
+        let instance = ServiceInstance {
+            ip: "127.0.0.1".into(),
+            port: i32::from(b.addr.port()),
+            cluster_name: Some(cluster.into()),
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        let one = SdkInstance {
+            naming,
+            instance,
+            service: service.into(),
+        };
+        eventually(SERVER_START, "nacos-sdk registration", || async {
+            one.naming
+                .register_instance(one.service.clone(), None, one.instance.clone())
+                .await
+                .ok()
+        })
+        .await;
+        one
+    }
+
+    async fn deregister(&self) {
+        self.naming
+            .deregister_instance(self.service.clone(), None, self.instance.clone())
+            .await
+            .expect("nacos-sdk deregistration");
+    }
+}
+
+/// #14 on Nacos: four instances registered through nacos-sdk with metadata `version` in
+/// clusters `a` and `b`. A subset by metadata (`version`) and by cluster (`cluster`) gets only
+/// its instances; with `EDGE_AGENT_ZONE=a` and `zone_aware = "prefer"` the cluster is the zone:
+/// everything stays in `a` while it has instances (a deregistered one leaves the zone's expected
+/// share too), a subset with nothing left in `a` goes to `b`, and so does everything once `a` is
+/// empty, each request counted as a spill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subsets_by_metadata_and_zones_by_cluster() {
+    use integration_tests::subsets::{answered_by, config_file, counter, endpoint, until_only};
+    let _g = SERIAL.lock().await;
+    let n = Nacos::start(false).await;
+    let mut backends = Vec::new();
+    for name in ["a-v1", "a-v2", "b-v1", "b-v2"] {
+        backends.push(Backend::start(name).await);
+    }
+    let mut apps = Vec::new();
+    for (b, name) in backends.iter().zip(["a-v1", "a-v2", "b-v1", "b-v2"]) {
+        let (cluster, version) = name.split_once('-').unwrap();
+        apps.push(SdkInstance::register(&n, "shop", b, cluster, &[("version", version)]).await);
+    }
+    let (_dir, cfg) = config_file(
+        r#"
+[[upstream]]
+id = "shop-v2"
+service = "shop"
+subset = { version = "v2" }
+
+[[upstream]]
+id = "shop-b"
+service = "shop"
+subset = { cluster = "b" }
+
+[[upstream]]
+id = "shop-near"
+service = "shop"
+zone_aware = "prefer"
+
+[[upstream]]
+id = "shop-near-v2"
+service = "shop"
+subset = { version = "v2" }
+zone_aware = "prefer"
+"#,
+    );
+    let agent = Agent::start(&[
+        ("EDGE_AGENT_REGISTRY", n.url("").as_str()),
+        ("EDGE_AGENT_CONFIG", cfg.to_str().unwrap()),
+        ("EDGE_AGENT_ZONE", "a"),
+    ])
+    .await;
+    until_only(&agent, "shop-v2", &[], &["a-v2", "b-v2"], PROPAGATION).await;
+    until_only(&agent, "shop-b", &[], &["b-v1", "b-v2"], PROPAGATION).await;
+    until_only(&agent, "shop-near", &[], &["a-v1", "a-v2"], PROPAGATION).await;
+    until_only(&agent, "shop-near-v2", &[], &["a-v2"], PROPAGATION).await;
+    let u = agent.upstreams().await;
+    for (b, zone) in backends.iter().zip(["a", "a", "b", "b"]) {
+        let e = endpoint(&u, "shop-near", &b.addr.to_string()).expect("listed");
+        assert_eq!(e["zone"], zone, "{e}");
+    }
+    let c = answered_by(&agent, "shop-near", &[], 100).await;
+    assert_eq!(
+        c.get("a-v1").unwrap_or(&0) + c.get("a-v2").unwrap_or(&0),
+        100,
+        "a whole local zone takes everything: {c:?}"
+    );
+
+    // a-v2 deregistered: it leaves the set, so zone a's expected share shrinks with it (1 of
+    // 3 endpoints, all available): a-v1 keeps all of shop-near, and shop-near-v2, with nothing
+    // left in a, goes to b.
+    apps[1].deregister().await;
+    until_only(&agent, "shop-near-v2", &[], &["b-v2"], PROPAGATION).await;
+    let c = answered_by(&agent, "shop-near", &[], 100).await;
+    assert_eq!(c.get("a-v1"), Some(&100), "{c:?}");
+    // a-v1 too: zone a is empty, everything spills to b, and each spill is counted.
+    apps[0].deregister().await;
+    until_only(&agent, "shop-near", &[], &["b-v1", "b-v2"], PROPAGATION).await;
+    let before = counter(
+        &agent.metrics().await,
+        "edge_agent_zone_spill_total",
+        "shop-near",
+    );
+    let c = answered_by(&agent, "shop-near", &[], 100).await;
+    let spilled = counter(
+        &agent.metrics().await,
+        "edge_agent_zone_spill_total",
+        "shop-near",
+    );
+    assert_eq!(
+        c.get("b-v1").unwrap_or(&0) + c.get("b-v2").unwrap_or(&0),
+        100,
+        "{c:?}"
+    );
+    assert_eq!(
+        spilled - before,
+        100,
+        "every request outside zone a counted"
+    );
+    drop(apps);
+}
