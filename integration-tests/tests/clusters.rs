@@ -12,6 +12,10 @@
 //! - Eureka (Spring Cloud Netflix): two peers replicating to each other (`servers/eureka/start.sh`,
 //!   `EUREKA_PEER_URLS`), the agent given both (`eureka://a?server=b`), the first one killed and
 //!   a change registered on the survivor.
+//! - rnacos 0.8.8 in raft cluster mode: node 1 initialises the group, nodes 2 and 3 join it
+//!   (`servers/nacos/start.sh`, `NACOS_CLUSTER_NODE_ID`, `NACOS_CLUSTER_JOIN`); the agent given
+//!   all three, the node its gRPC stream is on (read from /proc) killed, a change registered on a
+//!   survivor.
 //!
 //! Scenarios run one at a time (two cores; each one's figures are not the other's load).
 use std::net::SocketAddr;
@@ -550,6 +554,202 @@ async fn eureka_peer_killed_under_load_fails_over_to_the_other() {
          between the peers took {replicated:?}; change registered on the survivor right after \
          the kill routed after {routed:?} ({since_kill:?} after the kill); source_up stayed 1",
         t.requests, t.failed
+    );
+    assert_eq!(t.failed, 0, "failed requests: {:?}", t.samples);
+    assert!(t.requests >= RATE * 2, "the load ran: {t:?}");
+}
+
+/// Deadline for an rnacos node to answer `/health`.
+const NACOS_START: Duration = Duration::from_secs(60);
+
+/// One rnacos node of a cluster: HTTP port (gRPC is HTTP + 1000, as the SDK derives it).
+struct NacosNode {
+    id: u32,
+    proc: ServerProcess,
+    port: u16,
+    _data: tempfile::TempDir,
+}
+
+impl NacosNode {
+    async fn spawn(id: u32, port: u16, join: Option<u16>) -> NacosNode {
+        let bin = install("nacos");
+        let data = tempfile::tempdir().unwrap();
+        let mut env = vec![
+            ("RNACOS_BIN", bin.display().to_string()),
+            ("NACOS_HTTP_PORT", port.to_string()),
+            ("NACOS_GRPC_PORT", (port + 1000).to_string()),
+            ("NACOS_DATA_DIR", data.path().display().to_string()),
+            ("NACOS_CLUSTER_NODE_ID", id.to_string()),
+            ("RUST_LOG", "warn".to_string()),
+        ];
+        if let Some(j) = join {
+            env.push(("NACOS_CLUSTER_JOIN", format!("127.0.0.1:{}", j + 1000)));
+        }
+        let mut proc = ServerProcess::start("nacos", &env);
+        proc.wait_ready(
+            &format!("http://127.0.0.1:{port}/health"),
+            NACOS_START,
+            |_| true,
+        )
+        .await;
+        NacosNode {
+            id,
+            proc,
+            port,
+            _data: data,
+        }
+    }
+
+    /// Registers a persistent instance of [`SVC`] at `addr` on this node, retried until the node
+    /// accepts it ("ok").
+    async fn register(&self, addr: SocketAddr) {
+        let url = format!("http://127.0.0.1:{}/nacos/v1/ns/instance", self.port);
+        let q = [
+            ("serviceName", SVC.to_string()),
+            ("ip", addr.ip().to_string()),
+            ("port", addr.port().to_string()),
+            ("ephemeral", "false".to_string()),
+        ];
+        eventually(
+            NACOS_START,
+            &format!("register {addr} on node {}", self.id),
+            || async {
+                let r = client().post(&url).query(&q).send().await.ok()?;
+                let ok = r.status().is_success();
+                (ok && r.text().await.ok()?.contains("ok")).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Polls this node's instance list until it holds `addr`; the time it took.
+    async fn until_listed(&self, addr: SocketAddr) -> Duration {
+        let t = Instant::now();
+        let url = format!(
+            "http://127.0.0.1:{}/nacos/v1/ns/instance/list?serviceName={SVC}",
+            self.port
+        );
+        let what = format!("{addr} listed on node {}", self.id);
+        eventually(PROPAGATION, &what, || async {
+            let v: serde_json::Value = client().get(&url).send().await.ok()?.json().await.ok()?;
+            v["hosts"]
+                .as_array()?
+                .iter()
+                .any(|h| h["ip"] == addr.ip().to_string() && h["port"] == addr.port())
+                .then_some(())
+        })
+        .await;
+        t.elapsed()
+    }
+}
+
+/// An HTTP port whose +1000 (gRPC) is free as well.
+fn nacos_port() -> u16 {
+    for _ in 0..50 {
+        let p = free_port();
+        if p <= 64535 && std::net::TcpListener::bind(("127.0.0.1", p + 1000)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free HTTP port with a free +1000 gRPC port after 50 tries");
+}
+
+/// Remote ports of the established TCP connections process `pid` holds (from /proc).
+fn connected_ports(pid: i32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().to_string();
+                    l.strip_prefix("socket:[")?
+                        .strip_suffix(']')
+                        .map(String::from)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // remote address, state (01 = established), inode
+            (f.len() > 9 && f[3] == "01" && inodes.iter().any(|i| i == f[9]))
+                .then(|| u16::from_str_radix(f[2].rsplit(':').next()?, 16).ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// Three rnacos nodes in raft cluster mode; the agent given all three
+/// (`nacos://?server=a&server=b&server=c`); the node its gRPC stream is on SIGKILLed under
+/// load: no request fails, and an instance registered on a surviving node is pushed to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacos_node_killed_under_load_pushes_continue_from_the_others() {
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let first_port = nacos_port();
+    let mut nodes = vec![NacosNode::spawn(1, first_port, None).await];
+    for id in 2..=3 {
+        nodes.push(NacosNode::spawn(id, nacos_port(), Some(first_port)).await);
+    }
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    nodes[0].register(a.addr).await;
+    nodes[0].register(b.addr).await;
+    // The three form one cluster: what node 1 holds reaches the others.
+    let mut replicated = Duration::ZERO;
+    for n in &nodes[1..] {
+        replicated = replicated.max(n.until_listed(b.addr).await);
+    }
+    println!(
+        "cluster-figures: rnacos 3 nodes up and replicating in {:?} (replication {replicated:?})",
+        started.elapsed()
+    );
+    let servers: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("server=127.0.0.1:{}", n.port))
+        .collect();
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!(
+        "nacos://?{}&list_interval=1s&cache_dir={}",
+        servers.join("&"),
+        cache.path().display()
+    );
+    let agent = start_agent(&url).await;
+    let (status, _, body) = agent.get(SVC, "/").await;
+    assert_eq!(status, 200, "{body}");
+    until_routed(&agent, a.addr, "a routed").await;
+    until_routed(&agent, b.addr, "b routed").await;
+    // The node the SDK's gRPC stream is on.
+    let grpc: Vec<u16> = nodes.iter().map(|n| n.port + 1000).collect();
+    let on = eventually(PROPAGATION, "the agent's gRPC connection", || async {
+        connected_ports(agent.pid())
+            .into_iter()
+            .find_map(|p| grpc.iter().position(|g| *g == p))
+    })
+    .await;
+
+    let load = Load::start(agent.proxy, &["a", "b", "c"]);
+    tokio::time::sleep(Duration::from_secs(1)).await; // load before the fault (a window)
+    let killed_id = nodes[on].id;
+    kill_hard(&mut nodes[on].proc);
+    let killed = Instant::now();
+    let survivor = nodes.iter().find(|n| n.id != killed_id).unwrap();
+    survivor.register(c.addr).await;
+    let routed = until_routed(&agent, c.addr, "c, registered on a survivor, pushed").await;
+    let since_kill = killed.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await; // load after the change (a window)
+    let t = load.finish().await;
+    println!(
+        "cluster-figures: rnacos node {killed_id} of 3 (the one the agent's gRPC stream was on) \
+         killed: {} requests, {} failed; change registered on node {} right after the kill \
+         routed after {routed:?} ({since_kill:?} after the kill)",
+        t.requests, t.failed, survivor.id
     );
     assert_eq!(t.failed, 0, "failed requests: {:?}", t.samples);
     assert!(t.requests >= RATE * 2, "the load ran: {t:?}");

@@ -13,6 +13,12 @@
 #   NACOS_PASSWORD    optional  initial admin password (default "admin"); same caveat
 #   RNACOS_BIN        optional  rnacos binary; if unset, install.sh (next to this script) builds/finds it
 #   RUST_LOG          optional  rnacos log level (default "info")
+#   NACOS_CLUSTER_NODE_ID  optional  raft node id of one member of a cluster (default 1 = a standalone
+#                               node, or the cluster's first member: it initialises the raft group).
+#                               Another id (2, 3, ...) joins the group at NACOS_CLUSTER_JOIN on its first
+#                               start (RNACOS_RAFT_AUTO_INIT=false, RNACOS_RAFT_JOIN_ADDR) and skips the
+#                               init phase below (it must not form a group of its own).
+#   NACOS_CLUSTER_JOIN     with NACOS_CLUSTER_NODE_ID > 1: 127.0.0.1:<grpc port> of node 1 (running)
 # Other RNACOS_* tuning variables are passed through (e.g. RNACOS_NAMING_HEALTH_TIMEOUT_SECOND,
 # RNACOS_NAMING_INSTANCE_TIMEOUT_SECOND, RNACOS_NAMING_PERPETUAL_INSTANCE_PROBE_INTERVAL_SECOND which
 # this script defaults to 0 = no TCP probing of persistent instances);
@@ -73,11 +79,20 @@ export RNACOS_HTTP_CONSOLE_PORT=0
 export RNACOS_ENABLE_NO_AUTH_CONSOLE=false
 export RNACOS_DATA_DIR="$NACOS_DATA_DIR"
 unset RNACOS_CONFIG_DB_DIR RNACOS_RUN_IN_DOCKER
-# Single standalone node; raft talks over our own gRPC port on loopback.
-export RNACOS_RAFT_NODE_ID=1
+# Raft talks over our own gRPC port on loopback. Node 1: a standalone node or a cluster's first.
+NODE_ID="${NACOS_CLUSTER_NODE_ID:-1}"
+[[ "$NODE_ID" =~ ^[1-9][0-9]*$ ]] || die "NACOS_CLUSTER_NODE_ID='$NODE_ID' is not a positive integer"
+export RNACOS_RAFT_NODE_ID="$NODE_ID"
 export RNACOS_RAFT_NODE_ADDR="127.0.0.1:${NACOS_GRPC_PORT}"
-export RNACOS_RAFT_AUTO_INIT=true
 unset RNACOS_RAFT_JOIN_ADDR RNACOS_CLUSTER_TOKEN
+if (( NODE_ID == 1 )); then
+  export RNACOS_RAFT_AUTO_INIT=true
+else
+  [[ "${NACOS_CLUSTER_JOIN:-}" =~ ^127\.0\.0\.1:[0-9]+$ ]] \
+    || die "NACOS_CLUSTER_NODE_ID=$NODE_ID needs NACOS_CLUSTER_JOIN=127.0.0.1:<grpc port of node 1>, got '${NACOS_CLUSTER_JOIN:-}'"
+  export RNACOS_RAFT_AUTO_INIT=false
+  export RNACOS_RAFT_JOIN_ADDR="$NACOS_CLUSTER_JOIN"
+fi
 # The initial admin user is created (whatever the auth setting) only when the data dir is initialised.
 export RNACOS_INIT_ADMIN_USERNAME="$ADMIN_USER"
 export RNACOS_INIT_ADMIN_PASSWORD="$ADMIN_PASS"
@@ -156,7 +171,9 @@ for port in "$NACOS_HTTP_PORT" "$NACOS_GRPC_PORT"; do
   ! port_in_use "$port" || die "127.0.0.1:$port is already in use"
 done
 
-if [[ ! -e "$NACOS_DATA_DIR/$INIT_MARKER" ]]; then
+if (( NODE_ID > 1 )); then
+  log "cluster node $NODE_ID joins $RNACOS_RAFT_JOIN_ADDR (no init phase)"
+elif [[ ! -e "$NACOS_DATA_DIR/$INIT_MARKER" ]]; then
   if [[ -n "$(ls -A "$NACOS_DATA_DIR")" ]]; then
     die "NACOS_DATA_DIR=$NACOS_DATA_DIR is not empty and was not initialised by this script; use a fresh dir"
   fi
@@ -180,6 +197,6 @@ else
   export RNACOS_ENABLE_OPEN_API_AUTH=false
 fi
 
-log "$RNACOS_BIN http=127.0.0.1:$NACOS_HTTP_PORT grpc=127.0.0.1:$NACOS_GRPC_PORT console=off auth=$RNACOS_ENABLE_OPEN_API_AUTH data=$NACOS_DATA_DIR"
+log "$RNACOS_BIN node=$NODE_ID http=127.0.0.1:$NACOS_HTTP_PORT grpc=127.0.0.1:$NACOS_GRPC_PORT console=off auth=$RNACOS_ENABLE_OPEN_API_AUTH data=$NACOS_DATA_DIR"
 # `-e /dev/null`: load env from an empty file instead of searching cwd and its parents for `.env`.
 exec "$RNACOS_BIN" -e /dev/null
