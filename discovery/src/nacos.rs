@@ -144,6 +144,10 @@ pub struct NacosDiscovery {
     catalog: RwLock<Option<HashMap<String, String>>>,
     want_tx: mpsc::UnboundedSender<String>,
     want_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    /// First-request lookups of names the last list did not have (`lookup.rs`).
+    asked: crate::lookup::Asked,
+    /// The SDK client once built, for direct reads ([`Discovery::read`]).
+    naming: std::sync::OnceLock<NamingService>,
 }
 
 impl fmt::Debug for NacosDiscovery {
@@ -339,6 +343,8 @@ impl NacosDiscovery {
             catalog: RwLock::new(None),
             want_tx,
             want_rx: Mutex::new(Some(want_rx)),
+            asked: Default::default(),
+            naming: std::sync::OnceLock::new(),
         })
     }
 
@@ -544,6 +550,7 @@ impl NacosDiscovery {
                 }
             }
         };
+        let _ = self.naming.set(naming.clone());
         let (push_tx, mut push_rx) = mpsc::unbounded_channel();
         let listener: Arc<dyn NamingEventListener> = Arc::new(Listener(push_tx));
         // Lower-cased → Nacos name, for services with a subscription.
@@ -553,6 +560,10 @@ impl NacosDiscovery {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_list = Instant::now() - MIN_LIST_GAP;
         let mut list_now = false;
+        // Names a request asked for that the last list did not have: the next list answers
+        // them (a `NotFound` for those it does not have either, so the request's 404 is sent
+        // at once).
+        let mut wanted: HashSet<String> = HashSet::new();
         loop {
             let mut do_list = false;
             tokio::select! {
@@ -561,6 +572,7 @@ impl NacosDiscovery {
                     if list_now => do_list = true,
                 Some(name) = want_rx.recv() => {
                     if !subscribed.contains_key(&name) {
+                        wanted.insert(name);
                         list_now = true;
                     }
                 }
@@ -656,6 +668,18 @@ impl NacosDiscovery {
                     subscribed.insert(service, real);
                 }
             }
+            for name in wanted.drain() {
+                if !map.contains_key(&name) {
+                    let ev = Event::Service {
+                        service: name.clone(),
+                        update: Update::NotFound,
+                    };
+                    if !sink.send(ev).await {
+                        return;
+                    }
+                }
+                self.asked.answered(&name);
+            }
         }
     }
 }
@@ -708,6 +732,28 @@ impl Discovery for NacosDiscovery {
         Box::pin(self.run_loop(sink))
     }
 
+    /// `get_all_instances` without subscribing, as the first answer of a subscription is
+    /// read (the SDK's own connection; before it is built, nothing to read with).
+    fn read(self: Arc<Self>, service: &str) -> Option<crate::ReadFuture> {
+        let naming = self.naming.get()?.clone();
+        let name = service.trim().to_ascii_lowercase();
+        let real = self
+            .catalog
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|c| c.get(&name).cloned())
+            .unwrap_or(name);
+        Some(Box::pin(async move {
+            let set = self
+                .query(&naming, &real)
+                .await
+                .map_err(|e| (kind_of(&e), format!("nacos {e}")))?;
+            let (instances, _problems) = self.map_set(&set);
+            Ok((!instances.is_empty()).then_some(instances))
+        }))
+    }
+
     fn on_demand(&self) -> bool {
         true
     }
@@ -722,10 +768,13 @@ impl Discovery for NacosDiscovery {
             .map(|c| c.contains_key(&name));
         match known {
             Some(true) => true,
-            Some(false) => {
-                let _ = self.want_tx.send(name);
-                false
-            }
+            // Not in the last list: ask for a new list now, and let the request wait for it
+            // (`lookup.rs`), once per name and gap.
+            Some(false) => match self.asked.ask(&name) {
+                crate::lookup::Ask::New => self.want_tx.send(name).is_ok(),
+                crate::lookup::Ask::Pending => true,
+                crate::lookup::Ask::Answered => false,
+            },
             None => true,
         }
     }

@@ -672,3 +672,40 @@ zone_aware = "prefer"
     );
     drop(apps);
 }
+
+/// #17, the first request for a name registered a moment ago: with a long service-list
+/// interval (30 s), a request for a name the last list did not have asks for a new list at
+/// once and waits for it, instead of a 404 until the next list; a name nobody registers is a
+/// quick 404, and asking again within the lookup gap costs no further list.
+#[tokio::test]
+async fn the_first_request_for_a_just_registered_name_asks_nacos() {
+    let _g = SERIAL.lock().await;
+    let n = Nacos::start(false).await;
+    let seed = Backend::start("seed").await;
+    register(&n, "seed", &seed, &[]).await;
+    let url = format!(
+        "nacos://127.0.0.1:{}?list_interval=30s&cache_dir={}",
+        n.port,
+        n.data.path().join("sdk-cache-first").display()
+    );
+    let agent = Agent::start(&[("EDGE_AGENT_REGISTRY", url.as_str())]).await;
+    converges(&agent, "seed", &["seed"]).await;
+    let fresh = Backend::start("fresh").await;
+    register(&n, "fresh", &fresh, &[]).await;
+    let t = Instant::now();
+    let (status, backend, body) = agent.get("fresh", "/").await;
+    let took = t.elapsed();
+    assert_eq!((status, backend.as_str()), (200, "fresh"), "{body}");
+    let t = Instant::now();
+    assert_eq!(agent.get("nobody", "/").await.0, 404);
+    let not_found = t.elapsed();
+    let t = Instant::now();
+    assert_eq!(agent.get("nobody", "/").await.0, 404);
+    let again = t.elapsed();
+    eprintln!(
+        "nacos first request (list_interval 30 s): 200 after {took:?}; unknown 404 after {not_found:?}, again after {again:?}"
+    );
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(not_found < Duration::from_secs(4), "{not_found:?}");
+    assert!(again < Duration::from_millis(500), "{again:?}");
+}
