@@ -776,3 +776,46 @@ upstream = "canary-near"
         eu.cancel(app, id).await;
     }
 }
+
+/// #17, the resync reads Eureka the way its poll does: in steady state the direct reads agree
+/// with the fetched view, so three resync rounds correct nothing (a mapping that differed would
+/// "correct", and flap, every round).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resync_agrees_with_the_poll_in_steady_state() {
+    let _serial = SERIAL.lock().await;
+    let port = shared_port().await;
+    let eu = Eureka::new(port);
+    let a = Backend::start("resync-a").await;
+    eu.register(
+        "EU-RESYNC",
+        "eu-resync-a",
+        a.addr,
+        &[("zone", "z1"), ("weight", "3")],
+    )
+    .await;
+    let mut env = agent_env(&format!(
+        "eureka://127.0.0.1:{port}/eureka?interval={INTERVAL}"
+    ));
+    env.push(("EDGE_AGENT_RESYNC_INTERVAL", "1s".to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let agent = Agent::start(&env).await;
+    wait_served_by(&agent, "eu-resync", &["resync-a"], "the UP instance").await;
+    let rounds = eventually(Duration::from_secs(15), "three resync rounds", || async {
+        // Each round read the one service Eureka has (not zero: a read the source lacks).
+        let n = agent_log(&agent)
+            .lines()
+            .filter(|l| {
+                l.contains("resync: reading every watched service again")
+                    && l.contains("services=1")
+            })
+            .count();
+        (n >= 3).then_some(n)
+    })
+    .await;
+    let m = agent.metrics().await;
+    assert!(
+        !m.contains("edge_agent_discovery_resync_corrections_total{source=\"eureka\"}"),
+        "{rounds} resync rounds corrected a view the poll had right:\n{m}"
+    );
+    eu.cancel("EU-RESYNC", "eu-resync-a").await;
+}

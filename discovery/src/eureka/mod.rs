@@ -329,7 +329,7 @@ impl EurekaDiscovery {
                     None => return true,
                 },
             };
-            let sent = match self.fetch_app(server, &name, sink).await {
+            let sent = match self.fetch_app(server, &name, Some(sink)).await {
                 Ok(Some(answer)) if !answer.items.is_empty() => {
                     tracing::debug!(server = %server.display, app = %name, instances = answer.items.len(), "eureka lookup found the app");
                     let reg = local.get_or_insert_with(Registry::default);
@@ -393,6 +393,26 @@ impl Discovery for EurekaDiscovery {
 
     fn run(self: Arc<Self>, sink: Sink) -> BoxFuture {
         Box::pin(self.run_loop(sink))
+    }
+
+    /// `GET <first server>/apps/<NAME>`, for the agent's resync: the delta fetch's hash
+    /// reconciliation catches a lost change that alters the status counts, this one any other
+    /// (a moved port, new metadata).
+    fn read(self: Arc<Self>, service: &str) -> Option<crate::ReadFuture> {
+        let name = service.trim().to_ascii_lowercase();
+        Some(Box::pin(async move {
+            let server = &self.servers[0];
+            // Problems in the answer were reported by the poll already; a read only compares.
+            let answer = self
+                .fetch_app(server, &name, None)
+                .await
+                .map_err(|f| (f.kind, f.message))?;
+            let mut reg = Registry::default();
+            if let Some(a) = &answer {
+                reg.replace_app(a);
+            }
+            Ok(reg.snapshot().remove(&name))
+        }))
     }
 
     /// Eureka is polled whole; "on demand" here is only the first-request lookup of a name the

@@ -312,7 +312,7 @@ impl EurekaDiscovery {
         &self,
         server: &Server,
         app: &str,
-        sink: &Sink,
+        sink: Option<&Sink>,
     ) -> Result<Option<Answer>, Failure> {
         let path = format!("/apps/{}", app.to_ascii_uppercase());
         let (resp, what) = self.send(server, &path).await?;
@@ -334,9 +334,11 @@ impl EurekaDiscovery {
             kind: ErrorKind::Parse,
             message: format!("{what}: {e}"),
         })?;
-        for p in &answer.problems {
-            sink.error(ErrorKind::Parse, format!("eureka {}: {p}", server.display))
-                .await;
+        if let Some(sink) = sink {
+            for p in &answer.problems {
+                sink.error(ErrorKind::Parse, format!("eureka {}: {p}", server.display))
+                    .await;
+            }
         }
         Ok(Some(answer))
     }
