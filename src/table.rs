@@ -390,27 +390,26 @@ fn drain_changed(old: &RoutingTable, new: &RoutingTable) {
             e.state.begin_drain(timeout);
         }
     }
+    // Still routed to: by the replacing upstreams, or by an upstream of the same service the
+    // rebuild kept as it was (one state in two upstreams of a service).
+    let services: HashSet<&str> = gone.iter().filter_map(|u| u.service.as_deref()).collect();
     let kept: HashSet<*const EndpointState> = came
         .iter()
+        .chain(
+            new.upstreams
+                .values()
+                .filter(|u| u.service.as_deref().is_some_and(|s| services.contains(s))),
+        )
         .flat_map(|u| u.endpoints.iter().map(key))
         .collect();
     for u in &gone {
         for e in u.endpoints.iter() {
-            if !kept.contains(&key(e)) && !still_routed(new, u, e) {
+            if !kept.contains(&key(e)) {
                 tracing::debug!(upstream = %u.id, endpoint = %e.authority, "endpoint removed: draining");
                 e.state.begin_drain(u.settings().drain_timeout);
             }
         }
     }
-}
-
-/// Whether an upstream of `new` the rebuild did not replace routes to `e` (of `from`): only
-/// upstreams of the same service share endpoint states.
-fn still_routed(new: &RoutingTable, from: &Upstream, e: &Endpoint) -> bool {
-    from.service.is_some()
-        && new.upstreams.values().any(|u| {
-            u.service == from.service && u.endpoints.iter().any(|o| Arc::ptr_eq(&o.state, &e.state))
-        })
 }
 
 #[cfg(test)]
