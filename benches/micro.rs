@@ -1,7 +1,10 @@
 //! Micro-benchmarks of the agent's hot and warm paths (`make bench` runs them; see
 //! BENCHMARKS.md): balancer pick cost by size, consistent-hash lookup, metrics recording per
 //! request, the snapshot build-and-swap that follows a one-endpoint registry change, and the
-//! pick through subsets and zones (#14) beside the bare pick, interleaved.
+//! pick through subsets and zones (#14) beside the bare pick, interleaved; and an HTTP/1.1
+//! request head parsed and written back for the upstream (#15): `h1/ours` through
+//! `edge_agent::h1`, `h1/headermap` the same work the way hyper does it (httparse into an
+//! `http::HeaderMap`, the proxy's header changes, the map serialised back).
 //!
 //! Measurement is kept short (`sample_size(20)`, 2 s) so the whole `make bench` stays within
 //! its time budget; the figures are medians, good to a few percent on a quiet machine.
@@ -288,9 +291,101 @@ fn subset_picks(c: &mut Criterion) {
     g.finish();
 }
 
+/// A browser-like request head of 387 bytes (Firefox's headers for a plain GET).
+const BROWSER_HEAD: &[u8] = b"GET /svc/api/v1/items?id=42&sort=desc HTTP/1.1\r\n\
+Host: svc\r\n\
+User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\n\
+Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n\
+Accept-Language: en-US,en;q=0.5\r\n\
+Accept-Encoding: gzip, deflate, br, zstd\r\n\
+Connection: keep-alive\r\n\
+Cookie: session=3f2a9c1e7b; theme=dark\r\n\
+Upgrade-Insecure-Requests: 1\r\n\
+\r\n";
+
+/// Parse a request head and write the upstream one (#15 step 1): ours, and the `HeaderMap`
+/// round trip it replaces. Both reuse their output buffer, as a connection would.
+fn h1_head(c: &mut Criterion) {
+    use edge_agent::h1::write::{write_request, Added};
+    use edge_agent::h1::{Limits, RequestHead};
+    let mut g = c.benchmark_group("h1_head");
+    let add = Added {
+        target: None,
+        tunnel: false,
+        client_ip: b"127.0.0.1",
+        proto: b"http",
+        host: b"10.0.0.2:8080",
+        request_id: None,
+    };
+    let limits = Limits::default();
+    let mut head = RequestHead::default();
+    let mut out = Vec::with_capacity(1024);
+    g.bench_function("ours", |bench| {
+        bench.iter(|| {
+            let buf = black_box(BROWSER_HEAD);
+            head.parse(buf, &limits).expect("a valid head");
+            write_request(&mut out, &head, buf, &add);
+            black_box(out.len())
+        })
+    });
+    // The stand-in for hyper's server and client: the read buffer is shared (`Bytes`, as hyper
+    // freezes its buffer), each value a slice of it, each name a `HeaderName`; then what
+    // `prepare_request_headers` does, then the client's serialisation.
+    let shared = bytes::Bytes::from_static(BROWSER_HEAD);
+    let ip = http::HeaderValue::from_static("127.0.0.1");
+    g.bench_function("headermap", |bench| {
+        bench.iter(|| {
+            let buf = black_box(&shared);
+            let mut slots = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); 100];
+            let mut req = httparse::Request::new(&mut []);
+            httparse::ParserConfig::default()
+                .parse_request_with_uninit_headers(&mut req, buf, &mut slots)
+                .expect("a valid head");
+            let method =
+                http::Method::from_bytes(req.method.expect("method").as_bytes()).expect("a method");
+            let uri =
+                http::Uri::from_maybe_shared(buf.slice_ref(req.path.expect("path").as_bytes()))
+                    .expect("a uri");
+            let mut headers = http::HeaderMap::with_capacity(req.headers.len());
+            for h in req.headers.iter() {
+                let name = http::HeaderName::from_bytes(h.name.as_bytes()).expect("a name");
+                let value =
+                    http::HeaderValue::from_maybe_shared(buf.slice_ref(h.value)).expect("a value");
+                headers.append(name, value);
+            }
+            for hop in [
+                http::header::CONNECTION,
+                http::HeaderName::from_static("keep-alive"),
+                http::header::TE,
+                http::header::TRAILER,
+                http::header::UPGRADE,
+                http::header::TRANSFER_ENCODING,
+            ] {
+                headers.remove(hop);
+            }
+            headers.insert("x-forwarded-for", ip.clone());
+            headers.insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
+            out.clear();
+            out.extend_from_slice(method.as_str().as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(uri.path_and_query().expect("a path").as_str().as_bytes());
+            out.extend_from_slice(b" HTTP/1.1\r\n");
+            for (name, value) in &headers {
+                out.extend_from_slice(name.as_str().as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = micro;
     config = config();
-    targets = picks, chash_lookup, metrics_record, snapshot_swap, subset_picks
+    targets = picks, chash_lookup, metrics_record, snapshot_swap, subset_picks, h1_head
 }
 criterion_main!(micro);

@@ -11,7 +11,8 @@
 //! own layer, so no two units import each other (`tests/layers.rs` fails on a cycle):
 //!
 //! ```text
-//! 1  io  clock  rng  breaker  error  framing  metrics  access_log  stats  guard  state_file  tls  h2server  grpc  replay   leaves
+//! 1  io  clock  rng  breaker  error  framing  h1/{head,chunked,write}  metrics  access_log  stats  guard
+//!    state_file  tls  h2server  grpc  replay   leaves
 //! 2  load  dial  pool  h2pool  health/{passive,active}   per-endpoint measures and connections
 //! 3  endpoint                                         Endpoint, EndpointState, Attempt
 //! 4  balancer/{roundrobin,chash,ewma,least_conn}      Spec, Kind, REGISTRY, Candidates
@@ -40,6 +41,7 @@ pub mod error;
 pub mod framing;
 pub mod grpc;
 pub mod guard;
+pub mod h1;
 pub mod h2c;
 pub mod h2pool;
 pub mod h2server;

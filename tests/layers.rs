@@ -205,3 +205,16 @@ fn the_scanner_sees_every_form_and_finds_a_cycle() {
     g.get_mut("z").unwrap().clear();
     assert!(find_cycle(&g).is_none());
 }
+
+/// Leaves that must stay leaves: the HTTP/1 parser (`h1/`, #15) names only `error` of this
+/// crate, so the proxy core can be built on it without pulling anything in.
+#[test]
+fn the_h1_parser_is_a_leaf() {
+    let graph = import_graph();
+    let h1 = graph.get("h1").expect("src/h1/ is a unit");
+    assert_eq!(
+        h1.iter().map(String::as_str).collect::<Vec<_>>(),
+        ["error"],
+        "h1 may import only crate::error"
+    );
+}
