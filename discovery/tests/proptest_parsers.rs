@@ -139,8 +139,9 @@ impl GenInstance {
         }
         inst.weight = self.weight.unwrap_or(DEFAULT_WEIGHT);
         inst.healthy = self.healthy.unwrap_or(true);
-        // An empty zone names no zone (the file registry's rule, as for the other sources).
-        inst.zone = self.zone.clone().filter(|z| !z.is_empty());
+        // A blank zone (empty or only whitespace) names no zone (the file registry's rule, as
+        // for the other sources).
+        inst.zone = self.zone.clone().filter(|z| !z.trim().is_empty());
         inst.metadata = self.metadata.clone();
         inst
     }
