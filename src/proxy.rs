@@ -299,9 +299,11 @@ impl Proxy {
             let v = parts.headers.get(&h.header)?.to_str().ok()?;
             Some((&*h.key, v))
         });
-        let candidates = upstream
-            .picks(by_header, ctx)
-            .map_err(|e| ProxyError::Unavailable(e.0))?;
+        // Walked where it lies (a borrow, not a move of the iterator out of the `Result`).
+        let mut picks = upstream.picks(by_header, ctx);
+        let candidates = picks
+            .as_mut()
+            .map_err(|e| ProxyError::Unavailable(std::mem::take(&mut e.0)))?;
         let path_and_query = rewrite_path(&parts.uri, strip)?;
         let mut upgrade = Upgrade::take(&mut parts);
         prepare_request_headers(&mut parts.headers, peer);

@@ -5,8 +5,8 @@
 //! subset per request from a header (`subset_from_header`). None of that is decided per
 //! request: when an upstream is built, every subset it can be asked for becomes a [`Target`], a
 //! precomputed balancer over the matching endpoints (for a header rule, one per value of the
-//! key that the endpoints carry). A request only looks its target up (one small hash lookup of
-//! the header value, no allocation) and walks the target's candidates.
+//! key that the endpoints carry). A request only looks its target up (a binary search of the
+//! header value among the few values the endpoints carry, no allocation) and walks the target's candidates.
 //!
 //! Endpoints in targets are clones of the upstream's endpoints: the same `Arc`ed state, so one
 //! endpoint in two subsets (or two upstreams) is one endpoint with one health, EWMA, in-flight
@@ -238,26 +238,43 @@ impl Target {
         }
     }
 
-    fn picks<'a>(&'a self, ctx: PickContext<'a>) -> Picks<'a> {
+    #[inline]
+    fn picks<'a>(&'a self, ctx: PickContext<'a>) -> Walk<'a> {
         let all = (&*self.group.endpoints, self.group.balancer.as_ref());
-        Picks::over(all, &self.zones, ctx)
+        Walk::over(all, &self.zones, ctx)
+    }
+
+    /// The local zone, when the target never leaves it (`strict`).
+    fn strict_zone(&self) -> Option<&str> {
+        self.zones
+            .as_ref()
+            .filter(|z| z.mode == ZoneMode::Strict)
+            .map(|z| &*z.local)
     }
 }
 
 /// The endpoints to try for one request, in order, each at most once: the chosen zone group's
 /// candidates first (when zones are on), then (unless `strict`) the rest of the target's.
 ///
-/// Kept small (one [`Candidates`] and references): it is built and moved on every request, and
-/// the list after the zone group is only set up if the group runs out, which the first try
-/// almost never does.
-pub struct Picks<'a> {
+/// Two shapes, so that an upstream without subsets or zones (most of them) walks exactly what
+/// the bare pick walks: `Plain` is one [`Candidates`] over the upstream's own list; `Walk`
+/// carries the first candidate found while looking for one (a subset may have none) and the
+/// zone state. Both are built where the caller holds them and walked in place.
+pub enum Picks<'a> {
+    Plain(Candidates<'a>),
+    Walk(Walk<'a>),
+}
+
+/// A subset's or a zone group's candidates (see [`Picks`]).
+pub struct Walk<'a> {
     /// The list being walked: the chosen zone group's, or the whole target's.
     now: Candidates<'a>,
-    /// `prefer`: the target's whole list, walked after the zone group.
+    /// `prefer`: the target's whole list, walked after the zone group; set up only if the
+    /// group runs out, which the first try almost never does.
     then: Option<Rest<'a>>,
     pending: Option<&'a Endpoint>,
     /// The request starts outside the local zone.
-    pub spilled: bool,
+    spilled: bool,
     strict: Option<&'a str>,
 }
 
@@ -269,13 +286,25 @@ struct Rest<'a> {
 }
 
 impl<'a> Picks<'a> {
+    /// The candidates of one list, no zones: what the bare pick walks.
+    #[inline]
+    fn plain(
+        (endpoints, balancer): (&'a [Endpoint], &'a dyn Balancer),
+        ctx: PickContext<'a>,
+    ) -> Self {
+        Picks::Plain(Candidates::new(balancer, endpoints, ctx))
+    }
+}
+
+impl<'a> Walk<'a> {
+    #[inline]
     fn over(
         (endpoints, balancer): (&'a [Endpoint], &'a dyn Balancer),
         zones: &'a Option<ZoneSplit>,
         ctx: PickContext<'a>,
-    ) -> Picks<'a> {
+    ) -> Walk<'a> {
         match zones {
-            None => Picks {
+            None => Walk {
                 now: Candidates::new(balancer, endpoints, ctx),
                 then: None,
                 pending: None,
@@ -286,7 +315,7 @@ impl<'a> Picks<'a> {
                 let strict = z.mode == ZoneMode::Strict;
                 let k = if strict { 0 } else { z.choose(&ctx) };
                 let g = &z.groups[k].1;
-                Picks {
+                Walk {
                     now: Candidates::new(g.balancer.as_ref(), &g.endpoints, ctx),
                     then: (!strict).then_some(Rest {
                         endpoints,
@@ -302,17 +331,32 @@ impl<'a> Picks<'a> {
     }
 
     /// The first candidate, kept for `next`: `None` when there is none.
+    #[inline]
     fn peek(&mut self) -> Option<&'a Endpoint> {
         if self.pending.is_none() {
             self.pending = self.next();
         }
         self.pending
     }
+
+    /// The whole target's candidates after the zone group, less what the group yielded.
+    #[cold]
+    fn rest(&mut self) -> Option<Candidates<'a>> {
+        let then = self.then.take()?;
+        let mut rest = Candidates::new(then.balancer, then.endpoints, self.now.context());
+        for i in self.now.tried().iter() {
+            if let Some(&p) = then.parent.get(i) {
+                rest.mark_tried(p as usize);
+            }
+        }
+        Some(rest)
+    }
 }
 
-impl<'a> Iterator for Picks<'a> {
+impl<'a> Iterator for Walk<'a> {
     type Item = &'a Endpoint;
 
+    #[inline]
     fn next(&mut self) -> Option<&'a Endpoint> {
         if let Some(ep) = self.pending.take() {
             return Some(ep);
@@ -322,14 +366,19 @@ impl<'a> Iterator for Picks<'a> {
                 return Some(ep);
             }
             // The zone group ran out: go on over the whole target, skipping what it yielded.
-            let then = self.then.take()?;
-            let mut rest = Candidates::new(then.balancer, then.endpoints, self.now.context());
-            for i in self.now.tried().iter() {
-                if let Some(&p) = then.parent.get(i) {
-                    rest.mark_tried(p as usize);
-                }
-            }
-            self.now = rest;
+            self.now = self.rest()?;
+        }
+    }
+}
+
+impl<'a> Iterator for Picks<'a> {
+    type Item = &'a Endpoint;
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a Endpoint> {
+        match self {
+            Picks::Plain(c) => c.next(),
+            Picks::Walk(w) => w.next(),
         }
     }
 }
@@ -350,6 +399,8 @@ pub struct Subsets {
     fallback: Option<Target>,
     /// Per header-rule key: a target per value the endpoints carry.
     by_header: Box<[(Box<str>, ByValue)]>,
+    /// No subset and no zones: a request without a header rule walks the upstream's own list.
+    plain: bool,
 }
 
 /// A header rule's targets, by the value of its key, sorted by value: a binary search of a few
@@ -389,6 +440,7 @@ impl Subsets {
         }
         Subsets {
             settings: settings.clone(),
+            plain: primary.is_none() && all_zones.is_none(),
             all_zones,
             primary,
             fallback,
@@ -437,6 +489,11 @@ impl Subsets {
     /// picks a subset by a header the request has. Falls back (counted on
     /// `edge_agent_subset_fallback_total`) when the subset has no candidate or the value is
     /// unknown; counts a start outside the local zone on `edge_agent_zone_spill_total`.
+    ///
+    /// Inlined, with the fallback out of line: the caller builds the iterator in place, so an
+    /// upstream without subsets or zones (most of them) pays what the bare pick pays, and a
+    /// subset that has a candidate pays one lookup more (`BENCHMARKS.md`, #14).
+    #[inline]
     pub fn picks<'a>(
         &'a self,
         all: (&'a [Endpoint], &'a dyn Balancer),
@@ -444,37 +501,61 @@ impl Subsets {
         ctx: PickContext<'a>,
         metrics: &UpstreamMetrics,
     ) -> Result<Picks<'a>, Unavailable> {
+        // Built first, before any branch, so that the context is moved into it where the
+        // caller made it (a branch first costs a copy of the 72-byte context).
+        let plain = Candidates::new(all.1, all.0, ctx);
         let target = match header {
-            Some((key, value)) => Some(
-                self.by_header
-                    .iter()
-                    .find(|(k, _)| &**k == key)
-                    .and_then(|(_, m)| {
-                        let i = m.binary_search_by(|(v, _)| (**v).cmp(value)).ok()?;
-                        Some(&m[i].1)
-                    })
-                    .ok_or_else(|| self.settings.selector.with(key, value)),
-            ),
-            None => self.primary.as_ref().map(Ok),
+            None if self.plain => return Ok(Picks::Plain(plain)),
+            None => match &self.primary {
+                Some(t) => Some(t),
+                None => return self.all(all, ctx, metrics),
+            },
+            Some((key, value)) => self.by_value(key, value),
         };
-        let missing = match target {
-            None => return self.all(all, ctx, metrics),
-            Some(Ok(t)) => {
-                let mut p = t.picks(ctx);
-                if p.peek().is_some() {
-                    if p.spilled {
-                        metrics.zone_spill();
-                    }
-                    return Ok(p);
+        if let Some(t) = target {
+            let mut p = t.picks(ctx);
+            if p.peek().is_some() {
+                if p.spilled {
+                    metrics.zone_spill();
                 }
-                if let Some(zone) = p.strict {
+                return Ok(Picks::Walk(p));
+            }
+        }
+        self.fall_back(all, header, target, ctx, metrics)
+    }
+
+    /// The target of a header rule's `value` for `key`: `None` when no endpoint carries it.
+    #[inline]
+    fn by_value(&self, key: &str, value: &str) -> Option<&Target> {
+        let (_, m) = self.by_header.iter().find(|(k, _)| &**k == key)?;
+        let i = m.binary_search_by(|(v, _)| (**v).cmp(value)).ok()?;
+        Some(&m[i].1)
+    }
+
+    /// The asked-for subset has no candidate (`target` is its target, `None` for a header
+    /// value no endpoint carries): `fallback` decides.
+    #[cold]
+    #[inline(never)]
+    fn fall_back<'a>(
+        &'a self,
+        all: (&'a [Endpoint], &'a dyn Balancer),
+        header: Option<(&str, &str)>,
+        target: Option<&'a Target>,
+        ctx: PickContext<'a>,
+        metrics: &UpstreamMetrics,
+    ) -> Result<Picks<'a>, Unavailable> {
+        let missing = match (target, header) {
+            (Some(t), _) => {
+                if let Some(zone) = t.strict_zone() {
                     if self.settings.fallback == Fallback::None {
                         return Err(Unavailable(format!("subset {} in zone {zone}", t.what)));
                     }
                 }
                 t.what.to_string()
             }
-            Some(Err(asked)) => asked.describe(),
+            (None, Some((key, value))) => self.settings.selector.with(key, value).describe(),
+            // Not reached (`picks` serves this case itself), but harmless: every endpoint.
+            (None, None) => return self.all(all, ctx, metrics),
         };
         metrics.subset_fallback();
         match &self.settings.fallback {
@@ -492,20 +573,24 @@ impl Subsets {
                         if p.spilled {
                             metrics.zone_spill();
                         }
-                        Ok(p)
+                        Ok(Picks::Walk(p))
                     }
                 }
             }
         }
     }
 
+    #[inline]
     fn all<'a>(
         &'a self,
         all: (&'a [Endpoint], &'a dyn Balancer),
         ctx: PickContext<'a>,
         metrics: &UpstreamMetrics,
     ) -> Result<Picks<'a>, Unavailable> {
-        let mut p = Picks::over(all, &self.all_zones, ctx);
+        if self.all_zones.is_none() {
+            return Ok(Picks::plain(all, ctx));
+        }
+        let mut p = Walk::over(all, &self.all_zones, ctx);
         if let Some(zone) = p.strict {
             if p.peek().is_none() {
                 return Err(Unavailable(format!("zone {zone}")));
@@ -514,7 +599,7 @@ impl Subsets {
         if p.spilled {
             metrics.zone_spill();
         }
-        Ok(p)
+        Ok(Picks::Walk(p))
     }
 }
 

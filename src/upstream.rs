@@ -197,6 +197,7 @@ impl Upstream {
 
     /// The candidates for one request, by the upstream's subset, fallback and zones (see
     /// `subset.rs`); `header` is the `(key, value)` a route's `subset_from_header` read.
+    #[inline]
     pub fn picks<'a>(
         &'a self,
         header: Option<(&str, &str)>,
