@@ -258,7 +258,8 @@ impl H2Pool {
         for _ in 0..=MAX_H2_CONNECTIONS {
             let (mut send, stream) = match self.checkout() {
                 Some(s) => s,
-                None => match self.connect(authority, tls, connect_timeout).await? {
+                // Boxed, as in `pool.rs`: only a request that dials carries the dial's state.
+                None => match Box::pin(self.connect(authority, tls, connect_timeout)).await? {
                     Some(s) => s,
                     None if alpn_fallback => {
                         self.alpn_http1.store(true, Ordering::Relaxed);

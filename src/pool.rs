@@ -108,8 +108,11 @@ impl Drain {
 }
 
 /// Request body sent upstream: the client's (watched for its own framing faults), or empty for
-/// a replayed body-less request or a probe.
-pub type ReqBody = Either<ReplayBody, Empty<Bytes>>;
+/// a replayed body-less request or a probe. The client's is boxed: a request's futures carry
+/// `Request<ReqBody>` through several layers (proxy, pool, hyper's dispatch), and inline it
+/// would add ~220 bytes to each of them, copied whenever they move, for every request, with a
+/// body or not (#15).
+pub type ReqBody = Either<Box<ReplayBody>, Empty<Bytes>>;
 
 /// Idle connections older than this are closed when the pool is next used.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -309,14 +312,16 @@ impl ConnPool {
         };
         drop(waited);
         let closed = self.drain.closed();
-        let mut conn = connect(
+        // Boxed: a dial (TCP, TLS handshake) is ~1.8 KB of state that every request's future
+        // would otherwise carry, and copy each time it is moved, for the few that dial (#15).
+        let mut conn = Box::pin(connect(
             authority,
             tls,
             connect_timeout,
             slot,
             self.freed.clone(),
             closed,
-        )
+        ))
         .await
         // The place was given back: a waiter may take it.
         .inspect_err(|_| self.freed.notify_one())?;

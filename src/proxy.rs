@@ -330,9 +330,13 @@ impl Proxy {
             let (body, fault) = ClientBody::new(body);
             if buffered {
                 let (body, back) = ReplayBody::new(body, limit);
-                (Some(body), Some(fault), Some(back))
+                (Some(Box::new(body)), Some(fault), Some(back))
             } else {
-                (Some(ReplayBody::streaming(body)), Some(fault), None)
+                (
+                    Some(Box::new(ReplayBody::streaming(body))),
+                    Some(fault),
+                    None,
+                )
             }
         };
         // A gRPC call's own deadline bounds every try (`grpc-timeout`).
@@ -379,7 +383,7 @@ impl Proxy {
                 match tokio::time::timeout(wait, back).await {
                     Ok(Ok(left)) => {
                         let (b, back) = left.replay(limit);
-                        body = Some(b);
+                        body = Some(Box::new(b));
                         leftover = Some(back);
                     }
                     _ => break,
