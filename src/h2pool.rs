@@ -337,15 +337,13 @@ impl H2Pool {
                 })
             }
         };
-        let closed = self.drain.closed();
-        tokio::spawn(async move {
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
-                },
-                () = closed => tracing::debug!("upstream HTTP/2 connection closed: its endpoint's drain ran out of time"),
+        // Aborted by the drain when its time is up (`Drain::spawn`).
+        let conn = async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
             }
-        });
+        };
+        self.drain.spawn(conn, ());
         let conn = Arc::new(H2Conn {
             send: send.clone(),
             streams: AtomicU32::new(0),

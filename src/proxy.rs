@@ -820,7 +820,9 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     // Headers named in Connection (bit 0: HOP_BY_HOP[0]) are hop-by-hop too (`keep-alive`
     // and `close` name none beyond the list).
-    if present & 1 != 0 {
+    // `Connection: keep-alive` (most responses) names nothing to remove: a byte scan says so
+    // without the iterator chain below (~450 instructions a response, callgrind, #15).
+    if present & 1 != 0 && !names_only_keep_alive(headers) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -842,6 +844,18 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if present & (1 << HOP_BY_HOP.len()) != 0 {
         headers.remove(header::TRANSFER_ENCODING);
     }
+}
+
+/// Whether every `Connection` token is `keep-alive` or `close` (which name no header).
+fn names_only_keep_alive(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().all(|v| {
+        v.as_bytes().split(|&b| b == b',').all(|t| {
+            let t = t.trim_ascii();
+            t.is_empty()
+                || t.eq_ignore_ascii_case(b"keep-alive")
+                || t.eq_ignore_ascii_case(b"close")
+        })
+    })
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -985,5 +999,33 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    /// `Connection: keep-alive` alone names nothing; a name on any other `Connection` line, or
+    /// after `keep-alive` on the same one, is still removed.
+    #[test]
+    fn connection_keep_alive_and_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static(" Keep-Alive ,"),
+        );
+        h.insert("x-a", HeaderValue::from_static("1"));
+        assert!(names_only_keep_alive(&h));
+        remove_hop_by_hop(&mut h);
+        assert!(h.get(header::CONNECTION).is_none());
+        assert_eq!(h["x-a"], "1");
+        for lines in [&["keep-alive, x-a"][..], &["keep-alive", "x-a"]] {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append(header::CONNECTION, HeaderValue::from_static(l));
+            }
+            h.insert("x-a", HeaderValue::from_static("1"));
+            h.insert("x-b", HeaderValue::from_static("2"));
+            assert!(!names_only_keep_alive(&h), "{lines:?}");
+            remove_hop_by_hop(&mut h);
+            assert!(h.get("x-a").is_none(), "{lines:?}");
+            assert_eq!(h["x-b"], "2");
+        }
     }
 }

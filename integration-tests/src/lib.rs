@@ -381,6 +381,12 @@ impl Agent {
                     return;
                 }
             }
+            if self.has_exited() {
+                panic!(
+                    "edge-agent exited before it was ready; log:\n{}",
+                    self.log_text()
+                );
+            }
             if Instant::now() > deadline {
                 panic!(
                     "edge-agent not ready within 30 s; log:\n{}",
@@ -388,6 +394,19 @@ impl Agent {
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the agent's process has exited: a zombie not yet reaped (`wait_exit` still
+    /// gets its status), or gone.
+    fn has_exited(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) {
+            // The state is the field after the command name, which may hold spaces.
+            Ok(stat) => stat
+                .rfind(')')
+                .and_then(|i| stat.get(i + 2..i + 3))
+                .is_some_and(|state| state == "Z" || state == "X"),
+            Err(_) => true,
         }
     }
 

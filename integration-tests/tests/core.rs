@@ -839,3 +839,21 @@ async fn a_slow_client_cannot_pin_a_connection() {
     );
     assert_eq!(a.hits(), 1, "neither reached the backend");
 }
+
+/// The harness itself: an agent that exits at start-up (a listen address it refuses) makes
+/// `Agent::start` fail at once with the agent's log, not after its 30 s readiness deadline.
+#[tokio::test]
+async fn start_reports_an_agent_that_exited() {
+    let started = tokio::spawn(Agent::start(&[("EDGE_AGENT_LISTEN", "not-an-address")])).await;
+    let Err(panic) = started else {
+        panic!("Agent::start returned for an agent that exited");
+    };
+    let message = match panic.into_panic().downcast::<String>() {
+        Ok(m) => *m,
+        Err(_) => panic!("Agent::start panicked without a message"),
+    };
+    assert!(
+        message.contains("exited before it was ready") && message.contains("EDGE_AGENT_LISTEN"),
+        "{message}"
+    );
+}
