@@ -30,7 +30,14 @@ pub const DEFAULT_FAILURE_GRPC_STATUSES: [u16; 1] = [UNAVAILABLE];
 /// Highest `grpc-status` code (UNAUTHENTICATED).
 pub const MAX_STATUS: u16 = 16;
 
-/// Whether a request is a gRPC call: `content-type: application/grpc` or `application/grpc+…`
+/// Whether a request is a gRPC call: a `POST` (every gRPC call is one) that [`is_grpc`]. The
+/// method is looked at first, so the common request (a `GET`) costs no header lookup.
+#[inline]
+pub fn is_call(method: &http::Method, headers: &HeaderMap) -> bool {
+    method == http::Method::POST && is_grpc(headers)
+}
+
+/// Whether a message is gRPC: `content-type: application/grpc` or `application/grpc+…`
 /// (`application/grpc-web` is not gRPC over HTTP/2 and is left alone).
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(CONTENT_TYPE).is_some_and(|v| {
@@ -114,6 +121,9 @@ mod tests {
         )])));
         assert!(!is_grpc(&headers(&[("content-type", "application/json")])));
         assert!(!is_grpc(&HeaderMap::new()));
+        let grpc = headers(&[("content-type", "application/grpc")]);
+        assert!(is_call(&http::Method::POST, &grpc));
+        assert!(!is_call(&http::Method::GET, &grpc));
     }
 
     #[test]

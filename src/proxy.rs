@@ -340,7 +340,7 @@ impl Proxy {
             }
         };
         // A gRPC call's own deadline bounds every try (`grpc-timeout`).
-        let grpc = grpc::is_grpc(&parts.headers);
+        let grpc = grpc::is_call(&parts.method, &parts.headers);
         let deadline = match grpc.then(|| grpc::timeout(&parts.headers)).flatten() {
             Some(t) => deadline.min(Instant::now() + t),
             None => deadline,
@@ -556,7 +556,7 @@ async fn send(
         UpstreamProtocol::H2c | UpstreamProtocol::H2 => true,
         UpstreamProtocol::Auto => match tls {
             Some(_) => !ep.state.h2.alpn_http1.load(Ordering::Relaxed),
-            None => grpc::is_grpc(req.headers()),
+            None => grpc::is_call(req.method(), req.headers()),
         },
     };
     let sent = async {
@@ -926,7 +926,7 @@ fn grpc_error(code: u16, message: &str) -> Response<RespBody> {
 fn client_protocol<B>(req: &Request<B>) -> m::Protocol {
     if tunnel::is_upgrade(req.version(), req.headers()) {
         m::Protocol::Websocket
-    } else if grpc::is_grpc(req.headers()) {
+    } else if grpc::is_call(req.method(), req.headers()) {
         m::Protocol::Grpc
     } else if req.version() == http::Version::HTTP_2 {
         m::Protocol::H2
