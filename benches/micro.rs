@@ -50,7 +50,6 @@ static RNG: Rng = Rng::new(1);
 
 fn ctx() -> PickContext<'static> {
     PickContext {
-        client_ip: IpAddr::from([127, 0, 0, 1]),
         key: None,
         now_ms: edge_agent::clock::now_ms(),
         panic: false,
@@ -285,7 +284,7 @@ fn subset_picks(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new(name, label), |bench| {
                 bench.iter(|| {
                     // Walked where it was returned, as the proxy does (no move of the iterator).
-                    let mut picks = s.picks((&eps, b.as_ref()), h, cx(), &metrics);
+                    let mut picks = s.picks((&eps, b.as_ref()), h, cx, &metrics);
                     black_box(picks.as_mut().ok().and_then(|p| p.next()))
                 })
             });

@@ -286,8 +286,7 @@ impl Proxy {
         if key == Some(None) {
             runtime.metrics.chash_fallback();
         }
-        let ctx = PickContext {
-            client_ip: peer.ip,
+        let ctx = || PickContext {
             key: key.flatten(),
             now_ms: clock::now_ms(),
             panic: runtime.panic.load(Ordering::Relaxed),

@@ -552,7 +552,7 @@ mod tests {
             let t = state.table.load();
             let up = &t.upstreams["u"];
             let mut v: Vec<u16> = up
-                .picks(None, testing::ctx())
+                .picks(None, testing::ctx)
                 .unwrap()
                 .map(|e| e.authority.port_u16().unwrap())
                 .collect();

@@ -201,7 +201,7 @@ impl Upstream {
     pub fn picks<'a>(
         &'a self,
         header: Option<(&str, &str)>,
-        ctx: PickContext<'a>,
+        ctx: impl FnOnce() -> PickContext<'a>,
     ) -> Result<Picks<'a>, Unavailable> {
         self.subsets.picks(
             (&self.endpoints, self.balancer.as_ref()),

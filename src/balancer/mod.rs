@@ -218,7 +218,6 @@ impl Spec {
 /// a candidate iterator does not borrow the request the proxy is about to send.
 #[derive(Debug, Clone, Copy)]
 pub struct PickContext<'a> {
-    pub client_ip: IpAddr,
     /// Hash of the request's balancing key, when the upstream hashes on one and the request has
     /// it.
     pub key: Option<u64>,
@@ -400,9 +399,8 @@ pub(crate) mod testing {
 
     static RNG: Rng = Rng::new(0x7465_7374);
 
-    pub fn ctx() -> PickContext<'static> {
+    pub fn ctx<'a>() -> PickContext<'a> {
         PickContext {
-            client_ip: IpAddr::from([127, 0, 0, 1]),
             key: None,
             now_ms: 0,
             panic: false,
