@@ -77,8 +77,9 @@ pub struct Cache {
     unsaved: bool,
     /// The sources, for direct reads ([`Discovery::read`]); by index.
     sources: Vec<Arc<dyn Discovery>>,
-    /// Watch answers seen per (source, service), and per source for whole-catalog answers:
-    /// a direct read asked before the latest of them is stale.
+    /// Watch answers seen per (source, service), and per source for whole snapshots: a
+    /// direct read asked before the latest of them is stale. A catalog (names only) counts
+    /// for the services it drops.
     versions: HashMap<(usize, String), u64>,
     epochs: HashMap<usize, u64>,
     /// Holds that have confirming reads asked or under way.
@@ -339,10 +340,14 @@ impl Cache {
                 self.set(source, service, next, &mut dirty);
             }
             Event::Catalog(names) => {
-                *self.epochs.entry(source).or_default() += 1;
+                // A name list says nothing of the instances of the services it names: only a
+                // service it drops makes a direct read of that service stale. (Counting it for
+                // every service dropped the reads that confirm a held removal whenever the
+                // catalog answered just after the removal, as Consul's does.)
                 let names: HashSet<String> = names.into_iter().collect();
                 for svc in self.reported_by(source) {
                     if !names.contains(&svc) {
+                        *self.versions.entry((source, svc.clone())).or_default() += 1;
                         self.set(source, svc, None, &mut dirty);
                     }
                 }
@@ -623,6 +628,19 @@ impl Cache {
         };
         if done.version != self.version(done.source, &done.service) {
             tracing::debug!(source = kind, service = %done.service, "direct read overtaken by the watch: dropped");
+            // A confirming read is asked again: the hold would otherwise wait for its whole
+            // window because the watch happened to answer while the reads were out.
+            if done.why == ReadWhy::Confirm
+                && self.held.contains_key(&(done.source, done.service.clone()))
+            {
+                self.ask(
+                    done.source,
+                    &done.service,
+                    ReadWhy::Confirm,
+                    CONFIRM_READ_GAP,
+                    None,
+                );
+            }
             return dirty;
         }
         let key = (done.source, done.service);
@@ -759,6 +777,30 @@ mod tests {
         }
         c.update_ready();
         d
+    }
+
+    #[test]
+    fn a_catalog_answer_makes_stale_only_the_reads_of_services_it_drops() {
+        let mut c = cache();
+        for svc in ["a", "b"] {
+            step(
+                &mut c,
+                Event::Service {
+                    service: svc.into(),
+                    update: Update::Reset(vec![inst(1)]),
+                },
+            );
+        }
+        let (a, b) = (c.version(0, "a"), c.version(0, "b"));
+        // Consul's catalog answers right after a removal: a read asked to confirm it must
+        // still count.
+        step(&mut c, Event::Catalog(vec!["a".into(), "b".into()]));
+        assert_eq!((c.version(0, "a"), c.version(0, "b")), (a, b));
+        step(&mut c, Event::Catalog(vec!["a".into()]));
+        assert_eq!(c.version(0, "a"), a);
+        assert_ne!(c.version(0, "b"), b, "a read of a dropped service is stale");
+        step(&mut c, full_answer(&[("a", &[1])]));
+        assert_ne!(c.version(0, "a"), a, "a snapshot overtakes every read");
     }
 
     #[test]
