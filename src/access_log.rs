@@ -214,10 +214,17 @@ impl AccessLog {
     }
 
     /// Captures what the line needs from the request head; `None` when the log is off.
-    pub fn begin<B>(&self, req: &Request<B>, client: IpAddr, start: Instant) -> Option<Pending> {
+    /// Boxed from the start: the request's future holds one pointer while it runs, not the
+    /// whole line (~400 bytes, moved with the future; #13).
+    pub fn begin<B>(
+        &self,
+        req: &Request<B>,
+        client: IpAddr,
+        start: Instant,
+    ) -> Option<Box<Pending>> {
         let inner = self.inner.as_ref()?;
         let h = req.headers();
-        Some(Pending {
+        Some(Box::new(Pending {
             log: inner.clone(),
             start,
             ts: SystemTime::now(),
@@ -237,7 +244,7 @@ impl AccessLog {
             request_id: h.get(&X_REQUEST_ID).cloned(),
             tried: Tried::default(),
             status: 0,
-        })
+        }))
     }
 }
 
@@ -328,25 +335,29 @@ pub struct Pending {
 
 impl Pending {
     /// Wraps the response body: the line is sent when the body ends or is dropped.
-    pub fn finish<B>(mut self, resp: http::Response<B>, tried: Tried) -> http::Response<Logged<B>> {
+    pub fn finish<B>(
+        mut self: Box<Self>,
+        resp: http::Response<B>,
+        tried: Tried,
+    ) -> http::Response<Logged<B>> {
         self.tried = tried;
         self.status = resp.status().as_u16();
         resp.map(|inner| Logged {
             inner,
             sent: 0,
-            pending: Some(Box::new(self)),
+            pending: Some(self),
         })
     }
 
     /// An upgraded request's line: sent when its tunnel `t` ends, with the tunnel's bytes.
-    fn after_tunnel(mut self, status: u16, tried: Tried, t: Arc<TunnelBytes>) {
+    fn after_tunnel(mut self: Box<Self>, status: u16, tried: Tried, t: Arc<TunnelBytes>) {
         use std::sync::atomic::Ordering::Relaxed;
         self.tried = tried;
         self.status = status;
         tokio::spawn(async move {
             t.closed.notified().await;
             self.bytes_in = Some(t.up.load(Relaxed));
-            Box::new(self).send(t.down.load(Relaxed));
+            self.send(t.down.load(Relaxed));
         });
     }
 
@@ -384,7 +395,7 @@ impl<B> Logged<B> {
     /// Wraps `resp` with `pending`'s line, or plainly when there is none.
     pub fn wrap(
         resp: http::Response<B>,
-        pending: Option<Pending>,
+        pending: Option<Box<Pending>>,
         mut tried: Tried,
     ) -> http::Response<Logged<B>> {
         match (pending, tried.tunnel.take()) {

@@ -184,6 +184,7 @@ mod tests {
     use crate::table::Dynamic;
     use crate::upstream::{Upstream, UpstreamConfig, UpstreamSettings};
     use discovery::{Event, Instance};
+    use std::time::Instant;
 
     /// A cache with one upstream "u" of `n` endpoints and the given settings.
     fn setup(n: u16, settings: UpstreamSettings) -> (Cache, Arc<State>) {
@@ -223,7 +224,7 @@ mod tests {
 
     fn fail(up: &Upstream, i: usize) {
         let fb = up.feedback();
-        drop(Attempt::start(&up.endpoints[i], &fb).finish(Outcome::Failure));
+        drop(Attempt::start(&up.endpoints[i], &fb, Instant::now()).finish(Outcome::Failure));
     }
 
     #[test]
@@ -263,7 +264,7 @@ mod tests {
                 } else {
                     Outcome::Success
                 };
-                drop(Attempt::start(ep, &fb).finish(outcome));
+                drop(Attempt::start(ep, &fb, Instant::now()).finish(outcome));
             }
         }
         let ejected = |up: &Upstream| -> Vec<bool> {
@@ -291,7 +292,7 @@ mod tests {
         let up = upstream(&state);
         let fb = up.feedback();
         let ep = &up.endpoints[0];
-        let run = |o: Outcome| drop(Attempt::start(ep, &fb).finish(o));
+        let run = |o: Outcome| drop(Attempt::start(ep, &fb, Instant::now()).finish(o));
         run(Outcome::GatewayFailure);
         run(Outcome::GatewayFailure);
         run(Outcome::Failure); // a plain 500 breaks the run

@@ -156,11 +156,12 @@ pub struct Attempt<'a> {
 }
 
 impl<'a> Attempt<'a> {
-    pub fn start(ep: &'a Endpoint, feedback: &'a Feedback<'a>) -> Self {
+    /// A try starting at `now` (the caller's clock read, shared with its deadline).
+    pub fn start(ep: &'a Endpoint, feedback: &'a Feedback<'a>, now: Instant) -> Self {
         Attempt {
             ep,
             feedback,
-            started: Instant::now(),
+            started: now,
             in_flight: InFlight::start(&ep.state),
         }
     }
@@ -168,11 +169,13 @@ impl<'a> Attempt<'a> {
     /// Records the try's latency and outcome and returns the in-flight guard, which the
     /// response body holds until it is done.
     pub fn finish(self, outcome: Outcome) -> InFlight {
+        let now = Instant::now();
         record(
             &self.ep.state,
             &self.ep.authority,
             self.feedback,
-            self.started.elapsed(),
+            now.saturating_duration_since(self.started),
+            clock::ms_at(now),
             outcome,
         );
         self.in_flight
@@ -204,7 +207,15 @@ impl Deferred {
     /// Records `outcome` for the try counted by `in_flight` (the guard [`Attempt::defer`]
     /// returned), with the latency of its answer's head.
     pub fn finish(self, in_flight: &InFlight, outcome: Outcome, feedback: &Feedback<'_>) {
-        record(&in_flight.0, &self.authority, feedback, self.rtt, outcome);
+        let now = clock::now_ms();
+        record(
+            &in_flight.0,
+            &self.authority,
+            feedback,
+            self.rtt,
+            now,
+            outcome,
+        );
     }
 }
 
@@ -215,9 +226,9 @@ fn record(
     authority: &Authority,
     fb: &Feedback<'_>,
     rtt: Duration,
+    now: u64,
     outcome: Outcome,
 ) {
-    let now = clock::now_ms();
     match outcome {
         Outcome::Success => state.ewma.observe(rtt, now, fb.decay),
         Outcome::Failure | Outcome::GatewayFailure => {
@@ -563,7 +574,7 @@ mod tests {
         let metrics = UpstreamMetrics::new("u");
         let fb = feedback(&eps, &passive, &metrics);
         let ep = &eps[0];
-        let a = Attempt::start(ep, &fb);
+        let a = Attempt::start(ep, &fb, Instant::now());
         assert_eq!(ep.state.in_flight(), 1);
         drop(a);
         assert_eq!(
@@ -574,12 +585,12 @@ mod tests {
         assert_eq!(ep.state.failures(), 0, "and records nothing");
         assert_eq!(ep.state.ewma.value_ns(clock::now_ms(), fb.decay), 0.0);
 
-        let guard = Attempt::start(ep, &fb).finish(Outcome::Failure);
+        let guard = Attempt::start(ep, &fb, Instant::now()).finish(Outcome::Failure);
         assert_eq!(ep.state.in_flight(), 1, "the body holds the count");
         drop(guard);
         assert_eq!((ep.state.in_flight(), ep.state.failures()), (0, 1));
         assert!(ep.state.ewma.value_ns(clock::now_ms(), fb.decay) > 0.0);
-        drop(Attempt::start(ep, &fb).finish(Outcome::Failure));
+        drop(Attempt::start(ep, &fb, Instant::now()).finish(Outcome::Failure));
         assert!(ep.state.health.ejected(), "two failures in a row eject");
         assert_eq!(ep.state.requests(), 3);
     }
@@ -596,7 +607,7 @@ mod tests {
         let metrics = UpstreamMetrics::new("u");
         let fb = feedback(&eps, &passive, &metrics);
         let ep = &eps[0];
-        let (guard, deferred) = Attempt::start(ep, &fb).defer();
+        let (guard, deferred) = Attempt::start(ep, &fb, Instant::now()).defer();
         assert_eq!(ep.state.in_flight(), 1);
         drop(deferred);
         drop(guard);
@@ -604,7 +615,7 @@ mod tests {
         // Two deferred failures in a row eject, as two finished ones do: nothing in between
         // counted the tries as successes.
         for _ in 0..2 {
-            let (guard, deferred) = Attempt::start(ep, &fb).defer();
+            let (guard, deferred) = Attempt::start(ep, &fb, Instant::now()).defer();
             deferred.finish(&guard, Outcome::Failure, &fb);
             assert_eq!(ep.state.in_flight(), 1, "the body still holds the count");
         }

@@ -66,6 +66,9 @@ impl Default for Limits {
 /// Checks a request's head before it is routed; see the module doc for what is refused.
 pub fn check_request_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), FramingError> {
     let headers = req.headers();
+    // One pass: the line limit, and which framing headers are there at all (standard names
+    // compare as enum tags); only a request that has one looks it up by name afterwards.
+    let (mut hosts, mut te, mut cl) = (0u32, false, false);
     for (name, value) in headers {
         let len = name.as_str().len() + value.len();
         if len > limits.max_header_line {
@@ -75,25 +78,33 @@ pub fn check_request_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Fr
                 max: limits.max_header_line,
             });
         }
+        if name == header::HOST {
+            hosts += 1;
+        } else if name == header::TRANSFER_ENCODING {
+            te = true;
+        } else if name == header::CONTENT_LENGTH {
+            cl = true;
+        }
     }
-    let mut hosts = headers.get_all(header::HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (None, _) if req.version() == Version::HTTP_11 => return Err(FramingError::MissingHost),
-        (Some(_), Some(_)) => {
+    match hosts {
+        0 if req.version() == Version::HTTP_11 => return Err(FramingError::MissingHost),
+        0 | 1 => {}
+        _ => {
             let all = headers.get_all(header::HOST).iter().map(shown).collect();
             return Err(FramingError::DuplicateHost(all));
         }
-        _ => {}
     }
-    let te = headers.get_all(header::TRANSFER_ENCODING);
-    if te.iter().next().is_some() {
+    if te {
         if let Some(cl) = headers.get(header::CONTENT_LENGTH) {
             return Err(FramingError::LengthWithTransferEncoding {
                 content_length: shown(cl),
-                transfer_encoding: joined(te.iter()),
+                transfer_encoding: joined(headers.get_all(header::TRANSFER_ENCODING).iter()),
             });
         }
-        return check_codings(&te);
+        return check_codings(&headers.get_all(header::TRANSFER_ENCODING));
+    }
+    if !cl {
+        return Ok(());
     }
     for cl in headers.get_all(header::CONTENT_LENGTH) {
         let len = parse_length(cl.as_bytes())

@@ -205,11 +205,9 @@ impl Proxy {
                 (refusal(&e, &upstream.id, protocol), e.status().as_u16())
             }
         };
-        upstream
-            .runtime
-            .metrics
-            .request(protocol, status, start.elapsed());
-        upstream.runtime.stats.record(status, start.elapsed());
+        let took = start.elapsed();
+        upstream.runtime.metrics.request(protocol, status, took);
+        upstream.runtime.stats.record(status, took);
         resp
     }
 
@@ -281,14 +279,17 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let settings = upstream.settings();
         let runtime = &upstream.runtime;
-        let deadline = Instant::now() + settings.retry_timeout;
+        // The clock is read once for the first try: its deadline, the pick's `now_ms` and the
+        // try's start (a read is ~90 instructions; callgrind, #13).
+        let now = Instant::now();
+        let deadline = now + settings.retry_timeout;
         let key = settings.balancer.key(&parts.headers, &parts.uri, peer.ip);
         if key == Some(None) {
             runtime.metrics.chash_fallback();
         }
         let ctx = || PickContext {
             key: key.flatten(),
-            now_ms: clock::now_ms(),
+            now_ms: clock::ms_at(now),
             panic: runtime.panic.load(Ordering::Relaxed),
             slow_start: settings.slow_start,
             rng: &runtime.rng,
@@ -341,7 +342,7 @@ impl Proxy {
         // A gRPC call's own deadline bounds every try (`grpc-timeout`).
         let grpc = grpc::is_call(&parts.method, &parts.headers);
         let deadline = match grpc.then(|| grpc::timeout(&parts.headers)).flatten() {
-            Some(t) => deadline.min(Instant::now() + t),
+            Some(t) => deadline.min(now + t),
             None => deadline,
         };
         let feedback = upstream.feedback();
@@ -388,7 +389,8 @@ impl Proxy {
                     _ => break,
                 }
             }
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let now = if attempt == 1 { now } else { Instant::now() };
+            let remaining = deadline.saturating_duration_since(now);
             if remaining.is_zero() {
                 last = ProxyError::Timeout;
                 break;
@@ -413,7 +415,7 @@ impl Proxy {
                 };
                 out.headers_mut().insert(header::HOST, host);
             }
-            let try_ = Attempt::start(ep, &feedback);
+            let try_ = Attempt::start(ep, &feedback, now);
             tried.start(attempt, &ep.authority);
             let timeout = remaining.min(settings.read_timeout);
             let admission = pool::Admission {
@@ -607,12 +609,13 @@ fn into_client_response(
     grpc: Option<GrpcOutcome>,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
-    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+    let found = scan_names(&parts.headers);
+    if found & TRANSFER_ENCODING_BIT != 0 {
         // The body was framed by Transfer-Encoding; a Content-Length beside it is wrong
         // (RFC 9112 §6.3) and the client's framing is hyper's to choose.
         parts.headers.remove(header::CONTENT_LENGTH);
     }
-    remove_hop_by_hop(&mut parts.headers);
+    strip_hop_by_hop(&mut parts.headers, found);
     Response::from_parts(
         parts,
         Either::Left(UpstreamBody {
@@ -778,7 +781,8 @@ fn rewrite_path(uri: &Uri, strip: usize) -> Result<PathAndQuery, ProxyError> {
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) that a proxy must not forward.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP_NAMES: usize = 8;
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_NAMES] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -803,17 +807,38 @@ fn remove_hop_by_hop_but_upgrade(headers: &mut HeaderMap) {
 }
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names finds what is there; a lookup per hop-by-hop name (nine hashes)
-    // cost more than the rest of the header handling together (callgrind, #8).
-    let mut present = 0u16;
+    let found = scan_names(headers);
+    strip_hop_by_hop(headers, found);
+}
+
+/// Bits of [`scan_names`] past the [`HOP_BY_HOP`] names.
+const TRANSFER_ENCODING_BIT: u16 = 1 << HOP_BY_HOP_NAMES;
+const X_FORWARDED_FOR_BIT: u16 = TRANSFER_ENCODING_BIT << 1;
+const X_FORWARDED_PROTO_BIT: u16 = TRANSFER_ENCODING_BIT << 2;
+const HOP_BY_HOP_BITS: u16 = (TRANSFER_ENCODING_BIT << 1) - 1;
+
+/// One pass over the names finds what is there: bit `i` for `HOP_BY_HOP[i]`, then
+/// `Transfer-Encoding`, `X-Forwarded-For` and `X-Forwarded-Proto`. A lookup per name (a hash
+/// each) cost more than the rest of the header handling together (callgrind, #8, #13).
+fn scan_names(headers: &HeaderMap) -> u16 {
+    let mut found = 0u16;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present |= 1 << i;
+            found |= 1 << i;
         } else if name == header::TRANSFER_ENCODING {
             // hyper frames bodies itself.
-            present |= 1 << HOP_BY_HOP.len();
+            found |= TRANSFER_ENCODING_BIT;
+        } else if name == X_FORWARDED_FOR {
+            found |= X_FORWARDED_FOR_BIT;
+        } else if name == X_FORWARDED_PROTO {
+            found |= X_FORWARDED_PROTO_BIT;
         }
     }
+    found
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, found: u16) {
+    let present = found & HOP_BY_HOP_BITS;
     if present == 0 {
         return;
     }
@@ -840,7 +865,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(h);
         }
     }
-    if present & (1 << HOP_BY_HOP.len()) != 0 {
+    if present & TRANSFER_ENCODING_BIT != 0 {
         headers.remove(header::TRANSFER_ENCODING);
     }
 }
@@ -861,8 +886,13 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
-    remove_hop_by_hop(headers);
-    match headers.get(&X_FORWARDED_FOR) {
+    let found = scan_names(headers);
+    strip_hop_by_hop(headers, found);
+    // Looked up only when the scan saw it (it may have gone since: `Connection` can name it).
+    match (found & X_FORWARDED_FOR_BIT != 0)
+        .then(|| headers.get(&X_FORWARDED_FOR))
+        .flatten()
+    {
         Some(prev) => {
             let mut v = Vec::with_capacity(prev.len() + 2 + peer.ip_header.len());
             v.extend_from_slice(prev.as_bytes());
@@ -876,7 +906,7 @@ fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
             headers.insert(&X_FORWARDED_FOR, peer.ip_header.clone());
         }
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
+    if found & X_FORWARDED_PROTO_BIT == 0 || !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
 }
@@ -973,6 +1003,26 @@ mod tests {
         assert_eq!(rewrite_path(&uri, 6).unwrap().as_str(), "/");
         let uri: Uri = "/x".parse().unwrap();
         assert_eq!(rewrite_path(&uri, 0).unwrap().as_str(), "/x");
+    }
+
+    #[test]
+    fn forwarded_headers_named_in_connection_are_replaced_not_kept() {
+        let peer = Peer::new("127.0.0.1:5".parse().unwrap());
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-forwarded-for, x-forwarded-proto"),
+        );
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        prepare_request_headers(&mut h, &peer);
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        prepare_request_headers(&mut h, &peer);
+        assert_eq!(h["x-forwarded-proto"], "https", "a client's own is kept");
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     }
 
     #[test]

@@ -400,11 +400,17 @@ async fn goaway_on_graceful_stop_loses_no_call() {
     let first = call(&cache, &agent, "pay", &["many", "40", "1500", "30"]);
     let more = async {
         // Stop a once its calls are in its handlers: grpcio cancels calls it has not yet
-        // handed to one when it stops, with or without a proxy.
-        eventually(Duration::from_secs(10), "calls handled by a", || async {
-            let open = streams(&agent, a.addr).await;
-            (open >= 5 && a.handled() as u64 >= open).then_some(())
-        })
+        // handed to one when it stops, with or without a proxy. All 40 must be open first (a
+        // call opened on a after the check, and cancelled by it, failed CI once).
+        eventually(
+            Duration::from_secs(10),
+            "all 40 calls open, a's handled",
+            || async {
+                let open = streams(&agent, a.addr).await;
+                let all = open + streams(&agent, b.addr).await;
+                (all >= 40 && open >= 5 && a.handled() as u64 >= open).then_some(())
+            },
+        )
         .await;
         a.signal(nix::sys::signal::Signal::SIGTERM);
         // Calls made while a drains and after it is gone.
