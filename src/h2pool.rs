@@ -40,7 +40,7 @@ use crate::dial;
 use crate::error::{ProxyError, Sent};
 use crate::grpc;
 use crate::io::write_through;
-use crate::pool::{Drain, ReqBody};
+use crate::pool::{no_request, Drain, ReqBody};
 use crate::tls::{ClientTls, ALPN_H2, ALPN_HTTP1};
 
 /// Streams per connection when the peer sets no `SETTINGS_MAX_CONCURRENT_STREAMS` (RFC 9113
@@ -163,8 +163,8 @@ impl Stream {
 /// `auto`) that the endpoint speaks HTTP/1.1 only.
 pub enum Negotiated {
     H2(Response<Incoming>, Stream),
-    /// The request, given back unsent (boxed: it is the rare case).
-    Http1(Box<Request<ReqBody>>),
+    /// Not sent: the request is still the caller's.
+    Http1,
 }
 
 /// One endpoint's HTTP/2 connections.
@@ -248,12 +248,11 @@ impl H2Pool {
         &self,
         authority: &Authority,
         tls: Option<&ClientTls>,
-        req: Request<ReqBody>,
+        req: &mut Option<Request<ReqBody>>,
         connect_timeout: Duration,
         alpn_fallback: bool,
     ) -> Result<Negotiated, ProxyError> {
-        let mut req = req;
-        // A connection that gives the request back is skipped; bounded so a peer that
+        // `req` as in `ConnPool::send`: taken when handed to a connection. A connection that gives the request back is skipped; bounded so a peer that
         // refuses everything cannot loop us.
         for _ in 0..=MAX_H2_CONNECTIONS {
             let (mut send, stream) = match self.checkout() {
@@ -263,7 +262,7 @@ impl H2Pool {
                     Some(s) => s,
                     None if alpn_fallback => {
                         self.alpn_http1.store(true, Ordering::Relaxed);
-                        return Ok(Negotiated::Http1(Box::new(req)));
+                        return Ok(Negotiated::Http1);
                     }
                     None => {
                         return Err(ProxyError::Connect {
@@ -273,15 +272,18 @@ impl H2Pool {
                     }
                 },
             };
+            let Some(r) = req.take() else {
+                return Err(no_request(authority));
+            };
             match send
-                .try_send_request(absolute(req, authority, tls.is_some()))
+                .try_send_request(absolute(r, authority, tls.is_some()))
                 .await
             {
                 Ok(resp) => return Ok(Negotiated::H2(resp, stream)),
                 Err(mut e) => match e.take_message() {
                     Some(r) => {
                         stream.0.draining.store(true, Ordering::Relaxed);
-                        req = r;
+                        *req = Some(r);
                     }
                     None => {
                         let source = e.into_error();

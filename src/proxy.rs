@@ -354,6 +354,7 @@ impl Proxy {
         let mut last_response = None;
         // The place of the retry in flight (`max_retries`), held until the next try or the end.
         let mut _retry_slot: Option<Slot> = None;
+        let mut to_send: Option<Request<ReqBody>> = None;
         for (attempt, ep) in (1..=max_tries).zip(candidates) {
             if attempt > 1 {
                 if !runtime.retry_budget.withdraw() {
@@ -400,10 +401,11 @@ impl Proxy {
                 break;
             }
             let last_try = attempt == max_tries;
-            let mut out = Request::new(match body.take() {
+            // Built in `to_send` and lent to `send`, which takes it when a connection does.
+            let out = to_send.insert(Request::new(match body.take() {
                 Some(b) => Either::Left(b),
                 None => Either::Right(Empty::new()),
-            });
+            }));
             *out.method_mut() = parts.method.clone();
             *out.uri_mut() = Uri::from(path_and_query.clone());
             *out.headers_mut() = if last_try {
@@ -427,17 +429,20 @@ impl Proxy {
                 max_pending: settings.breakers.max_pending,
                 pending: Some(&runtime.pending),
             };
-            match send(
+            let result = send(
                 ep,
                 settings.protocol,
                 upstream.tls_for(ep),
-                out,
+                &mut to_send,
                 settings.connect_timeout,
                 timeout,
                 admission,
             )
-            .await
-            {
+            .await;
+            // What the send left unsent is dropped now: a replayable body comes back through
+            // `leftover` only once it is dropped.
+            to_send = None;
+            match result {
                 Ok((resp, conn)) => {
                     tried.answered();
                     let status = resp.status().as_u16();
@@ -550,7 +555,7 @@ async fn send(
     ep: &Endpoint,
     protocol: Option<UpstreamProtocol>,
     tls: Option<&ClientTls>,
-    req: Request<ReqBody>,
+    req: &mut Option<Request<ReqBody>>,
     connect_timeout: Duration,
     timeout: Duration,
     admission: pool::Admission<'_>,
@@ -561,14 +566,16 @@ async fn send(
         UpstreamProtocol::H2c | UpstreamProtocol::H2 => true,
         UpstreamProtocol::Auto => match tls {
             Some(_) => !ep.state.h2.alpn_http1.load(Ordering::Relaxed),
-            None => grpc::is_call(req.method(), req.headers()),
+            None => req
+                .as_ref()
+                .is_some_and(|r| grpc::is_call(r.method(), r.headers())),
         },
     };
     // Pinned where it is built: `timeout` then holds a pointer, not a copy of the whole send
     // (~1 KB moved twice a request; callgrind, #13).
     tokio::pin! {
         let sent = async {
-            let req = if h2 {
+            if h2 {
                 let tls = if protocol == UpstreamProtocol::H2c {
                     None
                 } else {
@@ -582,11 +589,9 @@ async fn send(
                     .await?
                 {
                     Negotiated::H2(resp, stream) => return Ok((resp, Held::H2(stream))),
-                    Negotiated::Http1(req) => *req,
+                    Negotiated::Http1 => {}
                 }
-            } else {
-                req
-            };
+            }
             let (resp, conn) = ep
                 .state
                 .pool

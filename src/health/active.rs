@@ -100,7 +100,13 @@ pub async fn probe(
     );
     let probe = async {
         let (resp, conn) = pool
-            .send(authority, tls, req, connect_timeout, Admission::UNLIMITED)
+            .send(
+                authority,
+                tls,
+                &mut Some(req),
+                connect_timeout,
+                Admission::UNLIMITED,
+            )
             .await
             .ok()?;
         let status = resp.status().as_u16();
