@@ -828,26 +828,48 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 const TRANSFER_ENCODING_BIT: u16 = 1 << HOP_BY_HOP_NAMES;
 const X_FORWARDED_FOR_BIT: u16 = TRANSFER_ENCODING_BIT << 1;
 const X_FORWARDED_PROTO_BIT: u16 = TRANSFER_ENCODING_BIT << 2;
+/// A `Connection` value names a header to remove (a token other than `keep-alive`/`close`).
+const CONNECTION_NAMES_BIT: u16 = TRANSFER_ENCODING_BIT << 3;
 const HOP_BY_HOP_BITS: u16 = (TRANSFER_ENCODING_BIT << 1) - 1;
 
-/// One pass over the names finds what is there: bit `i` for `HOP_BY_HOP[i]`, then
-/// `Transfer-Encoding`, `X-Forwarded-For` and `X-Forwarded-Proto`. A lookup per name (a hash
-/// each) cost more than the rest of the header handling together (callgrind, #8, #13).
+/// One pass over the headers finds what is there: bit `i` for `HOP_BY_HOP[i]`, then
+/// `Transfer-Encoding`, `X-Forwarded-For`, `X-Forwarded-Proto`, and whether a `Connection`
+/// value names a header. A lookup per name (a hash each) cost more than the rest of the
+/// header handling together (callgrind, #8, #13).
 fn scan_names(headers: &HeaderMap) -> u16 {
     let mut found = 0u16;
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            found |= 1 << i;
-        } else if name == header::TRANSFER_ENCODING {
-            // hyper frames bodies itself.
-            found |= TRANSFER_ENCODING_BIT;
-        } else if name == X_FORWARDED_FOR {
-            found |= X_FORWARDED_FOR_BIT;
-        } else if name == X_FORWARDED_PROTO {
-            found |= X_FORWARDED_PROTO_BIT;
+    for (name, value) in headers {
+        let bit = name_bit(name);
+        found |= bit;
+        if bit == 1 && !names_only_keep_alive(value) {
+            found |= CONNECTION_NAMES_BIT;
         }
     }
     found
+}
+
+/// [`scan_names`]'s bit for one name: the name's length first (most names have none of the
+/// lengths below), then one compare; comparing with each of eleven `HeaderName`s, or a string
+/// `match` (an arm after another), cost ~80 instructions a header (callgrind, #13). The order
+/// is [`HOP_BY_HOP`]'s (a test checks it).
+fn name_bit(name: &HeaderName) -> u16 {
+    let s = name.as_str();
+    let is = |bit: u16, text: &str| if s == text { bit } else { 0 };
+    match s.len() {
+        2 => is(1 << 5, "te"),
+        7 => is(1 << 6, "trailer") | is(1 << 7, "upgrade"),
+        10 => is(1, "connection") | is(1 << 1, "keep-alive"),
+        15 => is(X_FORWARDED_FOR_BIT, "x-forwarded-for"),
+        16 => is(1 << 2, "proxy-connection"),
+        // hyper frames bodies itself.
+        17 => {
+            is(TRANSFER_ENCODING_BIT, "transfer-encoding")
+                | is(X_FORWARDED_PROTO_BIT, "x-forwarded-proto")
+        }
+        18 => is(1 << 3, "proxy-authenticate"),
+        19 => is(1 << 4, "proxy-authorization"),
+        _ => 0,
+    }
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, found: u16) {
@@ -857,9 +879,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, found: u16) {
     }
     // Headers named in Connection (bit 0: HOP_BY_HOP[0]) are hop-by-hop too (`keep-alive`
     // and `close` name none beyond the list).
-    // `Connection: keep-alive` (most responses) names nothing to remove: a byte scan says so
-    // without the iterator chain below (~450 instructions a response, callgrind, #15).
-    if present & 1 != 0 && !names_only_keep_alive(headers) {
+    // `Connection: keep-alive` (most responses) names nothing to remove: the scan's byte
+    // check says so without the iterator chain below (~450 instructions a response, #15).
+    if found & CONNECTION_NAMES_BIT != 0 {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -883,15 +905,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, found: u16) {
     }
 }
 
-/// Whether every `Connection` token is `keep-alive` or `close` (which name no header).
-fn names_only_keep_alive(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().all(|v| {
-        v.as_bytes().split(|&b| b == b',').all(|t| {
-            let t = t.trim_ascii();
-            t.is_empty()
-                || t.eq_ignore_ascii_case(b"keep-alive")
-                || t.eq_ignore_ascii_case(b"close")
-        })
+/// Whether every token of a `Connection` value is `keep-alive` or `close` (which name no
+/// header).
+fn names_only_keep_alive(value: &HeaderValue) -> bool {
+    value.as_bytes().split(|&b| b == b',').all(|t| {
+        let t = t.trim_ascii();
+        t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
     })
 }
 
@@ -1063,6 +1082,17 @@ mod tests {
         assert_eq!(h["x-kept"], "yes");
     }
 
+    #[test]
+    fn name_bits_follow_the_hop_by_hop_list() {
+        for (i, h) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(name_bit(h), 1 << i, "{h}");
+        }
+        assert_eq!(name_bit(&header::TRANSFER_ENCODING), TRANSFER_ENCODING_BIT);
+        assert_eq!(name_bit(&X_FORWARDED_FOR), X_FORWARDED_FOR_BIT);
+        assert_eq!(name_bit(&X_FORWARDED_PROTO), X_FORWARDED_PROTO_BIT);
+        assert_eq!(name_bit(&header::CONTENT_LENGTH), 0);
+    }
+
     /// `Connection: keep-alive` alone names nothing; a name on any other `Connection` line, or
     /// after `keep-alive` on the same one, is still removed.
     #[test]
@@ -1073,7 +1103,7 @@ mod tests {
             HeaderValue::from_static(" Keep-Alive ,"),
         );
         h.insert("x-a", HeaderValue::from_static("1"));
-        assert!(names_only_keep_alive(&h));
+        assert_eq!(scan_names(&h) & CONNECTION_NAMES_BIT, 0);
         remove_hop_by_hop(&mut h);
         assert!(h.get(header::CONNECTION).is_none());
         assert_eq!(h["x-a"], "1");
@@ -1084,7 +1114,7 @@ mod tests {
             }
             h.insert("x-a", HeaderValue::from_static("1"));
             h.insert("x-b", HeaderValue::from_static("2"));
-            assert!(!names_only_keep_alive(&h), "{lines:?}");
+            assert_ne!(scan_names(&h) & CONNECTION_NAMES_BIT, 0, "{lines:?}");
             remove_hop_by_hop(&mut h);
             assert!(h.get("x-a").is_none(), "{lines:?}");
             assert_eq!(h["x-b"], "2");
