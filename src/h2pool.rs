@@ -252,8 +252,9 @@ impl H2Pool {
         connect_timeout: Duration,
         alpn_fallback: bool,
     ) -> Result<Negotiated, ProxyError> {
-        // `req` as in `ConnPool::send`: taken when handed to a connection. A connection that gives the request back is skipped; bounded so a peer that
-        // refuses everything cannot loop us.
+        // `req` as in `ConnPool::send`: taken when handed to a connection. A connection that
+        // gives the request back is skipped; bounded so a peer that refuses everything cannot
+        // loop us.
         for _ in 0..=MAX_H2_CONNECTIONS {
             let (mut send, stream) = match self.checkout() {
                 Some(s) => s,
