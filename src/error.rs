@@ -46,7 +46,7 @@ pub enum ProxyError {
     Upstream {
         sent: Sent,
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
     /// The client's request is framed in a way the agent refuses (a client error: never
     /// retried, never held against an endpoint; the connection is closed after the answer).

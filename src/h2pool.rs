@@ -294,7 +294,10 @@ impl H2Pool {
                         } else {
                             Sent::Maybe
                         };
-                        return Err(ProxyError::Upstream { sent, source });
+                        return Err(ProxyError::Upstream {
+                            sent,
+                            source: source.into(),
+                        });
                     }
                 },
             }

@@ -1,4 +1,5 @@
-//! Upstream connections: one HTTP/1 keep-alive pool per endpoint, on hyper's connection API.
+//! Upstream connections: one HTTP/1 keep-alive pool per endpoint, on the agent's own HTTP/1
+//! client (`h1/client.rs`; hyper's for `Upgrade` requests, whose connection becomes a tunnel).
 //!
 //! The pool lives in the endpoint's state (`endpoint::EndpointState`), so it is handed
 //! from snapshot to snapshot with the endpoint and closed when the endpoint leaves. A checkout
@@ -8,9 +9,9 @@
 //! used before, keyed one shared pool by authority and spawned a task per request to return the
 //! connection; the bench profile showed that cost (issue #8, BENCHMARKS.md).
 //!
-//! A request is never lost to a stale keep-alive connection: hyper hands back a request it did
-//! not start writing (`try_send_request`), and it is sent on the next pooled connection or on a
-//! fresh one, without counting against the endpoint.
+//! A request is never lost to a stale keep-alive connection: an idle connection is looked at
+//! (a read that must not wait) when it is taken, and one the upstream closed meanwhile is
+//! dropped for the next pooled one or a fresh one, without counting against the endpoint.
 //!
 //! Circuit breakers (`breaker.rs`): every open connection holds a place in the pool's
 //! [`Gate`] for its life, up to the upstream's `max_connections`. At the limit a request waits
@@ -31,11 +32,15 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{Either, Empty};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use crate::breaker::{Gate, Limit, Slot};
 use crate::dial;
-use crate::error::{ProxyError, Sent};
+use crate::error::{BoxError, ProxyError, Sent};
+use crate::h1::client::{self, Kill};
 use crate::replay::ReplayBody;
 use crate::tls::ClientTls;
 
@@ -58,6 +63,10 @@ pub struct Drain {
     /// task: such a future is polled on every wake-up of the task, several times per request
     /// (~600 instructions a request, callgrind, #15); a list costs only a dial.
     tasks: Mutex<Vec<AbortHandle>>,
+    /// The kill switches of the endpoint's own HTTP/1 connections (`h1::client::Kill`), fired
+    /// when the drain's time is up: a connection has no task to abort, the request's task
+    /// drives it.
+    kills: Mutex<Vec<Arc<Kill>>>,
 }
 
 impl Default for Drain {
@@ -67,6 +76,7 @@ impl Default for Drain {
             generation: AtomicU64::new(0),
             close: watch::channel(false).0,
             tasks: Mutex::default(),
+            kills: Mutex::default(),
         }
     }
 }
@@ -124,7 +134,23 @@ impl Drain {
         }
     }
 
+    /// Keeps `kill`, an own connection's switch, to fire when the drain's time is up (at once
+    /// if it is up already).
+    pub fn watch(&self, kill: &Arc<Kill>) {
+        let mut kills = self.kills.lock().unwrap_or_else(PoisonError::into_inner);
+        kills.retain(|k| Arc::strong_count(k) > 1);
+        kills.push(Arc::clone(kill));
+        drop(kills);
+        if *self.close.borrow() {
+            self.abort_tasks();
+        }
+    }
+
     fn abort_tasks(&self) {
+        let kills = std::mem::take(&mut *self.kills.lock().unwrap_or_else(PoisonError::into_inner));
+        for k in kills.iter().filter(|k| Arc::strong_count(k) > 1) {
+            k.fire();
+        }
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
         let busy = tasks.iter().filter(|t| !t.is_finished()).count();
         if busy > 0 {
@@ -162,13 +188,70 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per endpoint; beyond that the oldest is closed.
 pub const POOL_MAX_IDLE: usize = 256;
 
-/// A connection that can carry one request at a time, and the TLS setup it was dialled with
-/// (`ClientTls::id`, 0 for clear text): a checkout for another setup (TLS switched on, a new
-/// CA after a reload) never reuses it.
+/// What the pool keeps with each of its own connections: the TLS setup it was dialled with
+/// (`ClientTls::id`, 0 for clear text: a checkout for another setup, TLS switched on or a new
+/// CA after a reload, never reuses it) and its place under `max_connections`, given back when
+/// the connection closes.
+pub struct Tag {
+    tls: u64,
+    _released: Released,
+}
+
+/// One of the pool's HTTP/1 connections.
+pub type Own = Box<client::Conn<dial::Io, Tag>>;
+
+/// A hyper HTTP/1 connection, dialled for an `Upgrade` request only (its `101` hands the
+/// socket to the tunnel); never pooled.
 #[derive(Debug)]
 pub struct Conn {
-    send: SendRequest<ReqBody>,
-    tls: u64,
+    _send: SendRequest<ReqBody>,
+}
+
+/// An upstream's response body: from one of the pool's own connections (which it gives back
+/// when it ends: [`Body::reusable`]), or from hyper (HTTP/2, `Upgrade`).
+#[derive(Debug)]
+pub enum Body {
+    Own(client::Body<dial::Io, Tag, ReqBody>),
+    Hyper(Incoming),
+}
+
+impl Body {
+    /// The connection, when the exchange ended so that it can carry another.
+    pub fn reusable(&mut self) -> Option<Own> {
+        match self {
+            Body::Own(b) => b.reusable(),
+            Body::Hyper(_) => None,
+        }
+    }
+}
+
+impl HttpBody for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Body::Own(b) => Pin::new(b).poll_frame(cx),
+            Body::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Own(b) => b.is_end_stream(),
+            Body::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Own(b) => b.size_hint(),
+            Body::Hyper(b) => b.size_hint(),
+        }
+    }
 }
 
 /// Idle keep-alive connections to one endpoint.
@@ -202,7 +285,7 @@ impl Admission<'static> {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: Own,
     since: Instant,
 }
 
@@ -244,35 +327,30 @@ impl ConnPool {
         self.open.taken()
     }
 
-    /// The newest idle connection ready for a request, if any. Closed ones are dropped; one
-    /// still finishing its last exchange (a request body still streaming after an early
-    /// answer) is left in place rather than waited for.
-    fn take(&self, tls: u64) -> Option<Conn> {
+    /// The newest idle connection for the TLS setup `tls` that is still open, if any; closed
+    /// ones are dropped on the way (and their places under `max_connections` given back).
+    fn take(&self, tls: u64) -> Option<Own> {
         let mut idle = self.lock();
-        let mut i = idle.len();
-        while i > 0 {
-            i -= 1;
-            let c = &idle[i].conn;
-            if c.send.is_closed() || c.tls != tls {
-                idle.remove(i);
-            } else if c.send.is_ready() {
-                return idle.remove(i).map(|c| c.conn);
+        while let Some(mut c) = idle.pop_back() {
+            if c.conn.tag.tls == tls && !c.conn.is_closed() {
+                return Some(c.conn);
             }
         }
         None
     }
 
     /// Returns a connection whose exchange is finished.
-    pub fn put(&self, conn: Conn) {
+    pub fn put(&self, conn: Own) {
         // Draining: dropped, so it closes now its exchange is over.
-        if conn.send.is_closed() || self.drain.is_draining() {
+        if self.drain.is_draining() {
             return;
         }
         let now = Instant::now();
         let mut idle = self.lock();
-        while idle.front().is_some_and(|c| {
-            now.duration_since(c.since) > POOL_IDLE_TIMEOUT || c.conn.send.is_closed()
-        }) {
+        while idle
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) > POOL_IDLE_TIMEOUT)
+        {
             idle.pop_front();
         }
         if idle.len() >= POOL_MAX_IDLE {
@@ -284,9 +362,10 @@ impl ConnPool {
     }
 
     /// Sends `req` on a pooled connection, or on a new one to `authority` (over TLS with
-    /// `tls`). Returns the response
-    /// and the connection, to be handed back with [`ConnPool::put`] once the response body is
-    /// finished.
+    /// `tls`), and waits for the answer's head. The response's body holds the connection and
+    /// gives it back ([`Body::reusable`], [`ConnPool::put`]) once it is read to its end. An
+    /// `upgrade` request goes on a new hyper connection of its own (its `101` makes it a
+    /// tunnel), returned beside the response.
     ///
     /// Errors: [`ProxyError::Connect`] when the endpoint could not be reached,
     /// [`ProxyError::Upstream`] when the exchange failed on a connection; its [`Sent`] says
@@ -302,26 +381,17 @@ impl ConnPool {
         req: &mut Option<Request<ReqBody>>,
         connect_timeout: Duration,
         admission: Admission<'_>,
-    ) -> Result<(Response<Incoming>, Conn), ProxyError> {
+        upgrade: bool,
+    ) -> Result<(Response<Body>, Option<Conn>), ProxyError> {
         let key = tls.map_or(0, ClientTls::id);
         let mut waited: Option<(Option<Slot>, tokio::time::Instant)> = None;
         let slot = loop {
-            while let Some(mut conn) = self.take(key) {
-                let Some(r) = req.take() else {
-                    return Err(no_request(authority));
-                };
-                match conn.send.try_send_request(r).await {
-                    Ok(resp) => return Ok((resp, conn)),
-                    Err(mut e) => match e.take_message() {
-                        // Never written: the connection was closing. Try the next one.
-                        Some(r) => *req = Some(r),
-                        None => {
-                            return Err(ProxyError::Upstream {
-                                sent: Sent::Maybe,
-                                source: e.into_error(),
-                            })
-                        }
-                    },
+            if !upgrade {
+                if let Some(conn) = self.take(key) {
+                    let Some(r) = req.take() else {
+                        return Err(no_request(authority));
+                    };
+                    return exchange(conn, r).await;
                 }
             }
             if let Some(slot) = self.open.enter(admission.max_connections) {
@@ -348,10 +418,7 @@ impl ConnPool {
             tokio::pin!(freed);
             freed.as_mut().enable();
             // Look again now that a wake-up cannot be missed.
-            if self
-                .lock()
-                .iter()
-                .any(|c| c.conn.tls == key && c.conn.send.is_ready())
+            if (!upgrade && self.lock().iter().any(|c| c.conn.tag.tls == key))
                 || self.open.taken() < admission.max_connections
             {
                 continue;
@@ -361,24 +428,51 @@ impl ConnPool {
             }
         };
         drop(waited);
+        let released = Released {
+            slot: Some(slot),
+            freed: self.freed.clone(),
+        };
+        if upgrade {
+            return Box::pin(self.send_upgrade(authority, tls, req, connect_timeout, released))
+                .await;
+        }
         // Boxed: a dial (TCP, TLS handshake) is ~1.8 KB of state that every request's future
         // would otherwise carry, and copy each time it is moved, for the few that dial (#15).
-        let mut conn = Box::pin(connect(
-            authority,
-            tls,
-            connect_timeout,
-            slot,
-            self.freed.clone(),
-            &self.drain,
-        ))
-        .await
-        // The place was given back: a waiter may take it.
-        .inspect_err(|_| self.freed.notify_one())?;
+        let dialed = Box::pin(dial::dial(authority, tls, connect_timeout))
+            .await
+            // The place is given back (`released` dropped): a waiter may take it.
+            ?;
+        let kill = Kill::new();
+        self.drain.watch(&kill);
+        let conn = client::Conn::new(
+            dialed.io,
+            Some(kill),
+            Tag {
+                tls: key,
+                _released: released,
+            },
+        );
         let Some(req) = req.take() else {
             return Err(no_request(authority));
         };
-        match conn.send.try_send_request(req).await {
-            Ok(resp) => Ok((resp, conn)),
+        exchange(conn, req).await
+    }
+
+    /// An `Upgrade` request on a new hyper connection (see [`ConnPool::send`]).
+    async fn send_upgrade(
+        &self,
+        authority: &Authority,
+        tls: Option<&ClientTls>,
+        req: &mut Option<Request<ReqBody>>,
+        connect_timeout: Duration,
+        released: Released,
+    ) -> Result<(Response<Body>, Option<Conn>), ProxyError> {
+        let mut send = connect(authority, tls, connect_timeout, released, &self.drain).await?;
+        let Some(req) = req.take() else {
+            return Err(no_request(authority));
+        };
+        match send.try_send_request(req).await {
+            Ok(resp) => Ok((resp.map(Body::Hyper), Some(Conn { _send: send }))),
             Err(e) => {
                 let sent = if e.message().is_some() {
                     Sent::No
@@ -387,10 +481,24 @@ impl ConnPool {
                 };
                 Err(ProxyError::Upstream {
                     sent,
-                    source: e.into_error(),
+                    source: e.into_error().into(),
                 })
             }
         }
+    }
+}
+
+/// One exchange on one of the pool's connections.
+async fn exchange(
+    conn: Own,
+    req: Request<ReqBody>,
+) -> Result<(Response<Body>, Option<Conn>), ProxyError> {
+    match client::send(conn, req).await {
+        Ok(resp) => Ok((resp.map(Body::Own), None)),
+        Err(f) => Err(ProxyError::Upstream {
+            sent: if f.written { Sent::Maybe } else { Sent::No },
+            source: f.source,
+        }),
     }
 }
 
@@ -403,19 +511,18 @@ pub fn no_request(authority: &Authority) -> ProxyError {
     }
 }
 
-/// Dials `authority` (through `dial.rs`: TCP, and TLS when the upstream has it) and starts an
-/// HTTP/1 connection on it; the connection's I/O runs in a task of its own until the peer closes
-/// it, every handle to it is dropped, or `closed` (the endpoint's drain ran out of time).
-/// `slot` is the connection's place under `max_connections`, given back (and `freed` woken)
-/// when it closes.
+/// Dials `authority` (through `dial.rs`: TCP, and TLS when the upstream has it) and starts a
+/// hyper HTTP/1 connection on it; the connection's I/O runs in a task of its own until the
+/// peer closes it, every handle to it is dropped, or `closed` (the endpoint's drain ran out of
+/// time). `released` is the connection's place under `max_connections`, given back (and
+/// waiters woken) when it closes.
 async fn connect(
     authority: &Authority,
     tls: Option<&ClientTls>,
     timeout: Duration,
-    slot: Slot,
-    freed: Arc<tokio::sync::Notify>,
+    released: Released,
     drain: &Drain,
-) -> Result<Conn, ProxyError> {
+) -> Result<SendRequest<ReqBody>, ProxyError> {
     let dialed = dial::dial(authority, tls, timeout).await?;
     let (send, io) = http1::Builder::new()
         .handshake(TokioIo::new(dialed.io))
@@ -430,17 +537,8 @@ async fn connect(
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     };
-    drain.spawn(
-        conn,
-        Released {
-            slot: Some(slot),
-            freed,
-        },
-    );
-    Ok(Conn {
-        send,
-        tls: tls.map_or(0, ClientTls::id),
-    })
+    drain.spawn(conn, released);
+    Ok(send)
 }
 
 /// A closed connection's place under `max_connections`, given back (and a waiter woken) when
@@ -524,16 +622,27 @@ mod tests {
     async fn send_get(
         pool: &ConnPool,
         authority: &Authority,
-    ) -> Result<(Response<Incoming>, Conn), ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
         let timeout = Duration::from_secs(1);
-        pool.send(
-            authority,
-            None,
-            &mut Some(get(authority)),
-            timeout,
-            Admission::UNLIMITED,
-        )
-        .await
+        let (resp, _) = pool
+            .send(
+                authority,
+                None,
+                &mut Some(get(authority)),
+                timeout,
+                Admission::UNLIMITED,
+                false,
+            )
+            .await?;
+        Ok(resp)
+    }
+
+    /// Reads `resp`'s body and gives its connection back to `pool`.
+    async fn finish(pool: &ConnPool, resp: Response<Body>) -> Bytes {
+        let mut body = resp.into_body();
+        let data = (&mut body).collect().await.unwrap().to_bytes();
+        pool.put(body.reusable().expect("a reusable connection"));
+        data
     }
 
     fn get(authority: &Authority) -> Request<ReqBody> {
@@ -580,9 +689,8 @@ mod tests {
         let (authority, mut conns) = server(100).await;
         let pool = ConnPool::default();
         for _ in 0..5 {
-            let (resp, conn) = send_get(&pool, &authority).await.unwrap();
-            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
-            pool.put(conn);
+            let resp = send_get(&pool, &authority).await.unwrap();
+            assert_eq!(finish(&pool, resp).await, "ok");
         }
         assert_eq!(pool.idle_count(), 1);
         let mut n = 0;
@@ -599,15 +707,14 @@ mod tests {
         let (authority, _conns) = server(1).await;
         let pool = ConnPool::default();
         for i in 0..5 {
-            let (resp, conn) = send_get(&pool, &authority)
+            let resp = send_get(&pool, &authority)
                 .await
                 .unwrap_or_else(|e| panic!("request {i}: {e}"));
-            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
-            pool.put(conn);
-            // Wait (bounded) until hyper has seen the server close it, so the next request
-            // meets a dead pooled connection.
+            assert_eq!(finish(&pool, resp).await, "ok");
+            // Wait (bounded) until the server's close can be seen, so the next request meets
+            // a dead pooled connection.
             let deadline = Instant::now() + Duration::from_secs(5);
-            while pool.lock().back().is_some_and(|c| !c.conn.send.is_closed()) {
+            while pool.lock().back_mut().is_some_and(|c| !c.conn.is_closed()) {
                 assert!(
                     Instant::now() < deadline,
                     "the server's close was never seen"

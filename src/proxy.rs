@@ -38,7 +38,7 @@ use crate::balancer::PickContext;
 use crate::breaker::{Limit, Slot};
 use crate::clock;
 use crate::endpoint::{Attempt, Deferred, Endpoint, InFlight};
-use crate::error::{FramingError, ProxyError, Sent};
+use crate::error::{BoxError, FramingError, ProxyError, Sent};
 use crate::framing::{self, BodyFault, ClientBody, Limits};
 use crate::grpc;
 use crate::h2pool::{Negotiated, Stream, UpstreamProtocol};
@@ -437,6 +437,7 @@ impl Proxy {
                 settings.connect_timeout,
                 timeout,
                 admission,
+                upgrade.is_some(),
             )
             .await;
             // What the send left unsent is dropped now: a replayable body comes back through
@@ -468,15 +469,16 @@ impl Proxy {
                     } else {
                         Outcome::Success
                     };
-                    if status == 101 {
-                        if let Some(u) = upgrade.take() {
+                    // Only hyper's connections (dialled for an upgrade) hand over a socket.
+                    let resp = match (status, upgrade.take(), resp.into_parts()) {
+                        (101, Some(u), (parts, pool::Body::Hyper(body))) => {
                             // The connection is the tunnel's now; the tunnel holds the count.
                             drop(conn);
                             if tried.on {
                                 tried.tunnel = Some(Arc::default());
                             }
                             let mut parts = u.join(
-                                resp,
+                                Response::from_parts(parts, body),
                                 try_.finish(outcome),
                                 &self.tunnels,
                                 &upstream.id,
@@ -488,7 +490,11 @@ impl Proxy {
                                 Either::Right(Full::new(Bytes::new())),
                             ));
                         }
-                    }
+                        (_, u, (parts, body)) => {
+                            upgrade = u;
+                            Response::from_parts(parts, body)
+                        }
+                    };
                     // A gRPC call that began well gets its status in the trailers, after the
                     // messages: the body records the try when they come (`GrpcOutcome`).
                     let resp =
@@ -551,6 +557,7 @@ impl Proxy {
 /// Sends `req` to `ep` on its pool, waiting at most `timeout` for the response head: the
 /// HTTP/1 pool or the HTTP/2 one (`h2pool.rs`), as the upstream's `protocol` (else the
 /// registry's) says.
+#[allow(clippy::too_many_arguments)]
 async fn send(
     ep: &Endpoint,
     protocol: Option<UpstreamProtocol>,
@@ -559,7 +566,8 @@ async fn send(
     connect_timeout: Duration,
     timeout: Duration,
     admission: pool::Admission<'_>,
-) -> Result<(Response<Incoming>, Held), ProxyError> {
+    upgrade: bool,
+) -> Result<(Response<pool::Body>, Option<Held>), ProxyError> {
     let protocol = protocol.or(ep.protocol).unwrap_or(UpstreamProtocol::Http1);
     let h2 = match protocol {
         UpstreamProtocol::Http1 => false,
@@ -588,16 +596,18 @@ async fn send(
                     .send(&ep.authority, tls, req, connect_timeout, auto)
                     .await?
                 {
-                    Negotiated::H2(resp, stream) => return Ok((resp, Held::H2(stream))),
+                    Negotiated::H2(resp, stream) => {
+                        return Ok((resp.map(pool::Body::Hyper), Some(Held::H2(stream))))
+                    }
                     Negotiated::Http1 => {}
                 }
             }
             let (resp, conn) = ep
                 .state
                 .pool
-                .send(&ep.authority, tls, req, connect_timeout, admission)
+                .send(&ep.authority, tls, req, connect_timeout, admission, upgrade)
                 .await?;
-            Ok((resp, Held::H1(conn)))
+            Ok((resp, conn.map(Held::H1)))
         };
     }
     match tokio::time::timeout(timeout, sent).await {
@@ -606,8 +616,10 @@ async fn send(
     }
 }
 
-/// What a response body holds of its connection: an HTTP/1 connection (back to the pool when
-/// the body is done) or a stream of an HTTP/2 one (counted until then).
+/// What a response body holds of its connection beside the body itself: a hyper HTTP/1
+/// connection dialled for an upgrade (closed with the body unless it became a tunnel), or a
+/// stream of an HTTP/2 connection (counted until then). The pool's own connections are in
+/// the body (`pool::Body::Own`) and go back to the pool when it ends.
 pub enum Held {
     H1(pool::Conn),
     H2(Stream),
@@ -616,8 +628,8 @@ pub enum Held {
 /// The upstream's response as the client gets it: hop-by-hop headers removed, the body holding
 /// the endpoint's in-flight count and its connection.
 fn into_client_response(
-    resp: Response<Incoming>,
-    conn: Held,
+    resp: Response<pool::Body>,
+    conn: Option<Held>,
     in_flight: InFlight,
     grpc: Option<GrpcOutcome>,
 ) -> Response<RespBody> {
@@ -633,7 +645,7 @@ fn into_client_response(
         parts,
         Either::Left(UpstreamBody {
             inner: body,
-            conn: Some(conn),
+            _held: conn,
             in_flight,
             slot: None,
             grpc,
@@ -680,8 +692,9 @@ async fn settled(
 /// or dropped, and gives the connection back to the endpoint's pool if the body was read to
 /// the end (a body dropped half-read leaves the connection unusable: it is closed).
 pub struct UpstreamBody {
-    inner: Incoming,
-    conn: Option<Held>,
+    inner: pool::Body,
+    /// Held until the body is dropped: an HTTP/2 stream, or hyper's connection of an upgrade.
+    _held: Option<Held>,
     in_flight: InFlight,
     /// The request's place under the upstream's `max_requests`.
     slot: Option<Slot>,
@@ -722,7 +735,7 @@ impl Drop for UpstreamBody {
             if let Some(g) = self.grpc.take() {
                 g.record(&self.in_flight, None, false);
             }
-            if let Some(Held::H1(conn)) = self.conn.take() {
+            if let Some(conn) = self.inner.reusable() {
                 self.in_flight.state().pool.put(conn);
             }
         }
@@ -731,12 +744,12 @@ impl Drop for UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if this.grpc.is_some() {

@@ -23,6 +23,7 @@ use http::StatusCode;
 use crate::error::FramingError;
 
 pub mod chunked;
+pub mod client;
 pub mod head;
 pub mod write;
 

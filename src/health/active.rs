@@ -99,26 +99,27 @@ pub async fn probe(
         http::HeaderValue::from_static("edge-agent-health-check"),
     );
     let probe = async {
-        let (resp, conn) = pool
+        let (resp, _) = pool
             .send(
                 authority,
                 tls,
                 &mut Some(req),
                 connect_timeout,
                 Admission::UNLIMITED,
+                false,
             )
             .await
             .ok()?;
         let status = resp.status().as_u16();
         // Read the answer to the end so the connection can be reused; a health page larger
         // than PROBE_BODY_LIMIT is not buffered, its connection is dropped instead.
-        let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(
-            resp.into_body(),
-            PROBE_BODY_LIMIT,
-        ))
-        .await;
-        if body.is_ok() {
-            pool.put(conn);
+        let mut body = resp.into_body();
+        let limited = http_body_util::Limited::new(&mut body, PROBE_BODY_LIMIT);
+        let read = http_body_util::BodyExt::collect(limited).await;
+        if read.is_ok() {
+            if let Some(conn) = body.reusable() {
+                pool.put(conn);
+            }
         }
         Some(status)
     };
