@@ -211,6 +211,8 @@ struct Outgoing<B> {
     framing: Framing,
     done: bool,
     written: bool,
+    /// Writing to the connection failed (not the body: the client's).
+    io_failed: bool,
 }
 
 /// Sends what is left of the request body; ready when it is all written.
@@ -226,7 +228,10 @@ where
 {
     loop {
         if !conn.out.is_empty() {
-            ready!(conn.poll_write_out(cx, &mut out.written))?;
+            if let Err(e) = ready!(conn.poll_write_out(cx, &mut out.written)) {
+                out.io_failed = true;
+                return Poll::Ready(Err(e));
+            }
         }
         if out.done {
             return Poll::Ready(Ok(()));
@@ -351,8 +356,13 @@ where
         framing,
         done: false,
         written: false,
+        io_failed: false,
     });
     let mut written = false;
+    // The request could not be written whole, but an answer came: it is read, and the
+    // connection closed after it (an upstream refusing a body, 413, may close before reading
+    // it).
+    let mut cut = false;
     let head = poll_fn(|cx| {
         // The head and the body go out while the answer is awaited: an upstream may answer
         // before it has read the whole body.
@@ -367,6 +377,11 @@ where
             None => Poll::Ready(Ok(())),
         };
         if let Poll::Ready(Err(e)) = sending {
+            let io = outgoing.as_ref().is_none_or(|o| o.io_failed);
+            if let (true, Poll::Ready(Ok(n))) = (io, conn.poll_head(cx, to_head)) {
+                cut = true;
+                return Poll::Ready(Ok(n));
+            }
             return Poll::Ready(Err(e));
         }
         conn.poll_head(cx, to_head)
@@ -413,7 +428,10 @@ where
         ResponseBody::Chunked => Left::Chunked(Decoder::new()),
         ResponseBody::UntilClose => Left::UntilClose,
     };
-    let keep_alive = h.keep_alive;
+    let keep_alive = h.keep_alive && !cut;
+    if cut {
+        outgoing = None;
+    }
     let version = match h.version {
         Version::Http10 => http::Version::HTTP_10,
         Version::Http11 => http::Version::HTTP_11,
@@ -594,11 +612,11 @@ mod tests {
         r
     }
 
-    /// Reads from the peer until `n` bytes or a request end (`\r\n\r\n`) when `n` is 0.
+    /// Reads from the peer until what it read holds `until`.
     async fn read_request(peer: &mut DuplexStream, until: &[u8]) -> Vec<u8> {
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
-        while !got.ends_with(until) {
+        while !got.windows(until.len()).any(|w| w == until) {
             let n = peer.read(&mut buf).await.unwrap();
             assert!(n > 0, "closed after {got:?}");
             got.extend_from_slice(&buf[..n]);
@@ -706,6 +724,27 @@ mod tests {
         let data = (&mut body).collect().await.unwrap().to_bytes();
         assert_eq!(data, "until close");
         assert!(body.reusable().is_none(), "framed by the close");
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_to_a_body_the_upstream_will_not_read_is_passed_on() {
+        let (a, mut peer) = tokio::io::duplex(1024);
+        let conn: TestConn = Conn::new(a, None, ());
+        tokio::spawn(async move {
+            read_request(&mut peer, b"\r\n\r\n").await;
+            peer.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+                .await
+                .unwrap();
+        });
+        let mut req = Request::new(Full::new(Bytes::from(vec![b'x'; 100_000])));
+        *req.method_mut() = Method::POST;
+        req.headers_mut()
+            .insert("content-length", "100000".parse().unwrap());
+        let resp = send(conn, req)
+            .await
+            .expect("the answer, not the write error");
+        assert_eq!(resp.status(), 413);
+        assert!(resp.into_body().reusable().is_none(), "the body was cut");
     }
 
     #[tokio::test]
