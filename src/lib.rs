@@ -11,7 +11,7 @@
 //! own layer, so no two units import each other (`tests/layers.rs` fails on a cycle):
 //!
 //! ```text
-//! 1  io  clock  rng  breaker  error  framing  h1/{head,chunked,write}  metrics  access_log  stats  guard
+//! 1  io  clock  rng  breaker  error  framing  h1/{head,chunked,write,client}  metrics  access_log  stats  guard
 //!    state_file  tls  h2server  grpc  replay   leaves
 //! 2  load  dial  pool  h2pool  health/{passive,active}   per-endpoint measures and connections
 //! 3  endpoint                                         Endpoint, EndpointState, Attempt

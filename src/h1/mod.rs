@@ -1,5 +1,6 @@
-//! HTTP/1.1 heads parsed in place (#15 step 1: not yet wired into the proxy, which still runs on
-//! hyper's server and client).
+//! HTTP/1.1 heads parsed in place, and the agent's own HTTP/1 client (#15). The client
+//! ([`client`]) carries every HTTP/1 request to an upstream but `Upgrade` ones; the server side
+//! still runs on hyper (the request-head parser here is not yet wired into it).
 //!
 //! Pingora's way: `httparse` tokenises a head into slices of the read buffer, and we keep only
 //! [`Span`]s (offsets) of the method, target and each header, so a parse allocates nothing per
@@ -11,10 +12,13 @@
 //! - [`head`]: request and response heads, and every refusal the agent makes today (hyper's
 //!   server plus `framing::check_request_head`), with the same status codes;
 //! - [`chunked`]: an incremental chunked-body checker that says which bytes are data;
-//! - [`write`]: the upstream request head, hop-by-hop headers dropped, forwarding headers added.
+//! - [`write`]: the upstream request head, hop-by-hop headers dropped, forwarding headers added;
+//! - [`client`]: one upstream connection driven by the request's own task: the request written,
+//!   the answer's head parsed with [`ResponseHead`], its body read and checked as it passes.
 //!
-//! A leaf: this folder imports only `crate::error` (for [`FramingError`], so refusals read the
-//! same as today's) and `std`, `http`, `httparse`.
+//! A leaf: this folder imports only `crate::error` (for [`FramingError`] and `BoxError`, so
+//! refusals read the same as today's); the client is generic over its socket, so it knows
+//! nothing of dialling or TLS.
 use std::fmt;
 use std::ops::Range;
 
