@@ -228,6 +228,43 @@ if fixed:
         n99 = med(fb["nginx"]["p99_us"]) - med(base["p99_us"])
         print(f"\nAdded p99, edge-agent (1 worker) vs nginx: {a99:+.0f} µs vs {n99:+.0f} µs "
               f"(target ≤ nginx's: {ok(a99 <= n99)}).\n")
+    # Per round: the target is met in every round, not only in the median.
+    per_round = {}
+    for name, rnd, line in fixed:
+        kv = dict(p.split("=", 1) for p in line.split() if "=" in p)
+        if "p99_us" in kv:
+            per_round.setdefault(rnd, {})[name] = float(kv["p99_us"])
+    if per_round and all("direct" in r for r in per_round.values()):
+        names = [n for n in ORDER if n != "direct" and any(n in r for r in per_round.values())]
+        print("Added p99 per round (µs over direct in the same round):\n")
+        print("| round | " + " | ".join(LABEL[n] for n in names) + " | edge-agent ≤ nginx |")
+        print("| --- | " + " | ".join("---:" for _ in names) + " | --- |")
+        for rnd in sorted(per_round, key=lambda r: int(r) if r.isdigit() else 0):
+            r = per_round[rnd]
+            cells = [f"{r[n] - r['direct']:+.0f}" if n in r else "–" for n in names]
+            verdict = ok(r["agent1"] <= r["nginx"]) if "agent1" in r and "nginx" in r else "–"
+            print(f"| {rnd} | " + " | ".join(cells) + f" | {verdict} |")
+        print()
+    # Per-second timelines (LOADGEN_TIMELINE): the worst second of each run, so a stall is placed.
+    worst = []
+    for name, rnd, _line in fixed:
+        path = os.path.join(out, f"timeline-{name}-{rnd}.tsv")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            rows_t = [l.split("\t") for l in f.read().splitlines()[1:] if l.strip()]
+        if not rows_t:
+            continue
+        w = max(rows_t, key=lambda r: int(r[4]))
+        p99s = sorted(int(r[4]) for r in rows_t)
+        worst.append((name, rnd, w[0], int(w[4]), int(w[5]), p99s[len(p99s) // 2], sum(int(r[2]) for r in rows_t)))
+    if worst:
+        print("Per-second timeline (`timeline-NAME-ROUND.tsv`): the worst second of each run\n")
+        print("| target | round | worst second | its p99 µs | its max µs | median second's p99 µs | errors |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for name, rnd, sec, p99, mx, medp99, errs in sorted(worst, key=lambda w: (ORDER.index(w[0]) if w[0] in ORDER else 99, w[1])):
+            print(f"| {LABEL.get(name, name)} | {rnd} | {sec} | {p99} | {mx} | {medp99} | {errs} |")
+        print()
 
 rss = read_tsv("rss.tsv")
 after = read_tsv("rss-after-load.tsv")
@@ -241,6 +278,22 @@ if rss:
         print(f"| after the load rounds: {LABEL.get(name, name)} | {int(kb) / 1024:.1f} |")
     idle = int(rss[0][1]) / 1024
     print(f"\nIdle RSS {idle:.1f} MiB (target < 15 MB: {ok(idle * 1.048576 < 15)}).\n")
+
+conns_rss = read_tsv("rss-conns.tsv")
+if conns_rss:
+    table = {}
+    for n, name, kb, *_held in conns_rss:
+        table.setdefault(int(n), {})[name] = int(kb)
+    print("### RSS with idle client connections (keep-alive, one request answered on each)\n")
+    print("| idle client connections | edge-agent (1 worker) MiB | nginx (master + worker) MiB | edge-agent ≤ nginx |")
+    print("| ---: | ---: | ---: | --- |")
+    for n in sorted(table):
+        a, g = table[n].get("agent1"), table[n].get("nginx")
+        fa = f"{a / 1024:.1f}" if a is not None else "–"
+        fg = f"{g / 1024:.1f}" if g is not None else "–"
+        verdict = ok(a <= g) if a is not None and g is not None else "–"
+        print(f"| {n:,} | {fa} | {fg} | {verdict} |")
+    print()
 
 # criterion: <crit>/<group>/<function>[/<param>]/new/{benchmark,estimates}.json
 rows = []

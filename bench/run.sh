@@ -216,9 +216,10 @@ http {
 EOF
 cat >"$R/nginx/nginx.conf" <<EOF
 worker_processes 1;
+worker_rlimit_nofile 20000;
 pid $R/nginx/nginx.pid;
 error_log $R/nginx/logs/error.log warn;
-events { worker_connections 8192; }
+events { worker_connections 12000; }
 http {
     access_log off;
     keepalive_requests 1000000;
@@ -347,7 +348,7 @@ run_wrk() { # NAME PORT PID DURATION ROUND
 
 run_fixed() { # NAME PORT RATE ROUND
     local line
-    line=$(taskset -c "$LOAD_CPU" timeout $((DUR + 60)) "$LOADGEN" fixed "127.0.0.1:$2" "$HOSTNAME_HDR" "$3" "$CONNS" "$DUR" || true)
+    line=$(LOADGEN_TIMELINE="$OUT/timeline-$1-$4.tsv" taskset -c "$LOAD_CPU" timeout $((DUR + 60)) "$LOADGEN" fixed "127.0.0.1:$2" "$HOSTNAME_HDR" "$3" "$CONNS" "$DUR" || true)
     printf '%s\t%s\t%s\n' "$1" "$4" "$line" >>"$OUT/fixed.tsv"
 }
 
@@ -631,7 +632,7 @@ fi
 
 # --- scale: memory ----------------------------------------------------------------------------
 if want scale; then
-log "scale: RSS idle, with 1,000 services x 10 endpoints, with 1,000 client connections"
+log "scale: RSS idle, with 1,000 services x 10 endpoints, with 1,000 and 10,000 idle client connections (edge-agent and nginx)"
 python3 - "$R/big.toml" "$HOSTNAME_HDR" "$BP" <<'EOF'
 import sys
 path, host, bp = sys.argv[1:]
@@ -648,14 +649,39 @@ S1=$STARTED_PID
 wait_http "$SP" scale1
 sleep 2
 printf 'idle, 1 service\t%s\n' "$(rss_kb "$S1")" >>"$OUT/rss.tsv"
-taskset -c "$LOAD_CPU" timeout 60 "$LOADGEN" hold "127.0.0.1:$SP" "$HOSTNAME_HDR" 1000 8 >"$WORK/hold.out" 2>&1 &
-HOLD=$!
-PIDS+=("$HOLD")
-for _ in $(seq 100); do grep -q '^held' "$WORK/hold.out" && break; sleep 0.1; done
-sleep 1
-printf '1,000 client connections held (%s)\t%s\n' "$(head -1 "$WORK/hold.out")" "$(rss_kb "$S1")" >>"$OUT/rss.tsv"
-wait "$HOLD" || true
-stop "$S1"
+# RSS with N idle keep-alive client connections (each answered once), edge-agent and nginx:
+# rss-conns.tsv (N, target, KiB). The nginx proxy is the one of the HTTP/1.1 section (its
+# worker_connections covers 10,000); it is restarted here so each target starts idle.
+hold_rss() { # NAME PORT PIDS N
+    local name=$1 port=$2 pids=$3 n=$4
+    : >"$WORK/hold.out"
+    taskset -c "$LOAD_CPU" timeout 90 "$LOADGEN" hold "127.0.0.1:$port" "$HOSTNAME_HDR" "$n" 30 >"$WORK/hold.out" 2>&1 &
+    HOLD=$!
+    PIDS+=("$HOLD")
+    for _ in $(seq 300); do grep -q '^held' "$WORK/hold.out" && break; sleep 0.1; done
+    sleep 1
+    # shellcheck disable=SC2086
+    printf '%s\t%s\t%s\t%s\n' "$n" "$name" "$(rss_kb $pids)" "$(head -1 "$WORK/hold.out")" >>"$OUT/rss-conns.tsv"
+    kill "$HOLD" 2>/dev/null || true
+    wait "$HOLD" 2>/dev/null || true
+}
+: >"$OUT/rss-conns.tsv"
+printf '0\tagent1\t%s\theld 0\n' "$(rss_kb "$S1")" >>"$OUT/rss-conns.tsv"
+hold_rss agent1 "$SP" "$S1" 1000
+printf '1,000 client connections held (%s)\t%s\n' "$(head -1 "$WORK/hold.out")" "$(awk -F'\t' '$1 == 1000 && $2 == "agent1" {print $3}' "$OUT/rss-conns.tsv")" >>"$OUT/rss.tsv"
+hold_rss agent1 "$SP" "$S1" 10000
+if command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; then
+    stop "$S1"
+    start scalenginx "$PROXY_CPU" nginx -p "$R/nginx" -c "$R/nginx/nginx.conf" -g 'daemon off;'
+    SN=$STARTED_PID
+    wait_http "$NP" scalenginx
+    sleep 1
+    printf '0\tnginx\t%s\theld 0\n' "$(rss_kb $(tree_pids "$SN"))" >>"$OUT/rss-conns.tsv"
+    hold_rss nginx "$NP" "$(tree_pids "$SN")" 1000
+    hold_rss nginx "$NP" "$(tree_pids "$SN")" 10000
+    stop "$SN"
+fi
+stop "$S1" 2>/dev/null
 # shellcheck disable=SC2046
 start scale2 "$PROXY_CPU" env $(agent_env "$SP" "$SA" "$R/state4" "$R/big.toml") "$AGENT"
 S2=$STARTED_PID

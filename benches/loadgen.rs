@@ -9,6 +9,9 @@
 //!   (kernel timer slack, ~50 µs); that slack lands in every figure alike, which is why
 //!   `run.sh` reports latency *added* over the direct backend. Prints one line:
 //!   `sent=.. ok=.. errors=.. rate=.. p50_us=.. p90_us=.. p99_us=.. p999_us=.. max_us=..`.
+//!   With `LOADGEN_TIMELINE=FILE`, also writes a per-second timeline there, one line per second
+//!   of intended send time (`second ok errors p50_us p99_us max_us`), so a stall shows when it
+//!   happened, not only that the tail grew.
 //! - `hold ADDR HOST CONNS SECONDS`: opens `CONNS` keep-alive connections, sends one request on
 //!   each, prints `held N` once all answered, keeps them open for `SECONDS`, then exits.
 //!
@@ -115,6 +118,9 @@ fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
 struct Tally {
     latencies_us: Vec<u32>,
     errors: u64,
+    /// The second (of intended send time, from the start) of each latency, and of each error.
+    seconds: Vec<u16>,
+    error_seconds: Vec<u16>,
 }
 
 fn fixed(args: &[String]) -> Result<(), String> {
@@ -137,6 +143,8 @@ fn fixed(args: &[String]) -> Result<(), String> {
                 let mut t = Tally {
                     latencies_us: Vec::with_capacity(per_conn),
                     errors: 0,
+                    seconds: Vec::with_capacity(per_conn),
+                    error_seconds: Vec::new(),
                 };
                 let mut stream = None;
                 let mut buf = Vec::with_capacity(8192);
@@ -150,12 +158,14 @@ fn fixed(args: &[String]) -> Result<(), String> {
                     if intended > now {
                         std::thread::sleep(intended - now);
                     }
+                    let second = (intended - start).as_secs() as u16;
                     if stream.is_none() {
                         buf.clear();
                         match connect(addr) {
                             Ok(s) => stream = Some(s),
                             Err(_) => {
                                 t.errors += 1;
+                                t.error_seconds.push(second);
                                 continue;
                             }
                         }
@@ -169,8 +179,10 @@ fn fixed(args: &[String]) -> Result<(), String> {
                     if ok {
                         let us = intended.elapsed().as_micros().min(u32::MAX as u128) as u32;
                         t.latencies_us.push(us);
+                        t.seconds.push(second);
                     } else {
                         t.errors += 1;
+                        t.error_seconds.push(second);
                         stream = None;
                     }
                 }
@@ -180,19 +192,38 @@ fn fixed(args: &[String]) -> Result<(), String> {
         .collect();
     let mut all = Vec::new();
     let mut errors = 0;
+    let n_seconds = secs.ceil() as usize;
+    let mut by_second: Vec<Vec<u32>> = vec![Vec::new(); n_seconds];
+    let mut errors_by_second = vec![0u64; n_seconds];
     for th in threads {
         let t = th.join().map_err(|_| "a client thread panicked")?;
+        for (&us, &sec) in t.latencies_us.iter().zip(&t.seconds) {
+            by_second[(sec as usize).min(n_seconds - 1)].push(us);
+        }
+        for &sec in &t.error_seconds {
+            errors_by_second[(sec as usize).min(n_seconds - 1)] += 1;
+        }
         all.extend(t.latencies_us);
         errors += t.errors;
     }
     let took = start.elapsed().as_secs_f64().max(1e-9);
     all.sort_unstable();
-    let q = |p: f64| -> u32 {
-        if all.is_empty() {
-            return 0;
+    let q = |p: f64| quantile(&all, p);
+    if let Some(path) = std::env::var_os("LOADGEN_TIMELINE") {
+        let mut out = String::from("second\tok\terrors\tp50_us\tp99_us\tmax_us\n");
+        for (sec, lat) in by_second.iter_mut().enumerate() {
+            lat.sort_unstable();
+            out.push_str(&format!(
+                "{sec}\t{}\t{}\t{}\t{}\t{}\n",
+                lat.len(),
+                errors_by_second[sec],
+                quantile(lat, 0.50),
+                quantile(lat, 0.99),
+                lat.last().copied().unwrap_or(0),
+            ));
         }
-        all[((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1]
-    };
+        std::fs::write(&path, out).map_err(|e| format!("LOADGEN_TIMELINE {path:?}: {e}"))?;
+    }
     println!(
         "sent={} ok={} errors={} rate={:.0} p50_us={} p90_us={} p99_us={} p999_us={} max_us={}",
         all.len() as u64 + errors,
@@ -206,6 +237,14 @@ fn fixed(args: &[String]) -> Result<(), String> {
         all.last().copied().unwrap_or(0),
     );
     Ok(())
+}
+
+/// The `p` quantile of sorted `v` (nearest rank), 0 when empty.
+fn quantile(v: &[u32], p: f64) -> u32 {
+    if v.is_empty() {
+        return 0;
+    }
+    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
 fn hold(args: &[String]) -> Result<(), String> {
