@@ -22,7 +22,8 @@
 //! keeps the error of the client's own stream, so the proxy answers 400 and does not count the
 //! failure against the endpoint.
 //!
-//! This file depends on `http`, `http-body` (for [`ClientBody`]) and `crate::error` only.
+//! This file depends on `http`, `http-body` and hyper's body type (for [`ClientBody`] and
+//! [`InBody`]) and `crate::error` only.
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -174,6 +175,44 @@ fn joined<'a>(lines: impl Iterator<Item = &'a HeaderValue>) -> String {
         all
     });
     cut(&all)
+}
+
+/// A client's request body as the listener hands it over: hyper's (a request with a body, or
+/// any request of an HTTP/2 or handed-off connection), or none (a body-less request the
+/// agent's own HTTP/1 server read, `h1/server.rs`).
+#[derive(Debug)]
+pub enum InBody {
+    Hyper(hyper::body::Incoming),
+    Empty,
+}
+
+impl Body for InBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match self.get_mut() {
+            InBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            InBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            InBody::Hyper(b) => b.is_end_stream(),
+            InBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            InBody::Hyper(b) => b.size_hint(),
+            InBody::Empty => SizeHint::with_exact(0),
+        }
+    }
 }
 
 /// The client's request body, as sent upstream: frames pass through unchanged, and an error of

@@ -289,6 +289,19 @@ pub struct Replay<I> {
     inner: I,
 }
 
+impl<I> Replay<I> {
+    /// An IO whose first reads return `buf`.
+    pub fn new(buf: Vec<u8>, inner: I) -> Self {
+        Replay { buf, pos: 0, inner }
+    }
+
+    /// The bytes not yet read back, and the IO under them.
+    pub fn into_parts(mut self) -> (Vec<u8>, I) {
+        self.buf.drain(..self.pos);
+        (self.buf, self.inner)
+    }
+}
+
 impl<I: AsyncRead + Unpin> AsyncRead for Replay<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -119,6 +119,13 @@ impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
 
 write_through!(Prefixed);
 
+impl<I> Prefixed<I> {
+    /// The bytes not yet read back, and the IO under them.
+    pub fn into_parts(self) -> (Vec<u8>, I) {
+        (self.prefix[self.pos..self.len].to_vec(), self.inner)
+    }
+}
+
 /// Counts one connection's requests cancelled by the client, per second; past
 /// [`MAX_CANCELLED_PER_SEC`] it fires [`ResetGuard::tripped`] and the connection is closed.
 pub struct ResetGuard {

@@ -31,7 +31,6 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Empty, Full};
-use hyper::body::Incoming;
 
 use crate::access_log::{self, AccessLog, Logged, Tried, X_REQUEST_ID};
 use crate::balancer::PickContext;
@@ -39,7 +38,7 @@ use crate::breaker::{Limit, Slot};
 use crate::clock;
 use crate::endpoint::{Attempt, Deferred, Endpoint, InFlight};
 use crate::error::{BoxError, FramingError, ProxyError, Sent};
-use crate::framing::{self, BodyFault, ClientBody, Limits};
+use crate::framing::{self, BodyFault, ClientBody, InBody, Limits};
 use crate::grpc;
 use crate::h2pool::{Negotiated, Stream, UpstreamProtocol};
 use crate::health::Outcome;
@@ -124,7 +123,7 @@ impl Proxy {
     /// there is a log) is sent when the response body ends.
     pub async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<InBody>,
         peer: &Peer,
     ) -> Result<ClientResponse, Infallible> {
         let start = Instant::now();
@@ -140,7 +139,7 @@ impl Proxy {
 
     async fn respond(
         &self,
-        req: Request<Incoming>,
+        req: Request<InBody>,
         peer: &Peer,
         start: Instant,
         tried: &mut Tried,
@@ -218,7 +217,7 @@ impl Proxy {
     /// The upstream for a request and the path prefix to strip, or the 404 body. A zero-config
     /// miss asks on-demand sources to watch the name and waits (up to [`DEMAND_TIMEOUT`]) for
     /// their first answer.
-    async fn route(&self, req: &Request<Incoming>, peer: &Peer) -> Result<Routed, String> {
+    async fn route(&self, req: &Request<InBody>, peer: &Peer) -> Result<Routed, String> {
         let host = req
             .headers()
             .get(header::HOST)
@@ -274,7 +273,7 @@ impl Proxy {
     async fn forward(
         &self,
         upstream: &Arc<Upstream>,
-        req: Request<Incoming>,
+        req: Request<InBody>,
         strip: usize,
         peer: &Peer,
         tried: &mut Tried,

@@ -15,10 +15,10 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::framing::InBody;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
 use crate::framing::ClientBody;
@@ -33,7 +33,7 @@ pub struct ReplayBody {
     /// Frames of an earlier try to send first.
     again: VecDeque<Bytes>,
     /// The rest of the client's body (`None` once it has ended).
-    inner: Option<ClientBody<Incoming>>,
+    inner: Option<ClientBody<InBody>>,
     /// Trailers of the client's body, once read.
     trailers: Option<HeaderMap>,
     /// Whether `trailers` still need sending in this try.
@@ -48,19 +48,19 @@ pub struct ReplayBody {
 /// What a dropped [`ReplayBody`] hands back: everything sent so far and what is still unread.
 pub struct Leftover {
     sent: Vec<Bytes>,
-    inner: Option<ClientBody<Incoming>>,
+    inner: Option<ClientBody<InBody>>,
     trailers: Option<HeaderMap>,
 }
 
 impl ReplayBody {
     /// Wraps `body`, keeping up to `limit` bytes; the receiver gets the [`Leftover`] when the
     /// body is dropped within the limit (and nothing when it went over).
-    pub fn new(body: ClientBody<Incoming>, limit: usize) -> (Self, oneshot::Receiver<Leftover>) {
+    pub fn new(body: ClientBody<InBody>, limit: usize) -> (Self, oneshot::Receiver<Leftover>) {
         Self::build(VecDeque::new(), Some(body), None, limit)
     }
 
     /// Wraps `body` without keeping anything: it cannot be replayed (too big for the buffer).
-    pub fn streaming(body: ClientBody<Incoming>) -> Self {
+    pub fn streaming(body: ClientBody<InBody>) -> Self {
         ReplayBody {
             again: VecDeque::new(),
             inner: Some(body),
@@ -75,7 +75,7 @@ impl ReplayBody {
 
     fn build(
         again: VecDeque<Bytes>,
-        inner: Option<ClientBody<Incoming>>,
+        inner: Option<ClientBody<InBody>>,
         trailers: Option<HeaderMap>,
         limit: usize,
     ) -> (Self, oneshot::Receiver<Leftover>) {

@@ -15,7 +15,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use bytes::BytesMut;
+use http::Request;
+
 use crate::admin::Admin;
+use crate::framing::InBody;
+use crate::h1::{self, server::Served};
 use crate::h2c::{self, Sniffed};
 use crate::h2server::{self, Detected, ResetGuard};
 use crate::proxy::{Peer, Proxy};
@@ -111,23 +116,8 @@ pub async fn serve_proxy(
                     };
                     match opened {
                         Opened::Http1(io) => {
-                            let svc = service_fn(move |req| {
-                                let proxy = proxy.clone();
-                                let peer = peer.clone();
-                                async move { proxy.handle(req, &peer).await }
-                            });
                             let _counted = http1_open.enter();
-                            let conn = builder()
-                                .serve_connection(TokioIo::new(io), svc)
-                                .with_upgrades();
-                            tokio::pin!(conn);
-                            match until_stopped(conn.as_mut(), stop).await {
-                                Some(r) => r,
-                                None => {
-                                    conn.as_mut().graceful_shutdown();
-                                    conn.await
-                                }
-                            }
+                            serve_h1(io, proxy, peer, stop).await
                         }
                         Opened::Http2(io) => serve_h2(io, proxy, peer, watcher, remote).await,
                         Opened::Upgraded(io) => serve_h2(io, proxy, peer, watcher, remote).await,
@@ -195,6 +185,88 @@ async fn until_stopped<C: Future>(
     .await
 }
 
+/// Serves one HTTP/1.1 connection: the agent's own server (`h1/server.rs`) while requests are
+/// body-less, hyper's from the first request that is not (with the bytes already read), to the
+/// end of the connection.
+async fn serve_h1(
+    io: h2c::Replay<h2server::Prefixed<TcpStream>>,
+    proxy: Arc<Proxy>,
+    peer: Peer,
+    stop: watch::Receiver<bool>,
+) -> Result<(), hyper::Error> {
+    let (sniffed, prefixed) = io.into_parts();
+    let (prefix, stream) = prefixed.into_parts();
+    let mut read = BytesMut::with_capacity(READ_BUFFER.max(sniffed.len() + prefix.len()));
+    read.extend_from_slice(&sniffed);
+    read.extend_from_slice(&prefix);
+    drop(sniffed);
+    let options = h1::server::Options {
+        header_timeout: HEADER_READ_TIMEOUT,
+        limits: h1::Limits::default(),
+    };
+    let handle = |req: Request<()>| {
+        let (parts, ()) = req.into_parts();
+        let proxy = &proxy;
+        let peer = &peer;
+        async move {
+            match proxy
+                .handle(Request::from_parts(parts, InBody::Empty), peer)
+                .await
+            {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            }
+        }
+    };
+    let served = h1::server::serve(stream, read, &options, handle, stop_signal(stop.clone())).await;
+    let (stream, read) = match served {
+        Ok(Served::Closed) => return Ok(()),
+        Ok(Served::Handoff(stream, read)) => (stream, read),
+        Err(e) => {
+            tracing::debug!(error = %e, "client connection failed");
+            return Ok(());
+        }
+    };
+    let io = h2c::Replay::new(read.to_vec(), stream);
+    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let proxy = proxy.clone();
+        let peer = peer.clone();
+        async move { proxy.handle(req.map(InBody::Hyper), &peer).await }
+    });
+    let conn = builder()
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    match until_stopped(conn.as_mut(), stop).await {
+        Some(r) => r,
+        None => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
+
+/// The first read buffer of an HTTP/1.1 connection.
+const READ_BUFFER: usize = 4096;
+
+/// Completes once `stop` turns true. Polled on every wake-up of a connection's task, it looks
+/// at the signal only once it has changed (a version compare), as [`until_stopped`] does.
+fn stop_signal(mut stop: watch::Receiver<bool>) -> impl Future<Output = ()> {
+    let mut probe = stop.clone();
+    let mut stopping = Box::pin(async move { drop(stop.wait_for(|s| *s).await) });
+    let mut armed = false;
+    std::future::poll_fn(move |cx| {
+        if !armed || probe.has_changed().unwrap_or(true) {
+            armed = true;
+            drop(probe.borrow_and_update());
+            if stopping.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
+    })
+}
+
 /// A proxy connection once its protocol is known.
 enum Opened<I> {
     Http1(h2c::Replay<h2server::Prefixed<I>>),
@@ -232,7 +304,7 @@ where
         let peer = peer.clone();
         let served = g.serving();
         async move {
-            let resp = proxy.handle(req, &peer).await;
+            let resp = proxy.handle(req.map(InBody::Hyper), &peer).await;
             served.done();
             resp
         }

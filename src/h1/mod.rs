@@ -29,6 +29,7 @@ use crate::error::FramingError;
 pub mod chunked;
 pub mod client;
 pub mod head;
+pub mod server;
 pub mod write;
 
 pub use head::{
