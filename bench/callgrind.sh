@@ -7,19 +7,23 @@
 #   bash bench/callgrind.sh AGENT_BINARY [OUT_DIR]     (`BENCH_CALLGRIND=1 make bench` runs it)
 #
 # Prints a markdown table; keeps the callgrind files and annotated top functions in OUT_DIR.
-# Installs valgrind from Debian when missing. Binds 127.0.0.1 only; stops what it started.
+# Installs valgrind, wrk and nginx from Debian when missing. Binds 127.0.0.1 only; stops what it started.
 set -euo pipefail
 AGENT=$1
 OUT=${2:-$(mktemp -d /tmp/edge-agent-callgrind.XXXXXX)}
 WINDOW=${CALLGRIND_SECONDS:-8}
 mkdir -p "$OUT"
-if ! command -v valgrind >/dev/null; then
+export PATH=$PATH:/usr/sbin
+need=()
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || need+=(nginx-light)
+if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO=sudo
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq valgrind >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-export PATH=$PATH:/usr/sbin
 W=$(mktemp -d /tmp/edge-agent-cg.XXXXXX)
 PIDS=()
 cleanup() {

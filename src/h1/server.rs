@@ -200,7 +200,10 @@ enum Wait {
 fn request(head: &RequestHead, bytes: &Bytes) -> Option<Request<()>> {
     let method = Method::from_bytes(head.method.of(bytes)).ok()?;
     let uri = Uri::from_maybe_shared(bytes.slice(head.target.range())).ok()?;
-    let mut headers = HeaderMap::with_capacity(head.headers().len());
+    // Room for what the proxy adds (`X-Forwarded-For`, `X-Forwarded-Proto`, `X-Request-Id`,
+    // `Host`): a `HeaderMap` that grows rehashes (two growths were ~800 instructions a
+    // request; callgrind, #15).
+    let mut headers = HeaderMap::with_capacity(head.headers().len() + 4);
     for h in head.headers() {
         let name = HeaderName::from_bytes(h.name.of(bytes)).ok()?;
         let value = HeaderValue::from_maybe_shared(bytes.slice(h.value.range())).ok()?;
