@@ -371,9 +371,11 @@ impl ConnPool {
     /// [`ProxyError::Upstream`] when the exchange failed on a connection; its [`Sent`] says
     /// whether the request may have been written.
     ///
-    /// `req` is the caller's: taken when it is handed to a connection, and maybe left there
-    /// unsent on an error (the caller drops it then). Not moved down by value: each async
-    /// level would hold its own copy (232 bytes) in its state and copy it in (#13).
+    /// `req` is the caller's. On the pool's own connections its body is taken and its head
+    /// left there (written from where it lies), so a caller that retries has it back without
+    /// a clone; an `Upgrade` (hyper's connection) takes it whole. Unsent on an error, it is
+    /// left there too (the caller drops it). Not moved down by value: each async level would
+    /// hold its own copy (232 bytes) in its state and copy it in (#13).
     pub async fn send(
         &self,
         authority: &Authority,
@@ -388,7 +390,7 @@ impl ConnPool {
         let slot = loop {
             if !upgrade {
                 if let Some(conn) = self.take(key) {
-                    let Some(r) = req.take() else {
+                    let Some(r) = req.as_mut() else {
                         return Err(no_request(authority));
                     };
                     return exchange(conn, r).await;
@@ -452,7 +454,7 @@ impl ConnPool {
                 _released: released,
             },
         );
-        let Some(req) = req.take() else {
+        let Some(req) = req.as_mut() else {
             return Err(no_request(authority));
         };
         exchange(conn, req).await
@@ -488,12 +490,14 @@ impl ConnPool {
     }
 }
 
-/// One exchange on one of the pool's connections.
+/// One exchange on one of the pool's connections. The body is taken from `req`; its head is
+/// left there (written from where it lies), so a caller that may retry has it back.
 async fn exchange(
     conn: Own,
-    req: Request<ReqBody>,
+    req: &mut Request<ReqBody>,
 ) -> Result<(Response<Body>, Option<Conn>), ProxyError> {
-    match client::send(conn, req).await {
+    let body = std::mem::replace(req.body_mut(), Either::Right(Empty::new()));
+    match client::send(conn, req, body).await {
         Ok(resp) => Ok((resp.map(Body::Own), None)),
         Err(f) => Err(ProxyError::Upstream {
             sent: if f.written { Sent::Maybe } else { Sent::No },

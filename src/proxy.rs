@@ -407,12 +407,10 @@ impl Proxy {
             }));
             *out.method_mut() = parts.method.clone();
             *out.uri_mut() = Uri::from(path_and_query.clone());
-            *out.headers_mut() = if last_try {
-                std::mem::take(&mut parts.headers)
-            } else {
-                parts.headers.clone()
-            };
-            if !out.headers().contains_key(header::HOST) {
+            // Moved, not cloned: `send` gives the head back for the next try (`keep_head`).
+            *out.headers_mut() = std::mem::take(&mut parts.headers);
+            let added_host = !out.headers().contains_key(header::HOST);
+            if added_host {
                 // HTTP/2 names the service in `:authority`; HTTP/1.0 may name none.
                 let host = match parts.uri.authority() {
                     Some(a) => authority_header(a),
@@ -437,11 +435,18 @@ impl Proxy {
                 timeout,
                 admission,
                 upgrade.is_some(),
+                !last_try,
             )
             .await;
-            // What the send left unsent is dropped now: a replayable body comes back through
-            // `leftover` only once it is dropped.
-            to_send = None;
+            // The head comes back for the next try (a `Host` added for this endpoint goes);
+            // what the send left of the body is dropped now: a replayable body comes back
+            // through `leftover` only once it is dropped.
+            if let Some(left) = to_send.take().filter(|_| !last_try) {
+                parts.headers = left.into_parts().0.headers;
+                if added_host {
+                    parts.headers.remove(header::HOST);
+                }
+            }
             match result {
                 Ok((resp, conn)) => {
                     tried.answered();
@@ -555,7 +560,9 @@ impl Proxy {
 
 /// Sends `req` to `ep` on its pool, waiting at most `timeout` for the response head: the
 /// HTTP/1 pool or the HTTP/2 one (`h2pool.rs`), as the upstream's `protocol` (else the
-/// registry's) says.
+/// registry's) says. With `keep_head`, the request's head is left in `req` for another try:
+/// the HTTP/1 pool writes it from where it lies; hyper's paths (HTTP/2, `Upgrade`) take the
+/// request whole, so they are given a copy and the head stays.
 #[allow(clippy::too_many_arguments)]
 async fn send(
     ep: &Endpoint,
@@ -566,6 +573,7 @@ async fn send(
     timeout: Duration,
     admission: pool::Admission<'_>,
     upgrade: bool,
+    keep_head: bool,
 ) -> Result<(Response<pool::Body>, Option<Held>), ProxyError> {
     let protocol = protocol.or(ep.protocol).unwrap_or(UpstreamProtocol::Http1);
     let h2 = match protocol {
@@ -578,41 +586,60 @@ async fn send(
                 .is_some_and(|r| grpc::is_call(r.method(), r.headers())),
         },
     };
-    // Pinned where it is built: `timeout` then holds a pointer, not a copy of the whole send
-    // (~1 KB moved twice a request; callgrind, #13).
-    tokio::pin! {
-        let sent = async {
-            if h2 {
-                let tls = if protocol == UpstreamProtocol::H2c {
-                    None
-                } else {
-                    tls
-                };
-                let auto = protocol == UpstreamProtocol::Auto;
-                match ep
-                    .state
-                    .h2
-                    .send(&ep.authority, tls, req, connect_timeout, auto)
-                    .await?
-                {
-                    Negotiated::H2(resp, stream) => {
-                        return Ok((resp.map(pool::Body::Hyper), Some(Held::H2(stream))))
+    // hyper's paths take the request whole: they get a copy of it, and the head stays.
+    let kept = match req.as_mut() {
+        Some(r) if keep_head && (h2 || upgrade) => {
+            let mut copy =
+                Request::new(std::mem::replace(r.body_mut(), Either::Right(Empty::new())));
+            *copy.method_mut() = r.method().clone();
+            *copy.uri_mut() = r.uri().clone();
+            *copy.version_mut() = r.version();
+            *copy.headers_mut() = r.headers().clone();
+            req.replace(copy)
+        }
+        _ => None,
+    };
+    let result = {
+        // Pinned where it is built: `timeout` then holds a pointer, not a copy of the whole send
+        // (~1 KB moved twice a request; callgrind, #13).
+        tokio::pin! {
+            let sent = async {
+                if h2 {
+                    let tls = if protocol == UpstreamProtocol::H2c {
+                        None
+                    } else {
+                        tls
+                    };
+                    let auto = protocol == UpstreamProtocol::Auto;
+                    match ep
+                        .state
+                        .h2
+                        .send(&ep.authority, tls, req, connect_timeout, auto)
+                        .await?
+                    {
+                        Negotiated::H2(resp, stream) => {
+                            return Ok((resp.map(pool::Body::Hyper), Some(Held::H2(stream))))
+                        }
+                        Negotiated::Http1 => {}
                     }
-                    Negotiated::Http1 => {}
                 }
-            }
-            let (resp, conn) = ep
-                .state
-                .pool
-                .send(&ep.authority, tls, req, connect_timeout, admission, upgrade)
-                .await?;
-            Ok((resp, conn.map(Held::H1)))
-        };
+                let (resp, conn) = ep
+                    .state
+                    .pool
+                    .send(&ep.authority, tls, req, connect_timeout, admission, upgrade)
+                    .await?;
+                Ok((resp, conn.map(Held::H1)))
+            };
+        }
+        match tokio::time::timeout(timeout, sent).await {
+            Ok(result) => result,
+            Err(_) => Err(ProxyError::Timeout),
+        }
+    };
+    if kept.is_some() {
+        *req = kept;
     }
-    match tokio::time::timeout(timeout, sent).await {
-        Ok(result) => result,
-        Err(_) => Err(ProxyError::Timeout),
-    }
+    result
 }
 
 /// What a response body holds of its connection beside the body itself: a hyper HTTP/1

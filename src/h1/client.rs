@@ -298,14 +298,14 @@ fn push_hex(out: &mut Vec<u8>, mut n: usize) {
 /// Writes the request line and headers into `out`; the body's framing when it has one: its
 /// `Content-Length` as given, else chunked (hyper's server has checked the client's framing,
 /// and `Transfer-Encoding`, hop-by-hop, was removed).
-fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, has_body: bool) -> Option<Framing> {
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+fn encode_head<Y>(out: &mut Vec<u8>, head: &Request<Y>, has_body: bool) -> Option<Framing> {
+    out.extend_from_slice(head.method().as_str().as_bytes());
     out.push(b' ');
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let target = head.uri().path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut length = None;
-    for (name, value) in &parts.headers {
+    for (name, value) in head.headers() {
         if name == CONTENT_LENGTH {
             match std::str::from_utf8(value.as_bytes())
                 .ok()
@@ -336,22 +336,41 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, has_body: bool) 
 
 /// Sends `req` on `conn` and waits for the final answer's head. The response's body owns the
 /// connection; see [`Body::reusable`].
-pub async fn send<T, X, B>(
+///
+/// The request's head is read from `head` (its body is not looked at) and written before this
+/// returns its future, so the caller keeps the head: a try that may be retried lends it rather
+/// than cloning it first (#15).
+pub fn send<T, X, B, Y>(
     mut conn: Box<Conn<T, X>>,
-    req: Request<B>,
+    head: &Request<Y>,
+    body: B,
+) -> impl std::future::Future<Output = Result<Response<Body<T, X, B>>, Failure>>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let to_head = head.method() == Method::HEAD;
+    conn.out.clear();
+    conn.out_pos = 0;
+    conn.read.clear();
+    let has_body = !body.is_end_stream();
+    let framing = encode_head(&mut conn.out, head, has_body);
+    exchange(conn, body, framing, to_head)
+}
+
+async fn exchange<T, X, B>(
+    mut conn: Box<Conn<T, X>>,
+    body: B,
+    framing: Option<Framing>,
+    to_head: bool,
 ) -> Result<Response<Body<T, X, B>>, Failure>
 where
     T: AsyncRead + AsyncWrite + Unpin,
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    let (parts, body) = req.into_parts();
-    let to_head = parts.method == Method::HEAD;
-    conn.out.clear();
-    conn.out_pos = 0;
-    conn.read.clear();
-    let has_body = !body.is_end_stream();
-    let mut outgoing = encode_head(&mut conn.out, &parts, has_body).map(|framing| Outgoing {
+    let mut outgoing = framing.map(|framing| Outgoing {
         body,
         framing,
         done: false,
@@ -600,6 +619,19 @@ mod tests {
 
     type TestConn = Box<Conn<DuplexStream, ()>>;
 
+    /// [`send`] with a whole request.
+    fn send_req<B>(
+        conn: TestConn,
+        req: Request<B>,
+    ) -> impl std::future::Future<Output = Result<Response<Body<DuplexStream, (), B>>, Failure>>
+    where
+        B: HttpBody<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = req.into_parts();
+        send(conn, &Request::from_parts(parts, ()), body)
+    }
+
     fn pair() -> (TestConn, DuplexStream) {
         let (a, b) = tokio::io::duplex(64 * 1024);
         (Conn::new(a, None, ()), b)
@@ -634,7 +666,7 @@ mod tests {
                 .unwrap();
             (got, peer)
         });
-        let resp = send(conn, get("/a?b=1")).await.unwrap();
+        let resp = send_req(conn, get("/a?b=1")).await.unwrap();
         let (got, _peer) = server.await.unwrap();
         assert_eq!(got, b"GET /a?b=1 HTTP/1.1\r\nhost: svc\r\n\r\n");
         assert_eq!(resp.status(), 200);
@@ -662,7 +694,7 @@ mod tests {
         let mut req = Request::new(Two(0));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = "/up".parse().unwrap();
-        let resp = send(conn, req).await.unwrap();
+        let resp = send_req(conn, req).await.unwrap();
         let (got, _peer) = server.await.unwrap();
         assert_eq!(
             got,
@@ -716,7 +748,7 @@ mod tests {
         *req.method_mut() = Method::PUT;
         req.headers_mut()
             .insert("content-length", "4".parse().unwrap());
-        let resp = send(conn, req).await.unwrap();
+        let resp = send_req(conn, req).await.unwrap();
         let got = server.await.unwrap();
         assert_eq!(got, b"PUT / HTTP/1.1\r\ncontent-length: 4\r\n\r\ndata");
         assert_eq!(resp.version(), http::Version::HTTP_10);
@@ -740,7 +772,7 @@ mod tests {
         *req.method_mut() = Method::POST;
         req.headers_mut()
             .insert("content-length", "100000".parse().unwrap());
-        let resp = send(conn, req)
+        let resp = send_req(conn, req)
             .await
             .expect("the answer, not the write error");
         assert_eq!(resp.status(), 413);
@@ -756,7 +788,7 @@ mod tests {
                 .await
                 .unwrap();
         });
-        let resp = send(conn, get("/")).await.unwrap();
+        let resp = send_req(conn, get("/")).await.unwrap();
         let mut body = resp.into_body();
         let err = (&mut body).collect().await.unwrap_err();
         assert!(err.to_string().contains("before the body's end"), "{err}");
@@ -769,7 +801,7 @@ mod tests {
         tokio::spawn(async move {
             read_request(&mut peer, b"\r\n\r\n").await;
         });
-        let f = send(conn, get("/")).await.unwrap_err();
+        let f = send_req(conn, get("/")).await.unwrap_err();
         assert!(f.written, "the request went out");
         assert!(
             f.source.to_string().contains("before answering"),
@@ -784,7 +816,7 @@ mod tests {
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
                 .await;
         });
-        let f = send(conn, get("/")).await.unwrap_err();
+        let f = send_req(conn, get("/")).await.unwrap_err();
         assert!(
             f.source.to_string().contains("Content-Length"),
             "{}",
@@ -811,7 +843,7 @@ mod tests {
         let kill = Kill::new();
         let (a, _peer) = tokio::io::duplex(1024);
         let conn: TestConn = Conn::new(a, Some(kill.clone()), ());
-        let sent = tokio::spawn(send(conn, get("/")));
+        let sent = tokio::spawn(send_req(conn, get("/")));
         tokio::task::yield_now().await;
         kill.fire();
         let f = tokio::time::timeout(std::time::Duration::from_secs(10), sent)
