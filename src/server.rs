@@ -119,8 +119,8 @@ pub async fn serve_proxy(
                             let _counted = http1_open.enter();
                             serve_h1(io, proxy, peer, stop).await
                         }
-                        Opened::Http2(io) => serve_h2(io, proxy, peer, watcher, remote).await,
-                        Opened::Upgraded(io) => serve_h2(io, proxy, peer, watcher, remote).await,
+                        Opened::Http2(io) => Box::pin(serve_h2(io, proxy, peer, watcher, remote)).await,
+                        Opened::Upgraded(io) => Box::pin(serve_h2(io, proxy, peer, watcher, remote)).await,
                     }
                 };
                 spawn_conn(conn, remote, Some(open.clone()));
@@ -202,6 +202,7 @@ async fn serve_h1(
     drop(sniffed);
     let options = h1::server::Options {
         header_timeout: HEADER_READ_TIMEOUT,
+        idle_shrink: h1::server::IDLE_SHRINK,
         limits: h1::Limits::default(),
     };
     let handle = |req: Request<()>| {
@@ -227,7 +228,24 @@ async fn serve_h1(
             return Ok(());
         }
     };
-    let io = h2c::Replay::new(read.to_vec(), stream);
+    // Boxed: hyper's connection state is not carried by every connection's task, only by the
+    // few handed to it (the memory of an idle connection, #15).
+    Box::pin(serve_hyper_h1(
+        h2c::Replay::new(read.to_vec(), stream),
+        proxy,
+        peer,
+        stop,
+    ))
+    .await
+}
+
+/// The rest of an HTTP/1.1 connection on hyper's server.
+async fn serve_hyper_h1(
+    io: h2c::Replay<TcpStream>,
+    proxy: Arc<Proxy>,
+    peer: Peer,
+    stop: watch::Receiver<bool>,
+) -> Result<(), hyper::Error> {
     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
         let peer = peer.clone();

@@ -431,10 +431,11 @@ where
             continue;
         }
         let value = head_bytes.slice(f.value.range());
-        match (
-            HeaderName::from_bytes(name),
-            HeaderValue::from_maybe_shared(value),
-        ) {
+        let name = match f.kind.header_name() {
+            Some(known) => Ok(known),
+            None => HeaderName::from_bytes(name),
+        };
+        match (name, HeaderValue::from_maybe_shared(value)) {
             (Ok(name), Ok(value)) => {
                 headers.append(name, value);
             }

@@ -50,6 +50,9 @@ use super::Limits;
 /// Read buffer growth: reserved when less than [`READ_SPARE`] is free.
 const READ_CHUNK: usize = 8 * 1024;
 const READ_SPARE: usize = 1024;
+/// A connection that has waited this long for its next request gives its buffers back
+/// ([`Options::idle_shrink`]'s default).
+pub const IDLE_SHRINK: Duration = Duration::from_secs(1);
 /// Body bytes copied next to the head (or a chunk's size line) rather than written apart.
 const COPY_MAX: usize = 16 * 1024;
 
@@ -68,6 +71,9 @@ pub enum Served<I> {
 pub struct Options {
     /// A request head must be whole this long after the connection starts waiting for it.
     pub header_timeout: Duration,
+    /// After this long waiting for a request, the connection's buffers are freed (an idle
+    /// keep-alive connection then costs its task and socket only).
+    pub idle_shrink: Duration,
     pub limits: Limits,
 }
 
@@ -107,8 +113,12 @@ where
     // One timer for the connection, moved only when it fires early (a clock read per head,
     // not a timer-wheel insertion).
     let mut timer: Option<Pin<Box<Sleep>>> = None;
+    // The buffers are held: they are given back after `idle_shrink` with nothing to read.
+    let mut held = true;
     loop {
-        let deadline = Instant::now() + options.header_timeout;
+        let idle_since = Instant::now();
+        let deadline = idle_since + options.header_timeout;
+        let shrink_at = idle_since + options.idle_shrink;
         let len = loop {
             if !read.is_empty() {
                 match head.parse(&read, &options.limits) {
@@ -129,20 +139,39 @@ where
                 }
                 match tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut read) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Wait::Eof),
+                    Poll::Ready(Ok(_)) if !held => {
+                        held = true;
+                        return Poll::Ready(Wait::Read);
+                    }
                     Poll::Ready(Ok(_)) => return Poll::Ready(Wait::Read),
                     Poll::Ready(Err(e)) => return Poll::Ready(Wait::Failed(e)),
                     Poll::Pending => {}
                 }
                 loop {
+                    let idle = held && read.is_empty();
+                    let next = if idle { shrink_at } else { deadline };
                     let sleep = timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next.into())));
                     if sleep.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    if Instant::now() >= deadline {
+                    let now = Instant::now();
+                    if now >= deadline {
                         return Poll::Ready(Wait::TimedOut);
                     }
-                    sleep.as_mut().reset(deadline.into());
+                    if idle && now >= shrink_at {
+                        // Idle: an idle connection holds no buffer (what nginx does too).
+                        read = BytesMut::new();
+                        out = Vec::new();
+                        head.release();
+                        held = false;
+                    }
+                    let next = if held && read.is_empty() {
+                        shrink_at
+                    } else {
+                        deadline
+                    };
+                    sleep.as_mut().reset(next.into());
                 }
             })
             .await;
@@ -170,7 +199,9 @@ where
         let v10 = head.version == Version::Http10;
         let to_head = req.method() == Method::HEAD;
         drop(bytes);
-        let resp = handle(req).await;
+        // Boxed: the handler's state (~7 KB) lives only while a request is in flight, not in
+        // every idle connection's task (one allocation a request; #15).
+        let resp = Box::pin(handle(req)).await;
         if !stopped {
             stopped = poll_fn(|cx| Poll::Ready(stop.as_mut().poll(cx).is_ready())).await;
         }
@@ -205,7 +236,10 @@ fn request(head: &RequestHead, bytes: &Bytes) -> Option<Request<()>> {
     // request; callgrind, #15).
     let mut headers = HeaderMap::with_capacity(head.headers().len() + 4);
     for h in head.headers() {
-        let name = HeaderName::from_bytes(h.name.of(bytes)).ok()?;
+        let name = match h.kind.header_name() {
+            Some(name) => name,
+            None => HeaderName::from_bytes(h.name.of(bytes)).ok()?,
+        };
         let value = HeaderValue::from_maybe_shared(bytes.slice(h.value.range())).ok()?;
         headers.append(name, value);
     }
@@ -495,6 +529,7 @@ mod tests {
     fn options() -> Options {
         Options {
             header_timeout: Duration::from_secs(10),
+            idle_shrink: IDLE_SHRINK,
             limits: Limits::default(),
         }
     }
@@ -679,6 +714,49 @@ mod tests {
             &got[..200]
         );
         assert_eq!(body.matches('z').count(), big.len() * 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_past_its_shrink_serves_the_next_request() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let options = Options {
+            idle_shrink: Duration::from_millis(20),
+            ..options()
+        };
+        let serving = tokio::spawn(async move {
+            serve(
+                server,
+                BytesMut::new(),
+                &options,
+                |req| {
+                    let path = req.uri().path().to_string();
+                    async move { Response::new(Full::new(Bytes::from(path))) }
+                },
+                std::future::pending::<()>(),
+            )
+            .await
+            .map(|s| matches!(s, Served::Closed))
+        });
+        let mut got = Vec::new();
+        for path in ["/one", "/two"] {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+            client.write_all(req.as_bytes()).await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut answer = Vec::new();
+            while !answer.ends_with(path.as_bytes()) {
+                assert!(Instant::now() < deadline, "no answer to {path}");
+                let n = client.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before answering {path}");
+                answer.extend_from_slice(&buf[..n]);
+            }
+            got.push(String::from_utf8(answer).unwrap());
+            // Idle well past the shrink (the buffers are freed), then the next request.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        client.shutdown().await.unwrap();
+        assert!(serving.await.unwrap().unwrap());
+        assert!(got[1].starts_with("HTTP/1.1 200 OK\r\n"), "{}", got[1]);
     }
 
     #[tokio::test]
