@@ -285,7 +285,7 @@ if conns_rss:
     for n, name, kb, *_held in conns_rss:
         table.setdefault(int(n), {})[name] = int(kb)
     print("### RSS with idle client connections (keep-alive, one request answered on each)\n")
-    print("| idle client connections | edge-agent (1 worker) MiB | nginx (master + worker) MiB | edge-agent ≤ nginx |")
+    print("| idle client connections | edge-agent (default threads) MiB | nginx (1 worker: master + worker) MiB | edge-agent ≤ nginx |")
     print("| ---: | ---: | ---: | --- |")
     for n in sorted(table):
         a, g = table[n].get("agent1"), table[n].get("nginx")

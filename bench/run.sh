@@ -659,7 +659,9 @@ hold_rss() { # NAME PORT PIDS N
     HOLD=$!
     PIDS+=("$HOLD")
     for _ in $(seq 300); do grep -q '^held' "$WORK/hold.out" && break; sleep 0.1; done
-    sleep 1
+    # Idle: every connection has waited past edge-agent's 1 s buffer release (h1/server.rs)
+    # and well within both proxies' keep-alive timeouts (10 s and 75 s).
+    sleep 3
     # shellcheck disable=SC2086
     printf '%s\t%s\t%s\t%s\n' "$n" "$name" "$(rss_kb $pids)" "$(head -1 "$WORK/hold.out")" >>"$OUT/rss-conns.tsv"
     kill "$HOLD" 2>/dev/null || true
