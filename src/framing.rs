@@ -1,6 +1,9 @@
 //! HTTP/1.1 request framing at the edge: what the agent refuses before routing, and how a
 //! client's broken body is told apart from an upstream failure.
 //!
+//! The agent's own HTTP/1.1 server (`h1/server.rs`) serves only heads its parser accepts and
+//! hands any other to hyper's server, so every refusal below is still made here and by hyper.
+//!
 //! hyper's server already refuses a good share of bad framing while it parses the head (with
 //! 400, or 431 past `max_buf_size`): differing `Content-Length` values, a length that is not
 //! digits or does not fit in `u64` - 2, `Transfer-Encoding` on HTTP/1.0, and a last

@@ -1,6 +1,8 @@
-//! HTTP/1.1 heads parsed in place, and the agent's own HTTP/1 client (#15). The client
-//! ([`client`]) carries every HTTP/1 request to an upstream but `Upgrade` ones; the server side
-//! still runs on hyper (the request-head parser here is not yet wired into it).
+//! HTTP/1.1 heads parsed in place, and the agent's own HTTP/1 client and server (#15). The
+//! client ([`client`]) carries every HTTP/1 request to an upstream but `Upgrade` ones; the
+//! server ([`server`]) serves every body-less request of a client connection, and hands the
+//! connection to hyper's server from its first request with a body, an `Upgrade`, an `Expect`
+//! or a head the parser refuses.
 //!
 //! Pingora's way: `httparse` tokenises a head into slices of the read buffer, and we keep only
 //! [`Span`]s (offsets) of the method, target and each header, so a parse allocates nothing per
@@ -14,11 +16,13 @@
 //! - [`chunked`]: an incremental chunked-body checker that says which bytes are data;
 //! - [`write`]: the upstream request head, hop-by-hop headers dropped, forwarding headers added;
 //! - [`client`]: one upstream connection driven by the request's own task: the request written,
-//!   the answer's head parsed with [`ResponseHead`], its body read and checked as it passes.
+//!   the answer's head parsed with [`ResponseHead`], its body read and checked as it passes;
+//! - [`server`]: one client connection's loop: a head read and parsed with [`RequestHead`], the
+//!   handler awaited in place, the answer framed and written, idle buffers given back.
 //!
 //! A leaf: this folder imports only `crate::error` (for [`FramingError`] and `BoxError`, so
-//! refusals read the same as today's); the client is generic over its socket, so it knows
-//! nothing of dialling or TLS.
+//! refusals read the same as today's); the client and the server are generic over their
+//! socket (and the server over its handler), so they know nothing of dialling, TLS or routing.
 use std::fmt;
 use std::ops::Range;
 
