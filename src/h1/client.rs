@@ -281,7 +281,8 @@ where
     }
 }
 
-fn push_hex(out: &mut Vec<u8>, mut n: usize) {
+/// Appends `n` in hex (a chunk-size line).
+pub(super) fn push_hex(out: &mut Vec<u8>, mut n: usize) {
     let mut digits = [0u8; 16];
     let mut i = digits.len();
     loop {

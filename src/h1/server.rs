@@ -44,6 +44,7 @@ use tokio::time::Sleep;
 
 use crate::error::BoxError;
 
+use super::client::push_hex;
 use super::head::{BodyFraming, Parse, RequestHead, Version};
 use super::Limits;
 
@@ -354,22 +355,6 @@ fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
             return &buf[i..];
         }
     }
-}
-
-/// Appends `n` in hex.
-fn push_hex(out: &mut Vec<u8>, n: usize) {
-    let mut buf = [0u8; 16];
-    let mut i = buf.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        buf[i] = b"0123456789abcdef"[n & 15];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
 }
 
 thread_local! {
