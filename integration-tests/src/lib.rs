@@ -260,7 +260,30 @@ static AGENTS: AtomicUsize = AtomicUsize::new(0);
 impl Agent {
     /// Starts the agent with `env` (listen addresses are filled in with free ports unless
     /// given) and waits for `/ready`.
+    ///
+    /// A listen port is picked free ([`free_port`]) and bound by the agent a moment later, so
+    /// another server of the same run can take it in between; an agent that exits saying so,
+    /// for an address the test did not give, is started again on new ports (twice at most).
     pub async fn start(env: &[(&str, &str)]) -> Agent {
+        let given = |k: &str| env.iter().any(|(key, _)| *key == k);
+        for _ in 0..2 {
+            let agent = Self::spawn(env);
+            if agent.ready_or_exited().await {
+                return agent;
+            }
+            let log = agent.log_text();
+            let taken = |k: &str| {
+                !given(k)
+                    && log.lines().any(|l| {
+                        l.contains(&format!("{k}="))
+                            && l.contains("cannot listen")
+                            && l.contains("Address already in use")
+                    })
+            };
+            if !taken("EDGE_AGENT_LISTEN") && !taken("EDGE_AGENT_ADMIN_LISTEN") {
+                agent.wait_ready().await; // panics with the log
+            }
+        }
         let agent = Self::spawn(env);
         agent.wait_ready().await;
         agent
@@ -372,20 +395,28 @@ impl Agent {
     }
 
     pub async fn wait_ready(&self) {
+        if !self.ready_or_exited().await {
+            panic!(
+                "edge-agent exited before it was ready; log:\n{}",
+                self.log_text()
+            );
+        }
+    }
+
+    /// Waits for `/ready`: true once it answers, false if the process exited first; panics
+    /// after 30 s.
+    async fn ready_or_exited(&self) -> bool {
         let url = format!("http://{}/ready", self.admin);
         let c = client();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(r) = c.get(&url).send().await {
                 if r.status() == StatusCode::OK {
-                    return;
+                    return true;
                 }
             }
             if self.has_exited() {
-                panic!(
-                    "edge-agent exited before it was ready; log:\n{}",
-                    self.log_text()
-                );
+                return false;
             }
             if Instant::now() > deadline {
                 panic!(
