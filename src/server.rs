@@ -163,22 +163,16 @@ pub async fn serve_proxy(
 /// a `select!` branch, it cost ~280 instructions a request (callgrind, #15).
 async fn until_stopped<C: Future>(
     mut conn: std::pin::Pin<&mut C>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Option<C::Output> {
-    let mut probe = stop.clone();
-    let stopping = async move { drop(stop.wait_for(|s| *s).await) };
+    let stopping = stop_signal(stop);
     tokio::pin!(stopping);
-    let mut armed = false;
     std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = conn.as_mut().poll(cx) {
             return Poll::Ready(Some(r));
         }
-        if !armed || probe.has_changed().unwrap_or(true) {
-            armed = true;
-            drop(probe.borrow_and_update());
-            if stopping.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
-            }
+        if stopping.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
         }
         Poll::Pending
     })
@@ -268,7 +262,7 @@ async fn serve_hyper_h1(
 const READ_BUFFER: usize = 4096;
 
 /// Completes once `stop` turns true. Polled on every wake-up of a connection's task, it looks
-/// at the signal only once it has changed (a version compare), as [`until_stopped`] does.
+/// at the signal only once it has changed (a version compare; see [`until_stopped`]).
 fn stop_signal(mut stop: watch::Receiver<bool>) -> impl Future<Output = ()> {
     let mut probe = stop.clone();
     let mut stopping = Box::pin(async move { drop(stop.wait_for(|s| *s).await) });

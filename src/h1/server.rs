@@ -140,19 +140,22 @@ where
                 }
                 match tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut read) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Wait::Eof),
-                    Poll::Ready(Ok(_)) if !held => {
+                    Poll::Ready(Ok(_)) => {
                         held = true;
                         return Poll::Ready(Wait::Read);
                     }
-                    Poll::Ready(Ok(_)) => return Poll::Ready(Wait::Read),
                     Poll::Ready(Err(e)) => return Poll::Ready(Wait::Failed(e)),
                     Poll::Pending => {}
                 }
+                // What the timer waits for: the buffers' release while they are held and
+                // empty, else the header timeout.
+                let next =
+                    |held: bool, empty: bool| if held && empty { shrink_at } else { deadline };
                 loop {
                     let idle = held && read.is_empty();
-                    let next = if idle { shrink_at } else { deadline };
+                    let first = next(held, read.is_empty());
                     let sleep = timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next.into())));
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(first.into())));
                     if sleep.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
@@ -167,12 +170,7 @@ where
                         head.release();
                         held = false;
                     }
-                    let next = if held && read.is_empty() {
-                        shrink_at
-                    } else {
-                        deadline
-                    };
-                    sleep.as_mut().reset(next.into());
+                    sleep.as_mut().reset(next(held, read.is_empty()).into());
                 }
             })
             .await;
